@@ -1,0 +1,39 @@
+"""The U-Net contracting path (Ronneberger et al. 2015) as a segexp backbone.
+
+``depth`` stages of two 3x3 ConvBNReLU, a 2x2 max-pool before each stage but the first; channels
+double per stage: [64, 128, 256, 512, 1024] at reductions [1, 2, 4, 8, 16] by default. Pair with
+``UNetHead(upsample="transpose")`` for the paper's network (padded convs + BN, see the head).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from segexp.errors import ConfigError
+from segexp.heads.unet import DoubleConv
+
+
+class UNetEncoder(nn.Module):
+    def __init__(self, in_chans: int = 3, base_channels: int = 64, depth: int = 5) -> None:
+        super().__init__()
+        self.name = "unet"  # shown in error messages, like TimmBackbone.name
+        if depth < 2:
+            raise ConfigError(f"UNetEncoder: depth must be >= 2, got {depth}.")
+        self.channels: list[int] = [base_channels * 2**i for i in range(depth)]
+        self.reductions: list[int] = [2**i for i in range(depth)]
+        # Each max-pool halves H and W, so the input must divide by 2 ** (depth - 1).
+        self.size_divisor = 2 ** (depth - 1)
+        stages, c = [], in_chans
+        for i, out_c in enumerate(self.channels):
+            pool = [nn.MaxPool2d(2)] if i > 0 else []
+            stages.append(nn.Sequential(*pool, DoubleConv(c, out_c)))
+            c = out_c
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        return features

@@ -1,0 +1,107 @@
+"""U-Net decoder (Ronneberger et al. 2015, "U-Net: Convolutional Networks for Biomedical Image
+Segmentation") over any backbone.
+
+Walks from the deepest map up through every shallower selected map as a skip. Each block:
+upsample to the skip's size ("transpose": the paper's 2x2 up-conv halving the channels, or
+"bilinear"), concatenate the skip, two 3x3 ConvBNReLU. A final 1x1 conv gives the logits at the
+finest map's reduction.
+
+The paper used unpadded 3x3 convs (output smaller than input, skips cropped) and no BN; we use
+padding 1 + BN, the common modern form, so skips line up without cropping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from segexp.errors import ConfigError, IncompatibleBackboneError
+from segexp.heads.common import ConvBNReLU, resize, resolve_in_index, select_features
+
+
+class DoubleConv(nn.Sequential):
+    """Two 3x3 ConvBNReLU: the unit of both U-Net paths."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(ConvBNReLU(in_channels, out_channels, 3),
+                         ConvBNReLU(out_channels, out_channels, 3))
+
+
+class UpBlock(nn.Module):
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, factor: int,
+                 upsample: str, align_corners: bool) -> None:
+        super().__init__()
+        self.align_corners = align_corners
+        if upsample == "transpose":
+            # kernel = stride = factor (2 in the paper; 1 when a dilated backbone keeps the size).
+            self.up = nn.ConvTranspose2d(in_channels, in_channels // 2, factor, stride=factor)
+            up_channels = in_channels // 2
+        else:
+            self.up = None
+            up_channels = in_channels
+        self.convs = DoubleConv(up_channels + skip_channels, out_channels)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        if self.up is not None:
+            x = self.up(x)
+        x = resize(x, skip.shape[-2:], self.align_corners)  # bilinear mode; no-op after up-conv
+        return self.convs(torch.cat([skip, x], dim=1))
+
+
+class UNetHead(nn.Module):
+    """``in_index=None`` uses every backbone map; ``decoder_channels=None`` mirrors the skips'
+    channels (the paper: 512, 256, 128, 64 for an encoder of 64..1024)."""
+
+    def __init__(self, in_channels: Sequence[int], in_reductions: Sequence[int], num_classes: int,
+                 *, in_index: Sequence[int] | None = None,
+                 decoder_channels: Sequence[int] | None = None, upsample: str = "transpose",
+                 dropout: float = 0.1, align_corners: bool = False) -> None:
+        super().__init__()
+        name = "UNetHead"
+        self.num_inputs = len(in_channels)
+        if in_index is None:
+            in_index = list(range(self.num_inputs))
+        self.in_index = resolve_in_index(name, in_index, in_channels, in_reductions)
+        chans = [in_channels[i] for i in self.in_index]
+        reds = [in_reductions[i] for i in self.in_index]
+        if len(chans) < 2:
+            raise IncompatibleBackboneError(
+                f"{name}: needs at least 2 feature maps (one deep map and a skip), the selection "
+                f"in_index={list(self.in_index)} has {len(chans)}.")
+        if reds != sorted(reds):
+            raise IncompatibleBackboneError(
+                f"{name}: in_index must go shallow to deep, but selects reductions {reds}.")
+        if upsample not in ("transpose", "bilinear"):
+            raise ConfigError(f"{name}: upsample must be 'transpose' or 'bilinear', got "
+                              f"{upsample!r}.")
+        skips = list(range(len(chans) - 2, -1, -1))  # deep to shallow
+        if decoder_channels is None:
+            decoder_channels = [chans[s] for s in skips]
+        decoder_channels = [int(c) for c in decoder_channels]
+        if len(decoder_channels) != len(skips):
+            raise IncompatibleBackboneError(
+                f"{name}: decoder_channels has {len(decoder_channels)} entries, but the backbone "
+                f"gives {len(skips)} skip maps (channels {chans[:-1]} at reductions {reds[:-1]}); "
+                "give one entry per skip, deepest first, or null to mirror the skips.")
+        self.reduction = reds[0]
+        # The paper places dropout at the end of the contracting path, i.e. on the deepest map.
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        blocks, c = [], chans[-1]
+        for s, out_c in zip(skips, decoder_channels, strict=True):
+            if reds[s + 1] % reds[s]:
+                raise IncompatibleBackboneError(
+                    f"{name}: reductions {reds} must each divide the next for the up-convs.")
+            factor = reds[s + 1] // reds[s]
+            blocks.append(UpBlock(c, chans[s], out_c, factor, upsample, align_corners))
+            c = out_c
+        self.blocks = nn.ModuleList(blocks)
+        self.classifier = nn.Conv2d(c, num_classes, 1)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        xs = select_features(features, self.in_index, self.num_inputs)
+        x = self.dropout(xs[-1])
+        for block, skip in zip(self.blocks, reversed(xs[:-1]), strict=True):
+            x = block(x, skip)
+        return self.classifier(x)

@@ -1,0 +1,77 @@
+"""The one model interface: backbone -> decode head (+ optional auxiliary head) -> logits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segexp.errors import ConfigError, IncompatibleBackboneError
+
+HeadFactory = Callable[..., nn.Module]
+
+
+class Segmentor(nn.Module):
+    """Encoder-decoder segmentation model.
+
+    ``decode_head`` and ``aux_head`` are head *factories* (Hydra ``_partial_`` configs): the
+    segmentor builds them with the backbone's ``channels`` and ``reductions``, so channel counts
+    are never written twice. ``forward`` returns logits at the input resolution.
+    """
+
+    def __init__(self, backbone: nn.Module, decode_head: HeadFactory, num_classes: int,
+                 aux_head: HeadFactory | None = None, aux_weight: float = 0.4,
+                 align_corners: bool = False) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ConfigError(f"num_classes={num_classes}: a segmentation model needs at least 2 "
+                              "classes (a binary task is background + foreground = 2).")
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.aux_weight = aux_weight
+        self.align_corners = align_corners
+        self.decode_head = self._build_head(decode_head, "decode head")
+        self.aux_head = self._build_head(aux_head, "auxiliary head") if aux_head else None
+
+    def _build_head(self, factory: HeadFactory, role: str) -> nn.Module:
+        try:
+            return factory(in_channels=self.backbone.channels,
+                           in_reductions=self.backbone.reductions, num_classes=self.num_classes)
+        except IncompatibleBackboneError as err:
+            name = getattr(self.backbone, "name", type(self.backbone).__name__)
+            raise IncompatibleBackboneError(
+                f"the {role} cannot take backbone '{name}' (feature maps with channels "
+                f"{self.backbone.channels} at strides {self.backbone.reductions}): {err} "
+                "Choose another backbone= or head=.") from err
+
+    @property
+    def size_divisor(self) -> int:
+        return getattr(self.backbone, "size_divisor", 1)
+
+    def check_input_size(self, height: int, width: int) -> None:
+        d = self.size_divisor
+        if height % d or width % d:
+            name = getattr(self.backbone, "name", type(self.backbone).__name__)
+            raise ConfigError(
+                f"input size {height}x{width} (HxW) is not a multiple of {d}, which backbone "
+                f"'{name}' needs. Use a crop size (dataset.crop_size) that divides by {d}; "
+                f"evaluation pads images to a multiple of {d} by itself.")
+
+    def forward(self, images: torch.Tensor, return_aux: bool = False):
+        """Logits ``(N, num_classes, H, W)``; with ``return_aux`` also the auxiliary logits
+        (``None`` when the model has no auxiliary head)."""
+        self.check_input_size(images.shape[-2], images.shape[-1])
+        features = self.backbone(images)
+        logits = self._resize(self.decode_head(features), images)
+        if not return_aux:
+            return logits
+        aux = self._resize(self.aux_head(features), images) if self.aux_head is not None else None
+        return logits, aux
+
+    def _resize(self, logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        if logits.shape[-2:] == images.shape[-2:]:
+            return logits
+        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear",
+                             align_corners=self.align_corners)
