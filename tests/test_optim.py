@@ -1,0 +1,224 @@
+import io
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch import nn
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+from segexp.errors import ConfigError
+from segexp.optim import build_optimizer, build_scheduler
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+class TinySegmentor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4),
+                                      nn.Conv2d(4, 4, 1))
+        self.decode_head = nn.Sequential(nn.Conv2d(4, 4, 1), nn.GroupNorm(2, 4),
+                                         nn.Conv2d(4, 2, 1))
+
+
+def groups_by_name(opt):
+    return {g["name"]: g for g in opt.param_groups}
+
+
+def ids(params):
+    return {id(p) for p in params}
+
+
+def sgd(model, **kw):
+    kw = {"lr": 0.01, "weight_decay": 5e-4, "momentum": 0.9, **kw}
+    return build_optimizer(model, type="torch.optim.SGD", **kw)
+
+
+def test_no_decay_on_norm_and_bias_and_decay_on_conv_weights():
+    m = TinySegmentor()
+    g = groups_by_name(sgd(m, norm_bias_weight_decay=1e-5))
+    b, h = m.backbone, m.decode_head
+    assert ids(g["backbone"]["params"]) == {id(b[0].weight), id(b[2].weight)}
+    assert ids(g["backbone_no_decay"]["params"]) == {id(b[1].weight), id(b[1].bias), id(b[2].bias)}
+    assert ids(g["head"]["params"]) == {id(h[0].weight), id(h[2].weight)}
+    assert ids(g["head_no_decay"]["params"]) == {id(h[0].bias), id(h[1].weight), id(h[1].bias),
+                                                 id(h[2].bias)}
+    assert g["backbone"]["weight_decay"] == g["head"]["weight_decay"] == 5e-4
+    assert g["backbone_no_decay"]["weight_decay"] == g["head_no_decay"]["weight_decay"] == 1e-5
+    assert g["backbone"]["momentum"] == 0.9
+
+
+def test_head_lr_multiplier_and_frozen_params():
+    m = TinySegmentor()
+    for p in m.backbone[0].parameters():
+        p.requires_grad_(False)
+    opt = build_optimizer(m, type="torch.optim.AdamW", lr=6e-5, weight_decay=0.01,
+                          head_lr_mult=10.0, betas=OmegaConf.create([0.9, 0.99]))
+    g = groups_by_name(opt)
+    assert g["head"]["lr"] == pytest.approx(6e-4) and g["head"]["lr_mult"] == 10.0
+    assert g["backbone"]["lr"] == pytest.approx(6e-5) and g["backbone"]["lr_mult"] == 1.0
+    all_ids = set().union(*(ids(x["params"]) for x in opt.param_groups))
+    assert id(m.backbone[0].weight) not in all_ids
+    assert len(all_ids) == sum(1 for p in m.parameters() if p.requires_grad)
+    assert g["head"]["betas"] == (0.9, 0.99)  # a plain tuple, not a ListConfig
+    # A scheduler keeps the 10x ratio at every step.
+    sched = build_scheduler(opt, "poly", total_steps=10, power=1.0)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    assert g["head"]["lr"] == pytest.approx(10 * g["backbone"]["lr"])
+
+
+def test_unknown_optimizer_type_and_bad_options():
+    with pytest.raises(ConfigError, match=r"optimizer.type=torch.optim.Sgdx"):
+        build_optimizer(TinySegmentor(), type="torch.optim.Sgdx", lr=0.1)
+    with pytest.raises(ConfigError, match=r"optimizer.type=nn.Linear"):
+        build_optimizer(TinySegmentor(), type="nn.Linear", lr=0.1)
+    with pytest.raises(ConfigError, match="optimizer.momentum=0.9"):
+        build_optimizer(TinySegmentor(), type="torch.optim.Adam", lr=0.1, momentum=0.9)
+    assert isinstance(build_optimizer(TinySegmentor(), type="adamw", lr=0.1), torch.optim.AdamW)
+
+
+def run(sched, opt, steps, group=0):
+    lrs = []
+    for _ in range(steps):
+        lrs.append(opt.param_groups[group]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+def test_poly_cosine_step_values_match_the_formulas():
+    total, base = 20, 0.01
+    opt = sgd(TinySegmentor(), lr=base)
+    sched = build_scheduler(opt, "poly", total_steps=total, power=0.9, min_lr=1e-4)
+    lrs = run(sched, opt, total + 1)
+    for t in (0, 5, 13, 20):
+        assert lrs[t] == pytest.approx((base - 1e-4) * (1 - t / total) ** 0.9 + 1e-4)
+    opt = sgd(TinySegmentor(), lr=base)
+    lrs = run(build_scheduler(opt, "cosine", total_steps=total, min_lr=1e-3), opt, total + 1)
+    for t in (0, 7, 10, 20):
+        cos = (1 + math.cos(math.pi * t / total)) / 2
+        assert lrs[t] == pytest.approx(1e-3 + (base - 1e-3) * cos)
+    opt = sgd(TinySegmentor(), lr=base)
+    lrs = run(build_scheduler(opt, "step", total_steps=total, milestones=[0.5, 15]), opt, total)
+    assert lrs[9] == pytest.approx(base) and lrs[10] == pytest.approx(base * 0.1)
+    assert lrs[14] == pytest.approx(base * 0.1) and lrs[15] == pytest.approx(base * 0.01)
+    opt = sgd(TinySegmentor(), lr=base)
+    lrs = run(build_scheduler(opt, "step", total_steps=total, step_size=6, gamma=0.5), opt, total)
+    assert [lrs[t] / base for t in (5, 6, 12, 18)] == pytest.approx([1, 0.5, 0.25, 0.125])
+
+
+def test_min_lr_ratio_and_min_lr_above_lr():
+    opt = sgd(TinySegmentor(), lr=0.01, head_lr_mult=10.0)
+    lrs_head = run(build_scheduler(opt, "poly", total_steps=4, min_lr_ratio=0.1), opt, 5, group=2)
+    assert lrs_head[-1] == pytest.approx(0.01)  # 10% of the head's 0.1
+    opt = build_optimizer(TinySegmentor(), type="torch.optim.AdamW", lr=6e-5)
+    with pytest.raises(ConfigError, match=r"scheduler.min_lr=0.0001 is above"):
+        build_scheduler(opt, "poly", total_steps=10, min_lr=1e-4)
+
+
+def test_warmup_starts_at_start_factor_and_reaches_lr():
+    base, warm, total = 0.01, 5, 25
+    opt = sgd(TinySegmentor(), lr=base)
+    sched = build_scheduler(opt, "poly", total_steps=total, warmup_steps=warm,
+                            warmup_start_factor=0.1, power=1.0)
+    lrs = run(sched, opt, total + 1)
+    assert lrs[0] == pytest.approx(0.1 * base)
+    assert lrs[2] == pytest.approx(base * (0.1 + 0.9 * 2 / warm))
+    assert lrs[warm] == pytest.approx(base)
+    # Poly decays over the steps after warmup, reaching 0 exactly at total_steps.
+    assert lrs[15] == pytest.approx(base * (1 - 10 / (total - warm)))
+    assert lrs[total] == pytest.approx(0.0, abs=1e-12)
+    assert sched.interval == "iter" and sched.monitor is None
+
+
+@pytest.mark.parametrize("name,opts", [("poly", {"min_lr": 1e-4}), ("cosine", {}),
+                                       ("step", {"milestones": [12, 20]}),
+                                       ("plateau", {"patience": 1})])
+def test_resume_gives_the_same_lr_sequence(name, opts):
+    def build():
+        opt = sgd(TinySegmentor(), head_lr_mult=10.0)
+        return opt, build_scheduler(opt, name, total_steps=30, warmup_steps=6, **opts)
+
+    def step(opt, sched, i):
+        opt.step()
+        sched.step(1.0 - 0.1 * (i < 3)) if name == "plateau" else sched.step()
+        return [g["lr"] for g in opt.param_groups]
+
+    opt, sched = build()
+    straight = [step(opt, sched, i) for i in range(30)]
+    opt, sched = build()
+    first = [step(opt, sched, i) for i in range(10)]
+    buf = io.BytesIO()
+    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)  # how segexp checkpoints are read
+    opt, sched = build()
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    rest = [step(opt, sched, i) for i in range(10, 30)]
+    assert first + rest == straight
+    assert len({tuple(x) for x in straight}) > 3  # the schedule really moved
+
+
+def test_plateau_reduces_after_patience_with_a_flat_metric():
+    opt = sgd(TinySegmentor(), lr=0.01, head_lr_mult=10.0)
+    sched = build_scheduler(opt, "plateau", total_steps=50, interval="epoch", patience=3,
+                            factor=0.5, warmup_steps=2, warmup_start_factor=0.5)
+    assert isinstance(sched, ReduceLROnPlateau)
+    assert sched.interval == "epoch" and sched.monitor == "mIoU"
+    lrs = [opt.param_groups[0]["lr"]]
+    for _ in range(9):
+        sched.step(0.5)
+        lrs.append(opt.param_groups[0]["lr"])
+    # Warmup: 0.005, 0.0075, 0.01; then a best at call 3, 3 bad calls tolerated, cut at the 4th.
+    assert lrs[:3] == pytest.approx([0.005, 0.0075, 0.01])
+    assert lrs[3:7] == pytest.approx([0.01] * 4)
+    assert lrs[7] == pytest.approx(0.005)
+    # The head group is scaled the same way.
+    assert sched.get_last_lr()[2] == pytest.approx(10 * lrs[-1])
+
+
+def test_bad_scheduler_options_are_config_errors():
+    opt = sgd(TinySegmentor())
+    with pytest.raises(ConfigError, match="scheduler.name=linear"):
+        build_scheduler(opt, "linear", total_steps=10)
+    with pytest.raises(ConfigError, match="power"):
+        build_scheduler(opt, "cosine", total_steps=10, power=0.9)
+    with pytest.raises(ConfigError, match="scheduler.warmup_steps=10"):
+        build_scheduler(opt, "poly", total_steps=10, warmup_steps=10)
+    with pytest.raises(ConfigError, match="scheduler.interval=step"):
+        build_scheduler(opt, "poly", total_steps=10, interval="step")
+    with pytest.raises(ConfigError, match="exactly one of scheduler.milestones"):
+        build_scheduler(opt, "step", total_steps=10, milestones=[5], step_size=2)
+
+
+@pytest.mark.parametrize("path", sorted((CONF / "optimizer").glob("*.yaml")), ids=lambda p: p.stem)
+def test_optimizer_yamls_instantiate(path):
+    opt = instantiate(OmegaConf.load(path))(TinySegmentor())
+    cfg = OmegaConf.load(path)
+    assert type(opt).__name__ == cfg.type.rsplit(".", 1)[-1]
+    g = groups_by_name(opt)
+    assert g["backbone"]["lr"] == pytest.approx(cfg.lr)
+    assert g["head"]["lr"] == pytest.approx(cfg.lr * cfg.head_lr_mult)
+    assert g["backbone"]["weight_decay"] == pytest.approx(cfg.weight_decay)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("path", sorted((CONF / "scheduler").glob("*.yaml")), ids=lambda p: p.stem)
+def test_scheduler_yamls_instantiate(path):
+    cfg = OmegaConf.load(path)
+    opt = instantiate(OmegaConf.load(CONF / "optimizer" / "sgd.yaml"))(TinySegmentor())
+    sched = instantiate(cfg)(opt, total_steps=100)
+    assert sched.interval == cfg.interval
+    assert sched.monitor == cfg.get("monitor")
+    opt.step()
+    sched.step(0.5) if sched.monitor else sched.step()
+    assert opt.param_groups[0]["lr"] > 0
