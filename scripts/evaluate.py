@@ -1,0 +1,83 @@
+"""Evaluate a trained run's checkpoint on a split, with the run's saved config.
+
+    python scripts/evaluate.py outputs/2026-11-22/10-00-00_fcn_resnet18_synthetic
+    python scripts/evaluate.py RUN_DIR --checkpoint last --split val dataset.root=/data/x
+
+Prints the per-class table and writes ``eval_<split>_<checkpoint>.json`` and a PNG of
+predictions into the run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from segexp.data.base import pad_collate  # noqa: E402
+from segexp.engine.checkpoint import load_checkpoint  # noqa: E402
+from segexp.engine.experiment import resolve_device  # noqa: E402
+from segexp.engine.trainer import evaluate  # noqa: E402
+from segexp.errors import SegexpError  # noqa: E402
+from segexp.metrics import format_table  # noqa: E402
+from segexp.models import build_model  # noqa: E402
+from segexp.visualize import prediction_grid, save_png  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path, help="a run folder written by train.py")
+    parser.add_argument("--checkpoint", default="best",
+                        help="best, last, or a checkpoint file (default: best)")
+    parser.add_argument("--split", default="val", help="dataset split to evaluate (default: val)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. dataset.root=PATH")
+    args = parser.parse_args(argv)
+
+    config_path = args.run_dir / ".hydra" / "config.yaml"
+    if not config_path.is_file():
+        raise SegexpError(f"{config_path} not found: {args.run_dir} is not a train.py run folder.")
+    cfg = OmegaConf.merge(OmegaConf.load(config_path), OmegaConf.from_dotlist(args.overrides))
+    checkpoint_path = Path(args.checkpoint)
+    if args.checkpoint in ("best", "last"):
+        checkpoint_path = args.run_dir / "checkpoints" / f"{args.checkpoint}.pt"
+    device = resolve_device(args.device)
+
+    dataset = instantiate(cfg.dataset, split=args.split, transforms=instantiate(cfg.transforms.val))
+    model = build_model(cfg)
+    model.load_state_dict(load_checkpoint(checkpoint_path)["model"])
+    model.to(device)
+    loader = DataLoader(dataset, batch_size=args.batch_size or cfg.trainer.val_batch_size,
+                        shuffle=False, num_workers=cfg.trainer.num_workers, collate_fn=pad_collate)
+    results, samples = evaluate(model, loader, dataset.num_classes, device,
+                                str(cfg.trainer.precision), dataset.ignore_index,
+                                num_vis=cfg.trainer.num_vis_images, progress=True)
+    print(f"{checkpoint_path} on the {args.split} split ({len(dataset)} images):")
+    print(format_table(results, list(dataset.class_names)))
+    tag = f"{args.split}_{checkpoint_path.stem}"
+    out = args.run_dir / f"eval_{tag}.json"
+    out.write_text(json.dumps({"checkpoint": str(checkpoint_path), "split": args.split,
+                               "num_images": len(dataset), **results}, indent=2, default=str))
+    if samples:
+        save_png(prediction_grid(samples, dataset.colours, list(dataset.class_names)),
+                 args.run_dir / f"eval_{tag}.png")
+    print(f"Wrote {out}")
+    return results
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    try:
+        main()
+    except SegexpError as err:
+        print(f"evaluate: error: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,220 @@
+"""Turns a composed config into a run: builds data, model, optimiser and loggers, resumes if
+asked, trains, and writes the run folder's summary. ``train.py`` is a thin wrapper around
+:func:`run_training`."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from segexp.data.base import pad_collate
+from segexp.data.sampler import ResumableSampler
+from segexp.engine.checkpoint import load_checkpoint, resolve_resume, set_rng_state
+from segexp.engine.trainer import Run, fit, plan
+from segexp.errors import ConfigError, DataError
+from segexp.loggers import JsonlLogger, RunInfo
+from segexp.metrics import format_table
+from segexp.models import build_model
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={spec} but no CUDA device is available here; use "
+                          "trainer.device=cpu (or trainer=cpu).")
+    return device
+
+
+def build_datasets(cfg: DictConfig):
+    train_set = instantiate(cfg.dataset, split="train", transforms=instantiate(cfg.transforms.train))
+    val_set = instantiate(cfg.dataset, split="val", transforms=instantiate(cfg.transforms.val))
+    for split, dataset in (("train", train_set), ("val", val_set)):
+        if len(dataset) == 0:
+            raise DataError(f"the {split} split of dataset '{type(dataset).__name__}' is empty "
+                            f"(dataset.root={cfg.dataset.get('root')}). Check the folder layout.")
+    return train_set, val_set
+
+
+def check_compatible(cfg: DictConfig, model, dataset) -> None:
+    """Mismatches that would otherwise surface as shape errors deep in training."""
+    if model.num_classes != dataset.num_classes:
+        raise ConfigError(
+            f"the model predicts {model.num_classes} classes (model.num_classes) but the dataset "
+            f"has {dataset.num_classes} ({', '.join(dataset.class_names)}). Leave "
+            "model.num_classes=${dataset.num_classes} or set both to the same value.")
+    crop = cfg.dataset.get("crop_size")
+    divisor = model.size_divisor
+    if crop is not None and any(int(side) % divisor for side in crop):
+        raise ConfigError(
+            f"dataset.crop_size={list(crop)} is not a multiple of {divisor}, which backbone "
+            f"'{cfg.backbone.get('name', cfg.backbone._target_)}' needs. Use e.g. "
+            f"dataset.crop_size=[{_round(crop[0], divisor)},{_round(crop[1], divisor)}].")
+
+
+def _round(value: int, multiple: int) -> int:
+    return max(multiple, int(round(int(value) / multiple)) * multiple)
+
+
+def hydra_run_info(cfg: DictConfig, run_dir: Path) -> RunInfo:
+    """Name, sweep group and tags for loggers, from Hydra's runtime state."""
+    tags, group, job_num = [], None, None
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        choices = hc.runtime.choices
+        tags = [f"{key}:{choices.get(key)}" for key in ("model", "backbone", "dataset")
+                if choices.get(key)]
+        if hc.mode == RunMode.MULTIRUN:
+            sweep_dir = Path(hc.sweep.dir)
+            group = f"sweep-{sweep_dir.parent.name}_{sweep_dir.name}"
+            job_num = hc.job.num
+    return RunInfo(run_dir=run_dir, name=str(cfg.get("name", run_dir.name)),
+                   config=OmegaConf.to_container(cfg, resolve=True), group=group, tags=tags,
+                   job_num=job_num)
+
+
+def build_run(cfg: DictConfig, run_dir: Path) -> Run:
+    seed_everything(cfg.seed)
+    t = cfg.trainer
+    device = resolve_device(t.device)
+    torch.backends.cudnn.benchmark = bool(t.cudnn_benchmark)
+    train_set, val_set = build_datasets(cfg)
+    model = build_model(cfg)
+    check_compatible(cfg, model, train_set)
+    model.to(device)
+
+    sampler = ResumableSampler(len(train_set), seed=cfg.seed)
+    # Own generators, so creating a loader iterator never draws from the global RNG (exact resume).
+    train_loader = DataLoader(train_set, batch_size=t.batch_size, sampler=sampler, drop_last=True,
+                              num_workers=t.num_workers, pin_memory=t.pin_memory,
+                              persistent_workers=False, generator=torch.Generator())
+    val_loader = DataLoader(val_set, batch_size=t.val_batch_size, shuffle=False,
+                            num_workers=t.num_workers, pin_memory=t.pin_memory,
+                            collate_fn=pad_collate, generator=torch.Generator())
+    optimizer = instantiate(cfg.optimizer)(model)
+    run = Run(model=model, criterion=instantiate(cfg.loss).to(device), optimizer=optimizer,
+              scheduler=None, scaler=torch.amp.GradScaler(device.type, enabled=str(t.precision) == "16"),
+              train_loader=train_loader, sampler=sampler, val_loader=val_loader, device=device,
+              trainer=t, run_dir=run_dir, class_names=list(train_set.class_names),
+              palette=list(train_set.colours), loggers=[], metric=cfg.metric,
+              ignore_index=train_set.ignore_index,
+              config_yaml=OmegaConf.to_yaml(cfg, resolve=True))
+    _, total_iters = plan(run)
+    interval = cfg.scheduler.get("interval", "iter")
+    iters_per_epoch = plan(run)[0] // t.accumulate_grad_batches
+    total_steps = total_iters if interval == "iter" else -(-total_iters // iters_per_epoch)
+    run.scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=total_steps)
+    return run
+
+
+def resume_run(run: Run, checkpoint_path: Path) -> None:
+    checkpoint = load_checkpoint(checkpoint_path, map_location=run.device)
+    try:
+        run.model.load_state_dict(checkpoint["model"])
+    except RuntimeError as err:
+        raise ConfigError(f"checkpoint {checkpoint_path} does not fit this model (was it trained "
+                          f"with another model/backbone/head?): {str(err).splitlines()[0]}") from err
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.scheduler.load_state_dict(checkpoint["scheduler"])
+    run.scaler.load_state_dict(checkpoint["scaler"])
+    run.state.load_state_dict(checkpoint["state"])
+    set_rng_state(checkpoint["rng"])
+    print(f"Resumed from {checkpoint_path} at iteration {run.state.iter} (epoch {run.state.epoch}).")
+
+
+def write_summary(run: Run, status: str, wall_time_s: float, error: str | None = None) -> dict:
+    s = run.state
+    summary: dict[str, Any] = {
+        "status": status,
+        "metric": run.metric,
+        "best": {"iter": s.best_iter, **_scalars(s.best_results)},
+        "final": {"iter": s.iter, **_scalars(s.last_results)},
+        "best_per_class": _per_class(s.best_results, run.class_names),
+        "params": sum(p.numel() for p in run.model.parameters()),
+        "wall_time_s": round(wall_time_s, 2),
+        "train_time_s": round(s.train_time_s, 2),
+        "iters": s.iter,
+        "epochs": s.epoch,
+    }
+    if error:
+        summary["error"] = error
+    with open(run.run_dir / "metrics.json", "w") as f:
+        json.dump(summary, f, indent=2, allow_nan=False, default=str)
+    return summary
+
+
+def _scalars(results: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in results.items() if not isinstance(v, list)}
+
+
+def _per_class(results: dict[str, Any], class_names: list[str]) -> dict[str, dict[str, Any]]:
+    lists = {k: v for k, v in results.items() if isinstance(v, list)}
+    return {name: {k: (None if v[i] != v[i] else v[i]) for k, v in lists.items()}
+            for i, name in enumerate(class_names)}
+
+
+def run_training(cfg: DictConfig, run_dir: Path | None = None) -> float:
+    """Train as configured; returns the best validation ``cfg.metric`` (for Hydra sweepers)."""
+    if run_dir is None:
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    run = build_run(cfg, run_dir)
+    checkpoint_path = resolve_resume(cfg.get("resume"), run_dir)
+    if checkpoint_path is not None:
+        resume_run(run, checkpoint_path)
+    run.loggers = [JsonlLogger()] + [instantiate(c) for c in cfg.get("logger", {}).values()]
+    info = hydra_run_info(cfg, run_dir)
+    info.config["params"] = sum(p.numel() for p in run.model.parameters())
+    failed = True
+    try:
+        for logger in run.loggers:
+            logger.start(info)
+        fit(run)
+        failed = False
+    except BaseException as err:
+        write_summary(run, "failed", time.perf_counter() - start, f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        if failed:
+            for logger in run.loggers:
+                logger.finish(failed=True)
+    stopped_early = run.state.iter < plan(run)[1]
+    summary = write_summary(run, "early_stopped" if stopped_early else "completed",
+                            time.perf_counter() - start)
+    for logger in run.loggers:
+        logger.log_summary({f"best/{k}": v for k, v in summary["best"].items()} |
+                           {"params": summary["params"], "wall_time_s": summary["wall_time_s"]})
+        best = run_dir / "checkpoints" / "best.pt"
+        if best.exists():
+            logger.log_checkpoint(best, aliases=["best", f"iter-{run.state.best_iter}"])
+        logger.finish()
+    print_final_table(run, summary)
+    return float(run.state.best_metric)
+
+
+def print_final_table(run: Run, summary: dict) -> None:
+    s = run.state
+    print(f"\nFinal validation (iteration {s.iter}):")
+    print(format_table(s.last_results, run.class_names))
+    print(f"Best {run.metric}: {s.best_metric:.4f} at iteration {s.best_iter}. "
+          f"Params: {summary['params'] / 1e6:.2f} M. Wall time: {summary['wall_time_s']:.0f} s. "
+          f"Run folder: {run.run_dir}")

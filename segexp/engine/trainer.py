@@ -1,0 +1,289 @@
+"""The training loop, in plain functions: ``train_step``, ``evaluate``, ``validate`` and ``fit``.
+
+Counting: an *iteration* is one optimizer step (``accumulate_grad_batches`` batches). The loop
+stops after ``max_iters`` iterations or ``max_epochs`` epochs; each epoch uses the same number of
+whole iterations, so a resumed run restarts on an iteration boundary with nothing half-done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from segexp.data.sampler import ResumableSampler
+from segexp.engine.checkpoint import publish_copy, rng_state, save_checkpoint
+from segexp.errors import ConfigError, TrainingError
+from segexp.loggers import Logger, VisSample
+from segexp.metrics import ConfusionMatrix
+from segexp.visualize import denormalise, prediction_grid, save_png
+
+
+@dataclass
+class TrainState:
+    """Counters that a checkpoint stores so a resumed run continues where it stopped."""
+
+    iter: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best_metric: float = -math.inf
+    best_iter: int = -1
+    validations_since_best: int = 0
+    train_time_s: float = 0.0
+    last_results: dict[str, Any] = field(default_factory=dict)
+    best_results: dict[str, Any] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+@dataclass
+class Run:
+    """Everything the loop works with, built by :func:`segexp.engine.experiment.build_run`."""
+
+    model: nn.Module
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    train_loader: DataLoader
+    sampler: ResumableSampler
+    val_loader: DataLoader
+    device: torch.device
+    trainer: Any  # the `trainer` config node
+    run_dir: Path
+    class_names: list[str]
+    palette: list[tuple[int, int, int]]
+    loggers: list[Logger]
+    metric: str = "mIoU"
+    ignore_index: int = 255
+    state: TrainState = field(default_factory=TrainState)
+    config_yaml: str = ""
+
+
+# -- precision ----------------------------------------------------------------------------------
+def autocast(device: torch.device, precision: str):
+    """Mixed precision context; ``"32"`` is plain float32."""
+    precision = str(precision)
+    if precision == "32":
+        return contextlib.nullcontext()
+    if precision == "16" and device.type != "cuda":
+        raise ConfigError("trainer.precision=16 needs a CUDA device; use \"32\" or \"bf16\" here.")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# -- one step -----------------------------------------------------------------------------------
+def train_step(run: Run, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Forward and backward for one batch; returns the (unscaled) loss. Gradients accumulate."""
+    with autocast(run.device, run.trainer.precision):
+        logits, aux_logits = run.model(images, return_aux=True)
+        loss = run.criterion(logits.float(), masks)
+        if aux_logits is not None:
+            loss = loss + run.model.aux_weight * run.criterion(aux_logits.float(), masks)
+    run.scaler.scale(loss / run.trainer.accumulate_grad_batches).backward()
+    return loss.detach()
+
+
+def optimizer_step(run: Run) -> None:
+    if run.trainer.grad_clip:
+        run.scaler.unscale_(run.optimizer)
+        nn.utils.clip_grad_norm_(run.model.parameters(), run.trainer.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+def predict(model: nn.Module, images: torch.Tensor, precision: str = "32") -> torch.Tensor:
+    """Logits for whole images of any size: pad to the backbone's size divisor, crop back."""
+    height, width = images.shape[-2:]
+    divisor = getattr(model, "size_divisor", 1)
+    pad_h, pad_w = (-height) % divisor, (-width) % divisor
+    if pad_h or pad_w:
+        images = F.pad(images, (0, pad_w, 0, pad_h))
+    with autocast(images.device, precision):
+        logits = model(images)
+    return logits[..., :height, :width].float()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: torch.device,
+             precision: str = "32", ignore_index: int = 255, max_batches: int | None = None,
+             num_vis: int = 0, progress: bool = False) -> tuple[dict[str, Any], list[VisSample]]:
+    """Confusion-matrix metrics over ``loader`` and up to ``num_vis`` samples for pictures."""
+    was_training = model.training
+    model.eval()
+    matrix = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=device)
+    samples: list[VisSample] = []
+    total = len(loader) if max_batches is None else min(max_batches, len(loader))
+    for i, (images, masks) in enumerate(tqdm(loader, total=total, desc="val", leave=False,
+                                              disable=not progress)):
+        if i >= total:
+            break
+        images = images.to(device, non_blocking=True)
+        masks = masks.to(device, non_blocking=True)
+        prediction = predict(model, images, precision).argmax(1)
+        matrix.update(prediction, masks)
+        for j in range(min(num_vis - len(samples), len(images))):
+            samples.append(VisSample(denormalise(images[j]), masks[j].cpu().numpy(),
+                                     prediction[j].cpu().numpy()))
+    model.train(was_training)
+    return matrix.compute(), samples
+
+
+def validate(run: Run) -> bool:
+    """Evaluate, log, write checkpoints and a prediction picture. Returns True to stop early."""
+    t, s = run.trainer, run.state
+    results, samples = evaluate(run.model, run.val_loader, len(run.class_names), run.device,
+                                t.precision, run.ignore_index, t.max_val_batches,
+                                t.num_vis_images, progress=t.progress_bar)
+    for logger in run.loggers:
+        logger.log_validation(results, s.iter, run.class_names, run.palette, samples)
+    if samples:
+        save_png(prediction_grid(samples, run.palette, run.class_names),
+                 run.run_dir / "predictions" / f"iter_{s.iter:07d}.png")
+    score = results[run.metric]
+    improved = score > s.best_metric
+    if improved:
+        s.best_metric, s.best_iter, s.validations_since_best = score, s.iter, 0
+        s.best_results = results
+    else:
+        s.validations_since_best += 1
+    s.last_results = results
+    monitor = getattr(run.scheduler, "monitor", None)
+    if monitor:  # ReduceLROnPlateau-style schedulers step on the validation metric
+        run.scheduler.step(results[monitor])
+    last = save_checkpoint(checkpoint_state(run), run.run_dir / "checkpoints" / "last.pt")
+    if improved:  # last.pt replaces its file on every save, so a link keeps this version
+        publish_copy(last, run.run_dir / "checkpoints" / "best.pt")
+    tqdm.write(f"[iter {s.iter}] val {run.metric} {score:.4f} (best {s.best_metric:.4f} at "
+               f"iter {s.best_iter}); saved {last}")
+    patience = t.early_stopping_patience
+    return bool(patience) and s.validations_since_best >= patience
+
+
+def checkpoint_state(run: Run) -> dict[str, Any]:
+    return {
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "state": run.state.state_dict(),
+        "rng": rng_state(),
+        "class_names": list(run.class_names),
+        "config": run.config_yaml,
+    }
+
+
+# -- the loop -----------------------------------------------------------------------------------
+def plan(run: Run) -> tuple[int, int]:
+    """(batches used per epoch, total iterations) from the trainer config and the data."""
+    t = run.trainer
+    batches = run.sampler.length // t.batch_size
+    if t.max_train_batches:
+        batches = min(batches, t.max_train_batches)
+    batches -= batches % t.accumulate_grad_batches
+    if batches == 0:
+        raise ConfigError(
+            f"the training split has {len(run.train_loader.dataset)} samples, fewer than one "
+            f"iteration needs (trainer.batch_size={t.batch_size} x "
+            f"trainer.accumulate_grad_batches={t.accumulate_grad_batches}). Lower them.")
+    if (t.max_iters is None) == (t.max_epochs is None):
+        raise ConfigError("set exactly one of trainer.max_iters and trainer.max_epochs "
+                          f"(got max_iters={t.max_iters}, max_epochs={t.max_epochs}).")
+    iters_per_epoch = batches // t.accumulate_grad_batches
+    total = t.max_iters if t.max_iters is not None else t.max_epochs * iters_per_epoch
+    return batches, total
+
+
+def fit(run: Run) -> TrainState:
+    """Train until the iteration/epoch budget is used or early stopping triggers."""
+    t, s = run.trainer, run.state
+    batches_per_epoch, total_iters = plan(run)
+    by_epoch = t.max_epochs is not None
+    run.model.train()
+    run.optimizer.zero_grad(set_to_none=True)
+    # A device-side record of the first non-finite loss: no host sync on every step.
+    bad_step = torch.full((), -1, dtype=torch.long, device=run.device)
+    loss_sum = torch.zeros((), device=run.device)
+    window_start, window_images, window_iters = time.perf_counter(), 0, 0
+    bar = tqdm(total=total_iters, initial=s.iter, desc="train", dynamic_ncols=True,
+               disable=not t.progress_bar)
+    stop = s.iter >= total_iters
+    while not stop:
+        run.sampler.set_epoch(s.epoch, start=s.batch_in_epoch * t.batch_size)
+        for images, masks in run.train_loader:
+            images = images.to(run.device, non_blocking=True)
+            masks = masks.to(run.device, non_blocking=True)
+            loss = train_step(run, images, masks)
+            s.batch_in_epoch += 1
+            window_images += len(images)
+            if s.batch_in_epoch % t.accumulate_grad_batches:
+                continue
+            bad_step = torch.where(torch.isfinite(loss) | (bad_step >= 0), bad_step,
+                                   torch.full_like(bad_step, s.iter + 1))
+            optimizer_step(run)
+            s.iter += 1
+            loss_sum += loss
+            window_iters += 1
+            bar.update(1)
+            stepped_by_metric = getattr(run.scheduler, "monitor", None)
+            if run.scheduler.interval == "iter" and not stepped_by_metric:
+                run.scheduler.step()
+            epoch_done = s.batch_in_epoch >= batches_per_epoch
+            if epoch_done:
+                s.epoch, s.batch_in_epoch = s.epoch + 1, 0
+                if run.scheduler.interval == "epoch" and not stepped_by_metric:
+                    run.scheduler.step()
+            last_iter = s.iter >= total_iters
+            if s.iter % t.log_interval == 0 or last_iter or epoch_done:
+                check_finite(run, bad_step)
+                elapsed = time.perf_counter() - window_start
+                metrics = {"train/loss": loss_sum.item() / window_iters,
+                           "train/lr": run.optimizer.param_groups[0]["lr"],
+                           "train/images_per_s": window_images / max(elapsed, 1e-9),
+                           "train/epoch": s.epoch}
+                for logger in run.loggers:
+                    logger.log_metrics(metrics, s.iter)
+                bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['train/lr']:.2e}",
+                                img_s=f"{metrics['train/images_per_s']:.1f}")
+                s.train_time_s += elapsed
+                loss_sum.zero_()
+                window_start, window_images, window_iters = time.perf_counter(), 0, 0
+            due = (s.epoch % t.val_interval == 0 and epoch_done) if by_epoch else \
+                (s.iter % t.val_interval == 0)
+            if due or last_iter:
+                check_finite(run, bad_step)
+                stop = validate(run)
+                window_start = time.perf_counter()  # validation time is not training time
+            if stop or last_iter or epoch_done:
+                stop = stop or last_iter
+                break
+    bar.close()
+    return s
+
+
+def check_finite(run: Run, bad_step: torch.Tensor) -> None:
+    step = int(bad_step.item())
+    if step >= 0:
+        last = run.run_dir / "checkpoints" / "last.pt"
+        kept = f"The last good checkpoint is {last}." if last.exists() else \
+            "No checkpoint had been written yet."
+        raise TrainingError(
+            f"the training loss became NaN or infinite at iteration {step} (epoch "
+            f"{run.state.epoch}); training stopped. {kept} Lower optimizer.lr, set "
+            "trainer.grad_clip (e.g. 1.0), or check the data and loss options.")

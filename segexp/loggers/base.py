@@ -1,0 +1,127 @@
+"""Loggers receive what the training loop reports. Every run writes ``metrics.jsonl`` in its run
+folder (:class:`JsonlLogger`); the ``logger`` config group adds others (CSV, W&B)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class RunInfo:
+    """What a logger needs to know about the run it records."""
+
+    run_dir: Path
+    name: str
+    config: dict[str, Any]
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    job_num: int | None = None
+
+
+@dataclass
+class VisSample:
+    """One validation image for pictures: RGB uint8 image, ground truth and prediction masks."""
+
+    image: np.ndarray
+    target: np.ndarray
+    prediction: np.ndarray
+
+
+class Logger:
+    """Base class; every hook is optional."""
+
+    def start(self, run: RunInfo) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_validation(self, results: dict[str, Any], step: int, class_names: list[str],
+                       palette: list[tuple[int, int, int]], samples: list[VisSample]) -> None:
+        pass
+
+    def log_summary(self, summary: dict[str, Any]) -> None:
+        pass
+
+    def log_checkpoint(self, path: Path, aliases: list[str]) -> None:
+        pass
+
+    def finish(self, failed: bool = False) -> None:
+        pass
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe: floats stay floats, NaN becomes null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+class JsonlLogger(Logger):
+    """One JSON object per line in ``metrics.jsonl``: every value the loop logs, with its step."""
+
+    def start(self, run: RunInfo) -> None:
+        self.path = run.run_dir / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._write({"step": step, **metrics})
+
+    def log_validation(self, results, step, class_names, palette, samples) -> None:
+        record = {"step": step}
+        for key, value in results.items():
+            if isinstance(value, list):  # per-class lists -> one key per class
+                record.update({f"val/{key}/{name}": v for name, v in zip(class_names, value)})
+            else:
+                record[f"val/{key}"] = value
+        self._write(record)
+
+
+class CSVLogger(Logger):
+    """``metrics.csv``: one row per logged step, a column per key (columns grow as keys appear)."""
+
+    def start(self, run: RunInfo) -> None:
+        self.path = run.run_dir / "metrics.csv"
+        self.rows: list[dict[str, Any]] = []
+        self.columns: list[str] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.rows.append({"step": step, **metrics})
+        self._flush()
+
+    def log_validation(self, results, step, class_names, palette, samples) -> None:
+        row = {"step": step}
+        for key, value in results.items():
+            if isinstance(value, list):
+                row.update({f"val/{key}/{name}": v for name, v in zip(class_names, value)})
+            else:
+                row[f"val/{key}"] = value
+        self.rows.append(row)
+        self._flush()
+
+    def _flush(self) -> None:
+        # Append while the columns stay the same; rewrite the file only when a new key appears.
+        row = self.rows[-1]
+        new_columns = [key for key in row if key not in self.columns]
+        if new_columns:
+            self.columns += new_columns
+            with open(self.path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.columns)
+                writer.writeheader()
+                writer.writerows(self.rows)
+        else:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.columns).writerow(row)

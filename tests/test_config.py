@@ -1,0 +1,75 @@
+"""Config composition: every model with every CNN backbone, head selection, help and errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hydra.errors import MissingConfigException
+from omegaconf import OmegaConf
+
+from tests.conftest import CONF, ROOT, compose_config
+
+MODELS = ["fcn", "unet", "pspnet", "deeplabv3", "deeplabv3plus", "upernet"]
+CNN_BACKBONES = sorted(p.stem for p in (CONF / "backbone").glob("*.yaml"))
+WITH_AUX = {"pspnet", "deeplabv3", "deeplabv3plus", "upernet"}
+
+
+@pytest.mark.parametrize("backbone", CNN_BACKBONES)
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_composes_with_every_cnn_backbone(model, backbone):
+    cfg = compose_config(f"model={model}", f"backbone={backbone}")
+    head_file = OmegaConf.load(CONF / "head" / f"{model}.yaml")
+    assert cfg.head._target_ == head_file._target_  # model=X picks head X
+    assert cfg.backbone._target_.startswith("segexp.backbones.")
+    assert cfg.model.num_classes == cfg.dataset.num_classes
+    assert (cfg.model.get("aux_head") is not None) == (model in WITH_AUX)
+    if model in WITH_AUX:
+        assert cfg.model.aux_head.in_index == -2 and cfg.model.aux_weight == 0.4
+    OmegaConf.resolve(cfg)  # every interpolation resolves
+
+
+def test_head_override_beats_the_model_default():
+    cfg = compose_config("model=pspnet", "head=upernet")
+    assert cfg.head._target_.endswith("UPerHead")
+    assert cfg.model.aux_head._target_.endswith("FCNHead")
+
+
+def test_unknown_option_lists_the_choices():
+    with pytest.raises(MissingConfigException) as info:
+        compose_config("model=nosuchmodel")
+    message = str(info.value)
+    assert "nosuchmodel" in message and "upernet" in message and "pspnet" in message
+
+
+def test_debug_trainer_shrinks_the_run():
+    cfg = compose_config("trainer=debug")
+    assert cfg.trainer.max_iters == 2 and cfg.trainer.max_val_batches == 1
+    assert list(cfg.dataset.crop_size) == [64, 64]
+
+
+def test_dataset_root_defaults_under_segexp_data(monkeypatch):
+    monkeypatch.setenv("SEGEXP_DATA", "/data/somewhere")
+    cfg = compose_config("dataset=stanford_background")
+    assert cfg.dataset.root.startswith("/data/somewhere/")
+
+
+def _train_py(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_groups_and_options():
+    out = _train_py("--help")
+    assert out.returncode == 0, out.stderr
+    for text in ("model:", "backbone:", "dataset:", "trainer:", "upernet", "convnext_tiny",
+                 "stanford_background", "debug"):
+        assert text in out.stdout, text
+
+
+def test_cfg_job_prints_the_composed_config():
+    out = _train_py("--cfg", "job", "model=upernet", "backbone=convnext_tiny")
+    assert out.returncode == 0, out.stderr
+    cfg = OmegaConf.create(out.stdout)
+    assert cfg.backbone.name == "convnext_tiny" and cfg.head._target_.endswith("UPerHead")

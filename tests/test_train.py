@@ -1,0 +1,138 @@
+"""End-to-end training: the run folder, multirun, exact resume, NaN handling, evaluation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from segexp.engine import trainer as trainer_module
+from segexp.engine.checkpoint import load_checkpoint
+from segexp.engine.experiment import run_training
+from segexp.errors import TrainingError
+from tests.conftest import ROOT, compose_config
+
+# A tiny but real run: 32x32 synthetic images, small FCN head, single-process loading.
+TINY = ["dataset.image_size=32", "dataset.train_length=16", "dataset.val_length=4",
+        "head.channels=16", "trainer.batch_size=2", "trainer.val_batch_size=2",
+        "trainer.num_workers=0", "trainer.progress_bar=false", "trainer.num_vis_images=2"]
+
+
+def tiny_config(*overrides: str):
+    return compose_config(*TINY, *overrides)
+
+
+def train_py(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_run_folder_holds_config_checkpoints_metrics_and_pictures(tmp_path):
+    out = train_py("trainer=debug", f"hydra.run.dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / ".hydra" / "config.yaml").is_file()
+    for name in ("last.pt", "best.pt"):
+        checkpoint = load_checkpoint(tmp_path / "checkpoints" / name)
+        assert checkpoint["state"]["iter"] == 2
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/loss" in line for line in lines)
+    assert any("val/mIoU" in line and "val/IoU/background" in line for line in lines)
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["status"] == "completed" and summary["iters"] == 2
+    assert summary["params"] > 1_000_000 and summary["wall_time_s"] > 0
+    assert 0.0 <= summary["best"]["mIoU"] <= 1.0 and "aAcc" in summary["final"]
+    assert list(summary["best_per_class"]) == ["background", "circle", "rectangle", "triangle",
+                                               "ellipse", "star"]
+    assert list((tmp_path / "predictions").glob("iter_*.png"))
+    assert "mean" in out.stdout and "Best mIoU" in out.stdout  # the final table
+
+
+def test_two_job_multirun(tmp_path):
+    out = train_py("-m", "model=fcn,unet", "trainer=debug", f"hydra.sweep.dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    summaries = sorted(tmp_path.glob("*/metrics.json"))
+    assert len(summaries) == 2
+    names = {json.loads(p.read_text())["status"] for p in summaries}
+    assert names == {"completed"}
+    assert {p.parent.name.split("_")[1] for p in summaries} == {"fcn", "unet"}
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+
+
+def test_resume_reaches_the_same_weights_and_metrics(tmp_path, monkeypatch):
+    overrides = ["trainer.max_iters=6", "trainer.val_interval=2", "trainer.log_interval=1"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    best_straight = run_training(tiny_config(*overrides), straight)
+
+    # Crash during iteration 5: the checkpoint written after iteration 4 must survive.
+    real_step, calls = trainer_module.optimizer_step, {"n": 0}
+
+    def crashing_step(run):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt("simulated crash")
+        real_step(run)
+
+    monkeypatch.setattr(trainer_module, "optimizer_step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(tiny_config(*overrides), broken)
+    assert load_checkpoint(broken / "checkpoints" / "last.pt")["state"]["iter"] == 4
+    assert json.loads((broken / "metrics.json").read_text())["status"] == "failed"
+    monkeypatch.setattr(trainer_module, "optimizer_step", real_step)
+
+    best_resumed = run_training(tiny_config(*overrides, "resume=true"), broken)
+    a, b = _weights(straight), _weights(broken)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert best_resumed == best_straight
+    final_a = json.loads((straight / "metrics.json").read_text())["final"]
+    final_b = json.loads((broken / "metrics.json").read_text())["final"]
+    assert final_a == final_b
+
+
+def test_resume_true_without_a_checkpoint_says_what_to_do(tmp_path):
+    out = train_py("trainer=debug", "resume=true", f"hydra.run.dir={tmp_path}")
+    assert out.returncode == 1
+    assert "resume=true looks for" in out.stderr and "hydra.run.dir=" in out.stderr
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from segexp import losses
+
+    real_forward, calls = losses.CrossEntropyLoss.forward, {"n": 0}
+
+    def poisoned(self, logits, target):
+        calls["n"] += 1
+        loss = real_forward(self, logits, target)
+        return loss * float("nan") if calls["n"] >= 3 else loss  # iteration 3 goes bad
+
+    monkeypatch.setattr(losses.CrossEntropyLoss, "forward", poisoned)
+    cfg = tiny_config("trainer.max_iters=6", "trainer.val_interval=2", "trainer.log_interval=1")
+    with pytest.raises(TrainingError, match="iteration 3") as info:
+        run_training(cfg, tmp_path)
+    assert str(tmp_path / "checkpoints" / "last.pt") in str(info.value)
+    kept = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert kept["state"]["iter"] == 2
+    assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
+
+
+def test_evaluate_script_reproduces_the_best_validation(tmp_path):
+    run_training(tiny_config("trainer.max_iters=2", "trainer.val_interval=2"), tmp_path)
+    (tmp_path / ".hydra").mkdir()
+    from omegaconf import OmegaConf
+
+    OmegaConf.save(tiny_config("trainer.max_iters=2"), tmp_path / ".hydra" / "config.yaml")
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    evaluated = json.loads((tmp_path / "eval_val_best.json").read_text())
+    best = json.loads((tmp_path / "metrics.json").read_text())["best"]
+    assert evaluated["mIoU"] == pytest.approx(best["mIoU"], abs=1e-6)
+    assert (tmp_path / "eval_val_best.png").is_file()

@@ -1,0 +1,44 @@
+"""Train a segmentation model from a composed config.
+
+    python train.py                                   # FCN / ResNet-18 on the synthetic dataset
+    python train.py model=upernet backbone=convnext_tiny dataset=stanford_background
+    python train.py -m model=fcn,unet,pspnet,deeplabv3,upernet trainer=debug
+    python train.py --help                            # config groups and options
+"""
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from segexp.engine.experiment import run_training
+from segexp.errors import SegexpError
+
+
+def explained_error(err: BaseException) -> SegexpError | None:
+    """The SegexpError behind an exception (Hydra wraps errors raised while instantiating)."""
+    while err is not None:
+        if isinstance(err, SegexpError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    try:
+        return run_training(cfg)
+    except Exception as err:
+        known = explained_error(err)
+        if known is None:
+            raise
+        print(f"segexp: error: {known}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # let the sweep record this job as failed
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
