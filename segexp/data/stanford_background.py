@@ -1,0 +1,117 @@
+"""The Stanford Background dataset (Gould et al., ICCV 2009), in its original iccv09Data layout."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from segexp.data.base import IGNORE_INDEX, Sample, SegmentationDataset, read_image
+from segexp.errors import ConfigError, DataError
+
+URL = "http://dags.stanford.edu/data/iccv09Data.tar.gz"
+SPLIT_SEED = 0
+VAL_FRACTION = 0.2
+
+
+def read_regions(path: str | Path, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """Parse a ``<id>.regions.txt`` label file: a whitespace-separated integer matrix, one line per
+    image row; negative values (unknown) become ``ignore_index``."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise DataError(f"cannot read label file {path}: {error}. Re-extract {URL}.") from error
+    rows = len([line for line in text.splitlines() if line.strip()])
+    try:
+        with warnings.catch_warnings():
+            # np.fromstring only warns (DeprecationWarning) and truncates on text it cannot parse.
+            warnings.simplefilter("error")
+            values = np.fromstring(text, dtype=np.int32, sep=" ")
+    except (ValueError, DeprecationWarning) as error:
+        raise DataError(f"label file {path} holds something other than whitespace-separated "
+                        f"integers ({error}). Re-extract {URL}.") from error
+    if rows == 0 or values.size % rows:
+        raise DataError(f"label file {path} is not a rectangular integer matrix ({values.size} "
+                        f"values on {rows} lines). Re-extract {URL}.")
+    labels = values.reshape(rows, -1)
+    return np.where(labels < 0, ignore_index, labels)
+
+
+class StanfordBackgroundDataset(SegmentationDataset):
+    """715 outdoor scenes of about 320x240 pixels labelled with 8 classes: sky, tree, road, grass,
+    water, building, mountain, foreground object (negative labels = unknown -> ignore).
+
+    ``root`` is the ``iccv09Data`` folder holding ``images/<id>.jpg`` and
+    ``labels/<id>.regions.txt`` (download and extract ``iccv09Data.tar.gz`` from
+    http://dags.stanford.edu/data/). The dataset has no official split; segexp's is fixed: the ids
+    sorted, shuffled with ``numpy.random.default_rng(0).permutation``, the first 80% (572 images)
+    ``train`` and the remaining 20% (143) ``val``.
+    """
+
+    class_names = ("sky", "tree", "road", "grass", "water", "building", "mountain", "foreground")
+    palette = ((70, 130, 180), (34, 139, 34), (128, 64, 128), (152, 251, 152),
+               (0, 60, 230), (140, 140, 140), (139, 90, 43), (220, 20, 60))
+
+    def __init__(self, split: str = "train", transforms=None, ignore_index: int = IGNORE_INDEX,
+                 num_classes: int | None = 8, crop_size: Sequence[int] = (224, 224),
+                 base_size: Sequence[int] | None = (240, 320),
+                 root: str | Path = "data/stanford_background/iccv09Data") -> None:
+        super().__init__(split=split, transforms=transforms, ignore_index=ignore_index,
+                         num_classes=num_classes)
+        if split not in ("train", "val"):
+            raise ConfigError(f"unknown split {split!r} for stanford_background: use train or val.")
+        self.root = Path(root)
+        self.crop_size = tuple(crop_size) if crop_size is not None else None
+        self.base_size = tuple(base_size) if base_size is not None else None
+        self.ids = self.split_ids(self._find_ids(), split)
+        self.check_num_classes()
+
+    @staticmethod
+    def split_ids(ids: Sequence[str], split: str) -> list[str]:
+        """The fixed split: sorted ids, shuffled with seed 0, first 80% train, the rest val."""
+        ids = sorted(ids)
+        order = np.random.default_rng(SPLIT_SEED).permutation(len(ids))
+        n_val = min(max(round(len(ids) * VAL_FRACTION), 1), len(ids) - 1) if len(ids) >= 2 else 0
+        n_train = len(ids) - n_val
+        chosen = order[:n_train] if split == "train" else order[n_train:]
+        return [ids[i] for i in sorted(chosen)]
+
+    def _find_ids(self) -> list[str]:
+        images, labels = self.root / "images", self.root / "labels"
+        if not images.is_dir() or not labels.is_dir():
+            if self.root.is_dir():
+                entries = sorted(p.name + ("/" if p.is_dir() else "") for p in self.root.iterdir())
+                found = ", ".join(entries[:10]) or "an empty folder"
+            else:
+                found = f"no folder {self.root}"
+            hint = ""
+            if (self.root / "iccv09Data").is_dir():
+                hint = (" It holds iccv09Data/: did you mean "
+                        f"dataset.root={self.root / 'iccv09Data'}?")
+            raise DataError(
+                f"Stanford Background data not found: expected the sub-folders {images} and "
+                f"{labels} (iccv09Data layout), found {found}.{hint} Download {URL}, extract it "
+                "and set dataset.root=<path>/iccv09Data or SEGEXP_DATA=<dir> with "
+                "<dir>/stanford_background/iccv09Data.")
+        ids = sorted(p.name[:-4] for p in images.iterdir() if p.name.endswith(".jpg"))
+        if not ids:
+            raise DataError(f"no <id>.jpg images in {images}. Re-extract {URL}.")
+        missing = [i for i in ids if not (labels / f"{i}.regions.txt").is_file()]
+        if missing:
+            shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+            raise DataError(f"{len(missing)} image(s) in {images} have no labels/<id>.regions.txt: "
+                            f"{shown}. Re-extract {URL}.")
+        return ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load(self, index: int) -> Sample:
+        sample_id = self.ids[index]
+        label_path = self.root / "labels" / f"{sample_id}.regions.txt"
+        image = read_image(self.root / "images" / f"{sample_id}.jpg")
+        mask = read_regions(label_path, self.ignore_index)
+        return Sample(image=image, mask=mask, source=str(label_path))
