@@ -26,6 +26,16 @@ def explained_error(err: BaseException) -> SegexpError | None:
     return None
 
 
+def message_of(err: SegexpError) -> str:
+    """The explanation alone: an error re-raised from a DataLoader worker carries the worker's
+    traceback in its text, whose last line is the original message."""
+    text = str(err)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if last.startswith(("segexp.", type(err).__name__)) else last
+    return text
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     try:
@@ -34,7 +44,7 @@ def main(cfg: DictConfig) -> float:
         known = explained_error(err)
         if known is None:
             raise
-        print(f"segexp: error: {known}", file=sys.stderr)
+        print(f"segexp: error: {message_of(known)}", file=sys.stderr)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # let the sweep record this job as failed
         sys.exit(1)

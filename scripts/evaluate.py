@@ -15,17 +15,18 @@ import sys
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from segexp.config import instantiate  # noqa: E402
 from segexp.data.base import pad_collate  # noqa: E402
 from segexp.engine.checkpoint import load_checkpoint  # noqa: E402
 from segexp.engine.experiment import resolve_device  # noqa: E402
 from segexp.engine.trainer import evaluate  # noqa: E402
 from segexp.errors import SegexpError  # noqa: E402
+from segexp.loggers.base import json_safe  # noqa: E402
 from segexp.metrics import format_table  # noqa: E402
 from segexp.models import build_model  # noqa: E402
 from segexp.visualize import prediction_grid, save_png  # noqa: E402
@@ -65,8 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_table(results, list(dataset.class_names)))
     tag = f"{args.split}_{checkpoint_path.stem}"
     out = args.run_dir / f"eval_{tag}.json"
-    out.write_text(json.dumps({"checkpoint": str(checkpoint_path), "split": args.split,
-                               "num_images": len(dataset), **results}, indent=2, default=str))
+    out.write_text(json.dumps(json_safe({"checkpoint": str(checkpoint_path), "split": args.split,
+                                         "num_images": len(dataset), **results}), indent=2))
     if samples:
         save_png(prediction_grid(samples, dataset.colours, list(dataset.class_names)),
                  args.run_dir / f"eval_{tag}.png")

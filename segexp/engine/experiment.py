@@ -14,16 +14,17 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from segexp.config import instantiate
 from segexp.data.base import pad_collate
 from segexp.data.sampler import ResumableSampler
 from segexp.engine.checkpoint import load_checkpoint, resolve_resume, set_rng_state
 from segexp.engine.trainer import Run, fit, plan
 from segexp.errors import ConfigError, DataError
 from segexp.loggers import JsonlLogger, RunInfo
+from segexp.loggers.base import json_safe
 from segexp.metrics import format_table
 from segexp.models import build_model
 
@@ -54,8 +55,19 @@ def build_datasets(cfg: DictConfig):
     return train_set, val_set
 
 
+SCALAR_METRICS = ("mIoU", "aAcc", "mAcc", "mDice")
+
+
 def check_compatible(cfg: DictConfig, model, dataset) -> None:
     """Mismatches that would otherwise surface as shape errors deep in training."""
+    if cfg.metric not in SCALAR_METRICS:
+        raise ConfigError(f"metric={cfg.metric} is not a validation metric; choose one of "
+                          f"{', '.join(SCALAR_METRICS)}.")
+    has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if cfg.trainer.batch_size < 2 and has_batchnorm:
+        raise ConfigError("trainer.batch_size=1: the model has BatchNorm layers (pooling branches "
+                          "see one value per channel), which cannot train on a batch of one. Use "
+                          "trainer.batch_size>=2, or trainer.accumulate_grad_batches to save memory.")
     if model.num_classes != dataset.num_classes:
         raise ConfigError(
             f"the model predicts {model.num_classes} classes (model.num_classes) but the dataset "
@@ -103,9 +115,11 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
 
     sampler = ResumableSampler(len(train_set), seed=cfg.seed)
     # Own generators, so creating a loader iterator never draws from the global RNG (exact resume).
+    # Workers persist across epochs: the sampler runs in this process, so set_epoch still applies,
+    # and augmentation is seeded per sample, not per worker.
     train_loader = DataLoader(train_set, batch_size=t.batch_size, sampler=sampler, drop_last=True,
                               num_workers=t.num_workers, pin_memory=t.pin_memory,
-                              persistent_workers=False, generator=torch.Generator())
+                              persistent_workers=t.num_workers > 0, generator=torch.Generator())
     val_loader = DataLoader(val_set, batch_size=t.val_batch_size, shuffle=False,
                             num_workers=t.num_workers, pin_memory=t.pin_memory,
                             collate_fn=pad_collate, generator=torch.Generator())
@@ -157,7 +171,7 @@ def write_summary(run: Run, status: str, wall_time_s: float, error: str | None =
     if error:
         summary["error"] = error
     with open(run.run_dir / "metrics.json", "w") as f:
-        json.dump(summary, f, indent=2, allow_nan=False, default=str)
+        json.dump(json_safe(summary), f, indent=2, allow_nan=False, default=str)
     return summary
 
 
@@ -167,8 +181,7 @@ def _scalars(results: dict[str, Any]) -> dict[str, float]:
 
 def _per_class(results: dict[str, Any], class_names: list[str]) -> dict[str, dict[str, Any]]:
     lists = {k: v for k, v in results.items() if isinstance(v, list)}
-    return {name: {k: (None if v[i] != v[i] else v[i]) for k, v in lists.items()}
-            for i, name in enumerate(class_names)}
+    return {name: {k: v[i] for k, v in lists.items()} for i, name in enumerate(class_names)}
 
 
 def run_training(cfg: DictConfig, run_dir: Path | None = None) -> float:
@@ -215,6 +228,6 @@ def print_final_table(run: Run, summary: dict) -> None:
     s = run.state
     print(f"\nFinal validation (iteration {s.iter}):")
     print(format_table(s.last_results, run.class_names))
-    print(f"Best {run.metric}: {s.best_metric:.4f} at iteration {s.best_iter}. "
+    print(f"Best {run.metric}: {100 * s.best_metric:.2f} % at iteration {s.best_iter}. "
           f"Params: {summary['params'] / 1e6:.2f} M. Wall time: {summary['wall_time_s']:.0f} s. "
           f"Run folder: {run.run_dir}")

@@ -170,8 +170,8 @@ def validate(run: Run) -> bool:
     last = save_checkpoint(checkpoint_state(run), run.run_dir / "checkpoints" / "last.pt")
     if improved:  # last.pt replaces its file on every save, so a link keeps this version
         publish_copy(last, run.run_dir / "checkpoints" / "best.pt")
-    tqdm.write(f"[iter {s.iter}] val {run.metric} {score:.4f} (best {s.best_metric:.4f} at "
-               f"iter {s.best_iter}); saved {last}")
+    tqdm.write(f"[iter {s.iter}] val {run.metric} {100 * score:.2f} (best "
+               f"{100 * s.best_metric:.2f} at iter {s.best_iter}); saved {last}")
     patience = t.early_stopping_patience
     return bool(patience) and s.validations_since_best >= patience
 

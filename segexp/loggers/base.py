@@ -57,12 +57,14 @@ class Logger:
         pass
 
 
-def _plain(value: Any) -> Any:
-    """JSON-safe: floats stay floats, NaN becomes null."""
+def json_safe(value: Any) -> Any:
+    """Strict JSON: NaN/inf (an absent class's IoU) become null, recursively."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -75,7 +77,7 @@ class JsonlLogger(Logger):
 
     def _write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
+            f.write(json.dumps(json_safe(record)) + "\n")
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self._write({"step": step, **metrics})
