@@ -161,3 +161,50 @@ def test_default_run_learns_the_synthetic_scenes(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads((tmp_path / "metrics.json").read_text())
     assert summary["best"]["mIoU"] > 0.85, summary["best"]
+
+
+def test_epoch_based_run_with_early_stopping(tmp_path):
+    # A vanishing lr: nothing improves after the first validation, so patience 1 stops at the second.
+    cfg = tiny_config("trainer.max_iters=null", "trainer.max_epochs=5", "trainer.val_interval=1",
+                      "trainer.early_stopping_patience=1", "optimizer.lr=1e-12",
+                      "scheduler.min_lr_ratio=0")
+    run_training(cfg, tmp_path)
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    iters_per_epoch = 16 // 2
+    assert summary["status"] == "early_stopped"
+    assert summary["epochs"] == 2 and summary["iters"] == 2 * iters_per_epoch
+    validations = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+                   if "val/mIoU" in line]
+    assert [v["step"] for v in validations] == [iters_per_epoch, 2 * iters_per_epoch]
+
+
+def test_gradient_accumulation_and_clipping_count_optimizer_steps(tmp_path, monkeypatch):
+    steps = {"n": 0}
+    real = torch.nn.utils.clip_grad_norm_
+
+    def counting_clip(parameters, max_norm, *args, **kwargs):
+        steps["n"] += 1
+        assert max_norm == 0.5
+        return real(parameters, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", counting_clip)
+    cfg = tiny_config("trainer.max_iters=3", "trainer.val_interval=3",
+                      "trainer.accumulate_grad_batches=2", "trainer.grad_clip=0.5")
+    run_training(cfg, tmp_path)
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["state"]
+    assert steps["n"] == 3 and state["iter"] == 3
+    assert state["batch_in_epoch"] == 6  # 3 iterations x 2 batches, within the first epoch
+
+
+def test_csv_logger_and_wandb_disabled(tmp_path):
+    run_training(tiny_config("trainer.max_iters=2", "trainer.val_interval=1", "logger=csv"),
+                 tmp_path / "csv")
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
+    assert [r["step"] for r in rows if r.get("val/mIoU")] == ["1", "2"]
+    assert any(r.get("train/loss") for r in rows)
+    run_training(tiny_config("trainer.max_iters=1", "trainer.val_interval=1", "logger=wandb",
+                             "logger.mode=disabled"), tmp_path / "off")
+    assert not (tmp_path / "off" / "wandb").exists() or not list(
+        (tmp_path / "off" / "wandb").glob("offline-run-*"))

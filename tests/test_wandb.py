@@ -61,6 +61,8 @@ def test_multirun_jobs_log_metrics_overlays_group_and_tags(tmp_path, no_wandb_ac
         groups.add(run.run_group)
         tags = set(run.tags)
         assert {f"model:{model}", "backbone:resnet18", "dataset:synthetic"} <= tags
+        kinds = [r.WhichOneof("record_type") for r in read_records(run_file)]
+        assert "artifact" in kinds  # best.pt uploaded as a model artifact
         exits = [r.exit for r in read_records(run_file) if r.WhichOneof("record_type") == "exit"]
         assert exits and exits[-1].exit_code == 0
     assert len(groups) == 1 and groups.pop().startswith("sweep-")

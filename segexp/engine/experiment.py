@@ -5,6 +5,7 @@ asked, trains, and writes the run folder's summary. ``train.py`` is a thin wrapp
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 from pathlib import Path
@@ -27,6 +28,8 @@ from segexp.loggers import JsonlLogger, RunInfo
 from segexp.loggers.base import json_safe
 from segexp.metrics import format_table
 from segexp.models import build_model
+
+log = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int) -> None:
@@ -151,7 +154,7 @@ def resume_run(run: Run, checkpoint_path: Path) -> None:
     run.scaler.load_state_dict(checkpoint["scaler"])
     run.state.load_state_dict(checkpoint["state"])
     set_rng_state(checkpoint["rng"])
-    print(f"Resumed from {checkpoint_path} at iteration {run.state.iter} (epoch {run.state.epoch}).")
+    log.info(f"Resumed from {checkpoint_path} at iteration {run.state.iter} (epoch {run.state.epoch}).")
 
 
 def write_summary(run: Run, status: str, wall_time_s: float, error: str | None = None) -> dict:
@@ -194,7 +197,8 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> float:
     checkpoint_path = resolve_resume(cfg.get("resume"), run_dir)
     if checkpoint_path is not None:
         resume_run(run, checkpoint_path)
-    run.loggers = [JsonlLogger()] + [instantiate(c) for c in cfg.get("logger", {}).values()]
+    # The run folder's log is always kept; the `logger` group adds one more (a no-op for none).
+    run.loggers = [JsonlLogger()] + ([instantiate(cfg.logger)] if cfg.get("logger") else [])
     info = hydra_run_info(cfg, run_dir)
     info.config["params"] = sum(p.numel() for p in run.model.parameters())
     failed = True
@@ -226,8 +230,8 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> float:
 
 def print_final_table(run: Run, summary: dict) -> None:
     s = run.state
-    print(f"\nFinal validation (iteration {s.iter}):")
-    print(format_table(s.last_results, run.class_names))
-    print(f"Best {run.metric}: {100 * s.best_metric:.2f} % at iteration {s.best_iter}. "
-          f"Params: {summary['params'] / 1e6:.2f} M. Wall time: {summary['wall_time_s']:.0f} s. "
-          f"Run folder: {run.run_dir}")
+    log.info(f"Final validation (iteration {s.iter}):\n"
+             f"{format_table(s.last_results, run.class_names)}\n"
+             f"Best {run.metric}: {100 * s.best_metric:.2f} % at iteration {s.best_iter}. "
+             f"Params: {summary['params'] / 1e6:.2f} M. Wall time: {summary['wall_time_s']:.0f} s. "
+             f"Run folder: {run.run_dir}")

@@ -8,6 +8,7 @@ whole iterations, so a resumed run restarts on an iteration boundary with nothin
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,8 @@ from segexp.errors import ConfigError, TrainingError
 from segexp.loggers import Logger, VisSample
 from segexp.metrics import ConfusionMatrix
 from segexp.visualize import denormalise, prediction_grid, save_png
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -170,8 +173,8 @@ def validate(run: Run) -> bool:
     last = save_checkpoint(checkpoint_state(run), run.run_dir / "checkpoints" / "last.pt")
     if improved:  # last.pt replaces its file on every save, so a link keeps this version
         publish_copy(last, run.run_dir / "checkpoints" / "best.pt")
-    tqdm.write(f"[iter {s.iter}] val {run.metric} {100 * score:.2f} (best "
-               f"{100 * s.best_metric:.2f} at iter {s.best_iter}); saved {last}")
+    log.info(f"[iter {s.iter}] val {run.metric} {100 * score:.2f} (best "
+             f"{100 * s.best_metric:.2f} at iter {s.best_iter}); saved {last}")
     patience = t.early_stopping_patience
     return bool(patience) and s.validations_since_best >= patience
 
@@ -259,8 +262,13 @@ def fit(run: Run) -> TrainState:
                            "train/epoch": s.epoch}
                 for logger in run.loggers:
                     logger.log_metrics(metrics, s.iter)
-                bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['train/lr']:.2e}",
-                                img_s=f"{metrics['train/images_per_s']:.1f}")
+                if t.progress_bar:
+                    bar.set_postfix(loss=f"{metrics['train/loss']:.4f}",
+                                    lr=f"{metrics['train/lr']:.2e}",
+                                    img_s=f"{metrics['train/images_per_s']:.1f}")
+                else:  # plain lines for log files and clusters
+                    log.info(f"[iter {s.iter}/{total_iters}] loss {metrics['train/loss']:.4f} "
+                             f"lr {metrics['train/lr']:.2e} {metrics['train/images_per_s']:.1f} img/s")
                 s.train_time_s += elapsed
                 loss_sum.zero_()
                 window_start, window_images, window_iters = time.perf_counter(), 0, 0

@@ -26,7 +26,8 @@ class WandbLogger(Logger):
     def __init__(self, project: str = "segexp", entity: str | None = None, mode: str = "online",
                  group: str | None = None, tags: list[str] | None = None,
                  log_checkpoint: bool = True) -> None:
-        self.project, self.entity, self.mode = project, entity, os.environ.get("WANDB_MODE", mode)
+        self.project, self.entity = project, entity
+        self.mode = os.environ.get("WANDB_MODE") or mode  # the environment wins, as in wandb
         self.group, self.extra_tags = group, list(tags or [])
         self.upload_checkpoint = log_checkpoint
         self.run = None
