@@ -12,8 +12,9 @@ from omegaconf import OmegaConf
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from segexp.data.base import IGNORE_INDEX, KeepRatioResize, Sample, SegmentationDataset
+from segexp.data.base import IGNORE_INDEX, Sample, SegmentationDataset
 from segexp.data.synthetic import SyntheticDataset
+from segexp.data.transforms import KeepRatioResize
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
