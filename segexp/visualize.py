@@ -31,8 +31,9 @@ def denormalise(image: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np
 
 
 def prediction_grid(samples, palette, class_names: Sequence[str] | None = None,
-                    alpha: float = 0.5) -> np.ndarray:
-    """Rows of image | ground truth overlay | prediction overlay, plus a colour legend."""
+                    alpha: float = 0.85) -> np.ndarray:
+    """Rows of image | ground truth | prediction under a header, plus a colour legend. Masks are
+    drawn nearly opaque over the image: class colours can resemble the objects' own colours."""
     rows = []
     for s in samples:
         overlays = [(s.image * (1 - alpha) + colourise(mask, palette) * alpha).astype(np.uint8)
@@ -40,10 +41,19 @@ def prediction_grid(samples, palette, class_names: Sequence[str] | None = None,
         rows.append(np.concatenate([s.image, *overlays], axis=1))
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
-    grid = np.concatenate(rows, axis=0)
+    column = samples[0].image.shape[1]
+    parts = [header(["image", "ground truth", "prediction"], column, width), *rows]
     if class_names:
-        grid = np.concatenate([grid, legend(class_names, palette, width)], axis=0)
-    return grid
+        parts.append(legend(class_names, palette, width))
+    return np.concatenate(parts, axis=0)
+
+
+def header(titles: Sequence[str], column_width: int, width: int, height: int = 18) -> np.ndarray:
+    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
+    for i, title in enumerate(titles):
+        cv2.putText(canvas, title, (i * column_width + 4, height - 5), cv2.FONT_HERSHEY_SIMPLEX,
+                    0.42, (0, 0, 0), 1, cv2.LINE_AA)
+    return canvas
 
 
 def legend(class_names: Sequence[str], palette, width: int, swatch: int = 14) -> np.ndarray:

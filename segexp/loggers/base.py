@@ -68,6 +68,17 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def flatten_validation(results: dict[str, Any], class_names: list[str]) -> dict[str, Any]:
+    """``{"mIoU": m, "IoU": [...]}`` -> ``{"val/mIoU": m, "val/IoU/<class>": ...}``."""
+    flat: dict[str, Any] = {}
+    for key, value in results.items():
+        if isinstance(value, list):
+            flat.update({f"val/{key}/{name}": v for name, v in zip(class_names, value)})
+        else:
+            flat[f"val/{key}"] = value
+    return flat
+
+
 class JsonlLogger(Logger):
     """One JSON object per line in ``metrics.jsonl``: every value the loop logs, with its step."""
 
@@ -83,13 +94,7 @@ class JsonlLogger(Logger):
         self._write({"step": step, **metrics})
 
     def log_validation(self, results, step, class_names, palette, samples) -> None:
-        record = {"step": step}
-        for key, value in results.items():
-            if isinstance(value, list):  # per-class lists -> one key per class
-                record.update({f"val/{key}/{name}": v for name, v in zip(class_names, value)})
-            else:
-                record[f"val/{key}"] = value
-        self._write(record)
+        self._write({"step": step, **flatten_validation(results, class_names)})
 
 
 class CSVLogger(Logger):
@@ -105,13 +110,7 @@ class CSVLogger(Logger):
         self._flush()
 
     def log_validation(self, results, step, class_names, palette, samples) -> None:
-        row = {"step": step}
-        for key, value in results.items():
-            if isinstance(value, list):
-                row.update({f"val/{key}/{name}": v for name, v in zip(class_names, value)})
-            else:
-                row[f"val/{key}"] = value
-        self.rows.append(row)
+        self.rows.append({"step": step, **flatten_validation(results, class_names)})
         self._flush()
 
     def _flush(self) -> None:
