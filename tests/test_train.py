@@ -13,7 +13,7 @@ import torch
 from segexp.engine import trainer as trainer_module
 from segexp.engine.checkpoint import load_checkpoint
 from segexp.engine.experiment import run_training
-from segexp.errors import TrainingError
+from segexp.errors import ConfigError, TrainingError
 from tests.conftest import ROOT, compose_config
 
 # A tiny but real run: 32x32 synthetic images, a small FCN head (unless a test picks another
@@ -208,3 +208,12 @@ def test_csv_logger_and_wandb_disabled(tmp_path):
                              "logger.mode=disabled"), tmp_path / "off")
     assert not (tmp_path / "off" / "wandb").exists() or not list(
         (tmp_path / "off" / "wandb").glob("offline-run-*"))
+
+
+def test_bf16_autocast_trains_and_fp16_needs_cuda(tmp_path):
+    run_training(tiny_config("trainer.max_iters=2", "trainer.val_interval=2",
+                             "trainer.precision=bf16"), tmp_path / "bf16")
+    summary = json.loads((tmp_path / "bf16" / "metrics.json").read_text())
+    assert summary["status"] == "completed" and summary["final"]["aAcc"] > 0
+    with pytest.raises(ConfigError, match="precision=16 needs a CUDA device"):
+        run_training(tiny_config("trainer.max_iters=1", "trainer.precision=16"), tmp_path / "fp16")

@@ -79,3 +79,13 @@ def test_failed_job_still_finishes_its_wandb_run(tmp_path, monkeypatch, no_wandb
     run_file = find_run_file(tmp_path)
     exits = [r.exit for r in read_records(run_file) if r.WhichOneof("record_type") == "exit"]
     assert exits and exits[-1].exit_code == 1
+
+
+def test_unreachable_server_falls_back_to_offline(tmp_path, no_wandb_account, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens on port 9
+    cfg = tiny_config("trainer.max_iters=1", "trainer.val_interval=1", "logger=wandb",
+                      "logger.init_timeout=5")
+    run_training(cfg, tmp_path)
+    assert "cannot reach the server" in capsys.readouterr().out
+    assert any("val/mIoU" in row for row in read_history(find_run_file(tmp_path)))

@@ -22,7 +22,7 @@ from segexp.config import instantiate
 from segexp.data.base import pad_collate
 from segexp.data.sampler import ResumableSampler
 from segexp.engine.checkpoint import load_checkpoint, resolve_resume, set_rng_state
-from segexp.engine.trainer import Run, fit, plan
+from segexp.engine.trainer import Run, autocast, fit, plan
 from segexp.errors import ConfigError, DataError
 from segexp.loggers import JsonlLogger, RunInfo
 from segexp.loggers.base import json_safe
@@ -110,6 +110,7 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     seed_everything(cfg.seed)
     t = cfg.trainer
     device = resolve_device(t.device)
+    autocast(device, t.precision)  # refuses a precision this device cannot run, before any work
     torch.backends.cudnn.benchmark = bool(t.cudnn_benchmark)
     train_set, val_set = build_datasets(cfg)
     model = build_model(cfg)

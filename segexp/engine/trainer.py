@@ -81,6 +81,8 @@ class Run:
 def autocast(device: torch.device, precision: str):
     """Mixed precision context; ``"32"`` is plain float32."""
     precision = str(precision)
+    if precision not in ("32", "bf16", "16"):
+        raise ConfigError(f"trainer.precision={precision}: use \"32\", \"bf16\" or \"16\".")
     if precision == "32":
         return contextlib.nullcontext()
     if precision == "16" and device.type != "cuda":

@@ -25,11 +25,12 @@ def _has_api_key() -> bool:
 class WandbLogger(Logger):
     def __init__(self, project: str = "segexp", entity: str | None = None, mode: str = "online",
                  group: str | None = None, tags: list[str] | None = None,
-                 log_checkpoint: bool = True) -> None:
+                 log_checkpoint: bool = True, init_timeout: float = 60.0) -> None:
         self.project, self.entity = project, entity
         self.mode = os.environ.get("WANDB_MODE") or mode  # the environment wins, as in wandb
         self.group, self.extra_tags = group, list(tags or [])
         self.upload_checkpoint = log_checkpoint
+        self.init_timeout = init_timeout
         self.run = None
 
     def start(self, run: RunInfo) -> None:
@@ -45,7 +46,7 @@ class WandbLogger(Logger):
                       config=run.config, dir=str(run.run_dir), job_type="train")
         try:
             self.run = wandb.init(mode=mode, settings=wandb.Settings(
-                reinit="finish_previous", init_timeout=60, console="off"), **kwargs)
+                reinit="finish_previous", init_timeout=self.init_timeout, console="off"), **kwargs)
         except Exception as err:  # key present but server unreachable
             if mode != "online":
                 raise
