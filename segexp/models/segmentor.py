@@ -18,12 +18,14 @@ class Segmentor(nn.Module):
 
     ``decode_head`` and ``aux_head`` are head *factories* (Hydra ``_partial_`` configs): the
     segmentor builds them with the backbone's ``channels`` and ``reductions``, so channel counts
-    are never written twice. ``forward`` returns logits at the input resolution.
+    are never written twice. An optional ``neck`` factory (e.g. FastFCN's JPU) is built the same
+    way and sits between them, exposing its own ``channels`` and ``reductions`` to the heads.
+    ``forward`` returns logits at the input resolution.
     """
 
     def __init__(self, backbone: nn.Module, decode_head: HeadFactory, num_classes: int,
                  aux_head: HeadFactory | None = None, aux_weight: float = 0.4,
-                 align_corners: bool = False) -> None:
+                 align_corners: bool = False, neck: HeadFactory | None = None) -> None:
         super().__init__()
         if num_classes < 2:
             raise ConfigError(f"num_classes={num_classes}: a segmentation model needs at least 2 "
@@ -32,18 +34,26 @@ class Segmentor(nn.Module):
         self.num_classes = num_classes
         self.aux_weight = aux_weight
         self.align_corners = align_corners
+        self.neck = neck(in_channels=backbone.channels, in_reductions=backbone.reductions) \
+            if neck else None
         self.decode_head = self._build_head(decode_head, "decode head")
         self.aux_head = self._build_head(aux_head, "auxiliary head") if aux_head else None
 
+    @property
+    def feature_source(self) -> nn.Module:
+        """What the heads read: the neck when there is one, else the backbone."""
+        return self.neck if self.neck is not None else self.backbone
+
     def _build_head(self, factory: HeadFactory, role: str) -> nn.Module:
         try:
-            return factory(in_channels=self.backbone.channels,
-                           in_reductions=self.backbone.reductions, num_classes=self.num_classes)
+            return factory(in_channels=self.feature_source.channels,
+                           in_reductions=self.feature_source.reductions,
+                           num_classes=self.num_classes)
         except IncompatibleBackboneError as err:
             name = getattr(self.backbone, "name", type(self.backbone).__name__)
             raise IncompatibleBackboneError(
                 f"the {role} cannot take backbone '{name}' (feature maps with channels "
-                f"{self.backbone.channels} at strides {self.backbone.reductions}): {err} "
+                f"{self.feature_source.channels} at strides {self.feature_source.reductions}): {err} "
                 "Choose another backbone= or head=.") from err
 
     @property
@@ -64,6 +74,8 @@ class Segmentor(nn.Module):
         (``None`` when the model has no auxiliary head)."""
         self.check_input_size(images.shape[-2], images.shape[-1])
         features = self.backbone(images)
+        if self.neck is not None:
+            features = self.neck(features)
         logits = self._resize(self.decode_head(features), images)
         if not return_aux:
             return logits
