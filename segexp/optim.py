@@ -66,13 +66,19 @@ def _resolve_optimizer(type_name: str) -> type[torch.optim.Optimizer]:
 
 def build_optimizer(model: nn.Module, *, type: str = "torch.optim.SGD", lr: float,
                     weight_decay: float = 0.0, head_lr_mult: float = 1.0,
-                    norm_bias_weight_decay: float = 0.0, **kwargs) -> torch.optim.Optimizer:
+                    norm_bias_weight_decay: float = 0.0, layer_decay: float | None = None,
+                    **kwargs) -> torch.optim.Optimizer:
     """Build ``type`` over up to four parameter groups of ``model``'s trainable parameters.
 
     * decay / no decay: normalisation-layer parameters and every 1-D parameter (biases, norm
       scales, layer scales) get ``norm_bias_weight_decay`` instead of ``weight_decay``;
     * backbone / head: parameters whose name does not start with ``backbone.`` get
       ``lr * head_lr_mult``.
+
+    * layer-wise decay (``layer_decay``, e.g. 0.9 as in the ConvNeXt/BEiT recipes): a backbone
+      parameter in layer ``i`` gets ``lr * layer_decay ** (num_layers - i - 1)``, with
+      ``num_layers`` and ``layer_id(name)`` from the backbone (MMSegmentation's
+      ``LearningRateDecayOptimizerConstructor`` rule: deeper layers learn faster, heads at 1).
 
     Each group records ``name``, ``lr_mult`` and its ``weight_decay``; schedulers scale every
     group's own initial lr, so the head keeps its multiple. Parameters with
@@ -88,6 +94,7 @@ def build_optimizer(model: nn.Module, *, type: str = "torch.optim.SGD", lr: floa
         if float(value) < 0:
             raise ConfigError(f"optimizer.{option}={value} must be >= 0 (0 disables it).")
 
+    layer_of = _layer_decay_rule(model, layer_decay)
     norm_params = {id(p) for m in model.modules() if isinstance(m, _NORM_TYPES)
                    for p in m.parameters(recurse=False)}
     groups: dict[str, dict] = {}
@@ -98,9 +105,12 @@ def build_optimizer(model: nn.Module, *, type: str = "torch.optim.SGD", lr: floa
             name = name.removeprefix(prefix)
         part = "backbone" if name.startswith("backbone.") else "head"
         no_decay = param.ndim <= 1 or id(param) in norm_params
-        key = f"{part}_no_decay" if no_decay else part
+        layer, mult = (None, 1.0) if part == "head" or layer_of is None else \
+            layer_of(name.removeprefix("backbone."))
+        key = (f"{part}_layer{layer}" if layer is not None else part) + \
+            ("_no_decay" if no_decay else "")
         if key not in groups:
-            mult = 1.0 if part == "backbone" else float(head_lr_mult)
+            mult = mult if part == "backbone" else float(head_lr_mult)
             groups[key] = {"name": key, "params": [], "lr": float(lr) * mult, "lr_mult": mult,
                            "weight_decay": float(norm_bias_weight_decay if no_decay
                                                  else weight_decay)}
@@ -111,8 +121,7 @@ def build_optimizer(model: nn.Module, *, type: str = "torch.optim.SGD", lr: floa
     if float(head_lr_mult) != 1.0 and not any(k.startswith("backbone") for k in groups):
         warnings.warn(f"optimizer.head_lr_mult={head_lr_mult} but no trainable parameter's name "
                       "starts with 'backbone.', so every parameter gets the head lr.", stacklevel=2)
-    order = ["backbone", "backbone_no_decay", "head", "head_no_decay"]
-    param_groups = [groups[k] for k in order if k in groups]
+    param_groups = sorted(groups.values(), key=lambda g: (g["name"].startswith("head"), g["name"]))
     kwargs = {k: _plain(v) for k, v in kwargs.items()}
     try:
         return cls(param_groups, lr=float(lr), weight_decay=float(weight_decay), **kwargs)
@@ -121,6 +130,27 @@ def build_optimizer(model: nn.Module, *, type: str = "torch.optim.SGD", lr: floa
         raise ConfigError(f"{cls.__module__}.{cls.__name__} does not accept the options given "
                           f"({given}): {err}. Remove the options it does not take (e.g. "
                           "momentum for Adam, betas for SGD).") from err
+
+
+def _layer_decay_rule(model: nn.Module, layer_decay: float | None):
+    """``name -> (layer id, lr multiplier)`` for backbone parameters, or None without decay."""
+    if layer_decay is None or float(layer_decay) == 1.0:
+        return None
+    if not 0.0 < float(layer_decay) <= 1.0:
+        raise ConfigError(f"optimizer.layer_decay={layer_decay} must be in (0, 1] (e.g. 0.9).")
+    backbone = getattr(model, "backbone", None)
+    if not (hasattr(backbone, "layer_id") and hasattr(backbone, "num_layers")):
+        name = getattr(backbone, "name", type(backbone).__name__)
+        raise ConfigError(f"optimizer.layer_decay={layer_decay}: backbone '{name}' does not "
+                          "define layers for it (ConvNeXt, Swin and ViT backbones do). Set "
+                          "optimizer.layer_decay=null.")
+    num_layers = int(backbone.num_layers)
+
+    def rule(name: str) -> tuple[int, float]:
+        layer = min(int(backbone.layer_id(name)), num_layers - 1)
+        return layer, float(layer_decay) ** (num_layers - layer - 1)
+
+    return rule
 
 
 # --- schedulers -----------------------------------------------------------------------------

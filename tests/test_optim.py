@@ -222,3 +222,43 @@ def test_scheduler_yamls_instantiate(path):
     opt.step()
     sched.step(0.5) if sched.monitor else sched.step()
     assert opt.param_groups[0]["lr"] > 0
+
+
+class _LayeredBackbone(nn.Module):
+    """Three 'layers' (embedding, block, final norm) with the layer_id / num_layers contract."""
+
+    num_layers = 5  # MMSegmentation counts its configured layers + 2
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 4, 1)
+        self.block = nn.Conv2d(4, 4, 1)
+
+    def layer_id(self, name: str) -> int:
+        return 0 if name.startswith("embed") else 3
+
+
+class _Layered(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = _LayeredBackbone()
+        self.head = nn.Conv2d(4, 2, 1)
+
+
+def test_layer_decay_scales_backbone_layers_and_leaves_heads():
+    opt = build_optimizer(_Layered(), type="torch.optim.AdamW", lr=1.0, weight_decay=0.05,
+                          layer_decay=0.9, head_lr_mult=2.0)
+    lr_of = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lr_of["backbone_layer0"] == pytest.approx(0.9 ** 4)  # num_layers - 0 - 1
+    assert lr_of["backbone_layer3"] == pytest.approx(0.9 ** 1)
+    assert lr_of["backbone_layer0_no_decay"] == pytest.approx(0.9 ** 4)
+    assert lr_of["head"] == pytest.approx(2.0)
+    weight_decay = {g["name"]: g["weight_decay"] for g in opt.param_groups}
+    assert weight_decay["backbone_layer3"] == 0.05 and weight_decay["backbone_layer3_no_decay"] == 0
+
+
+def test_layer_decay_needs_a_backbone_with_layers():
+    model = nn.Module()
+    model.backbone = nn.Conv2d(3, 4, 1)
+    with pytest.raises(ConfigError, match="layer_decay=0.9: backbone"):
+        build_optimizer(model, lr=0.1, layer_decay=0.9)
