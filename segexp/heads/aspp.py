@@ -37,7 +37,8 @@ class ASPP(nn.Module):
     depthwise-separable for DeepLabV3+), concatenated, then a 3x3 ConvBNReLU bottleneck."""
 
     def __init__(self, in_channels: int, channels: int, dilations: Sequence[int], *,
-                 separable: bool = False, align_corners: bool = False) -> None:
+                 separable: bool = False, align_corners: bool = False,
+                 project_channels: int | None = None, project_dropout: float = 0.0) -> None:
         super().__init__()
         self.dilations = tuple(int(d) for d in dilations)
         self.align_corners = align_corners
@@ -53,11 +54,17 @@ class ASPP(nn.Module):
             else:
                 branches.append(ConvBNReLU(in_channels, channels, 3, dilation=d))
         self.branches = nn.ModuleList(branches)
-        self.bottleneck = ConvBNReLU((len(self.dilations) + 1) * channels, channels, 3)
+        concat = (len(self.dilations) + 1) * channels
+        # torchvision's DeepLabV3 first projects the concatenation (1x1 conv + dropout 0.5);
+        # MMSegmentation goes straight to the 3x3 bottleneck. None = MMSegmentation.
+        self.project = None if project_channels is None else nn.Sequential(
+            ConvBNReLU(concat, project_channels, 1), nn.Dropout(project_dropout))
+        self.bottleneck = ConvBNReLU(project_channels or concat, channels, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = resize(self.image_pool(x), x.shape[-2:], self.align_corners)
-        return self.bottleneck(torch.cat([pooled, *(b(x) for b in self.branches)], dim=1))
+        out = torch.cat([pooled, *(b(x) for b in self.branches)], dim=1)
+        return self.bottleneck(self.project(out) if self.project is not None else out)
 
 
 class ASPPHead(nn.Module):
@@ -66,6 +73,7 @@ class ASPPHead(nn.Module):
     def __init__(self, in_channels: Sequence[int], in_reductions: Sequence[int], num_classes: int,
                  *, in_index: int = -1, channels: int = 512,
                  dilations: Sequence[int] | None = None, dropout: float = 0.1,
+                 project_channels: int | None = None, project_dropout: float = 0.0,
                  align_corners: bool = False) -> None:
         super().__init__()
         self.num_inputs = len(in_channels)
@@ -74,7 +82,8 @@ class ASPPHead(nn.Module):
         if dilations is None:
             dilations = default_dilations("ASPPHead", self.reduction)
         self.aspp = ASPP(in_channels[self.in_index], channels, dilations,
-                         align_corners=align_corners)
+                         align_corners=align_corners, project_channels=project_channels,
+                         project_dropout=project_dropout)
         self.classifier = Classifier(channels, num_classes, dropout)
 
     @property

@@ -20,12 +20,15 @@ class Segmentor(nn.Module):
     segmentor builds them with the backbone's ``channels`` and ``reductions``, so channel counts
     are never written twice. An optional ``neck`` factory (e.g. FastFCN's JPU) is built the same
     way and sits between them, exposing its own ``channels`` and ``reductions`` to the heads.
-    ``forward`` returns logits at the input resolution.
+    ``forward`` returns logits at the input resolution. ``checkpoint`` loads whole-model
+    weights (see :mod:`segexp.models.weights`).
     """
 
     def __init__(self, backbone: nn.Module, decode_head: HeadFactory, num_classes: int,
                  aux_head: HeadFactory | None = None, aux_weight: float = 0.4,
-                 align_corners: bool = False, neck: HeadFactory | None = None) -> None:
+                 align_corners: bool = False, neck: HeadFactory | None = None,
+                 checkpoint: str | None = None, checkpoint_format: str = "auto",
+                 reinit_classifier: bool = False) -> None:
         super().__init__()
         if num_classes < 2:
             raise ConfigError(f"num_classes={num_classes}: a segmentation model needs at least 2 "
@@ -38,6 +41,10 @@ class Segmentor(nn.Module):
             if neck else None
         self.decode_head = self._build_head(decode_head, "decode head")
         self.aux_head = self._build_head(aux_head, "auxiliary head") if aux_head else None
+        if checkpoint:  # whole-model weights (segexp's own or a converted public layout)
+            from segexp.models.weights import load_weights
+
+            load_weights(self, checkpoint, checkpoint_format, reinit_classifier, num_classes)
 
     @property
     def feature_source(self) -> nn.Module:

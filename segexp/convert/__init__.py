@@ -1,0 +1,1 @@
+"""Converters from public checkpoint layouts to segexp state dicts."""

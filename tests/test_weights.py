@@ -1,0 +1,86 @@
+"""model.checkpoint: public layouts convert and give the reference model's logits; keys that do
+not fit are reported in one table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.models import segmentation as tv_segmentation
+
+from segexp.errors import ConfigError
+from segexp.models import build_model
+from tests.conftest import compose_config
+
+
+def randomise_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:
+    """Fresh BN layers hold mean 0 / var 1, which would hide swapped statistics: randomise."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.randn(n, generator=generator) * 0.1)
+
+
+def torchvision_reference(name: str, num_classes: int = 6):
+    torch.manual_seed(0)
+    model = getattr(tv_segmentation, name)(weights=None, weights_backbone=None,
+                                           num_classes=num_classes, aux_loss=True)
+    randomise_batchnorm(model)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name,model", [("fcn_resnet50", "fcn_torchvision"),
+                                        ("deeplabv3_resnet50", "deeplabv3_torchvision")])
+def test_torchvision_checkpoint_gives_the_same_logits(tmp_path, name, model):
+    reference = torchvision_reference(name)
+    path = tmp_path / f"{name}.pth"
+    torch.save(reference.state_dict(), path)
+    ours = build_model(compose_config(f"model={model}", "backbone=resnet50_d8",
+                                      f"model.checkpoint={path}")).eval()
+    images = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = reference(images)
+        logits, aux = ours(images, return_aux=True)
+    assert (logits - expected["out"]).abs().max() <= 1e-4
+    assert (aux - expected["aux"]).abs().max() <= 1e-4
+
+
+def test_keys_that_do_not_fit_are_listed_in_one_table(tmp_path):
+    path = tmp_path / "fcn.pth"
+    torch.save(torchvision_reference("fcn_resnet50").state_dict(), path)
+    with pytest.raises(ConfigError) as info:
+        build_model(compose_config("model=deeplabv3_torchvision", "backbone=resnet50_d8",
+                                   f"model.checkpoint={path}"))
+    message = str(info.value)
+    assert "read as 'torchvision'" in message and "missing" in message
+    assert "decode_head.aspp.bottleneck.0.weight" in message  # a missing head key is named
+
+
+def test_class_count_mismatch_needs_explicit_reinit(tmp_path):
+    path = tmp_path / "fcn21.pth"
+    reference = torchvision_reference("fcn_resnet50", num_classes=21)
+    torch.save(reference.state_dict(), path)
+    overrides = ["model=fcn_torchvision", "backbone=resnet50_d8", f"model.checkpoint={path}"]
+    with pytest.raises(ConfigError, match="reinit_classifier=true"):
+        build_model(compose_config(*overrides))
+    ours = build_model(compose_config(*overrides, "model.reinit_classifier=true"))
+    backbone_key = "backbone.body.layer4.2.conv3.weight"
+    assert torch.equal(ours.state_dict()[backbone_key],
+                       reference.state_dict()["backbone.layer4.2.conv3.weight"])
+    assert ours.decode_head.classifier[1].weight.shape[0] == 6
+
+
+def test_segexp_checkpoint_round_trip_and_unknown_layout(tmp_path):
+    cfg = compose_config("model=fcn", "head.channels=16")
+    model = build_model(cfg)
+    torch.save({"model": model.state_dict(), "state": {}}, tmp_path / "last.pt")
+    loaded = build_model(compose_config("model=fcn", "head.channels=16",
+                                        f"model.checkpoint={tmp_path / 'last.pt'}"))
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    torch.save({"something.else": torch.zeros(1)}, tmp_path / "odd.pth")
+    with pytest.raises(ConfigError, match="cannot tell which layout"):
+        build_model(compose_config("model=fcn", f"model.checkpoint={tmp_path / 'odd.pth'}"))
