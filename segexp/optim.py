@@ -318,9 +318,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: in
     if total_steps < 1:
         raise ConfigError(f"total_steps={total_steps}: the schedule needs at least one step "
                           "(total iterations for interval=iter, epochs for interval=epoch).")
-    if not 0 <= warmup_steps < total_steps:
-        raise ConfigError(f"scheduler.warmup_steps={warmup_steps} must be >= 0 and below "
-                          f"total_steps={total_steps} ({interval}s).")
+    if warmup_steps < 0:
+        raise ConfigError(f"scheduler.warmup_steps={warmup_steps} must be >= 0.")
+    if warmup_steps >= total_steps:
+        # A recipe's warmup in a shortened run (trainer=debug, a smoke test): shrink, don't fail.
+        warnings.warn(f"scheduler.warmup_steps={warmup_steps} is not shorter than the run "
+                      f"({total_steps} {interval}s); warming up over {total_steps - 1} instead.",
+                      stacklevel=2)
+        warmup_steps = total_steps - 1
     if not 0.0 < float(warmup_start_factor) <= 1.0:
         raise ConfigError(f"scheduler.warmup_start_factor={warmup_start_factor} must be in (0, 1].")
 

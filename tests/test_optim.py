@@ -189,12 +189,25 @@ def test_bad_scheduler_options_are_config_errors():
         build_scheduler(opt, "linear", total_steps=10)
     with pytest.raises(ConfigError, match="power"):
         build_scheduler(opt, "cosine", total_steps=10, power=0.9)
-    with pytest.raises(ConfigError, match="scheduler.warmup_steps=10"):
-        build_scheduler(opt, "poly", total_steps=10, warmup_steps=10)
+    with pytest.raises(ConfigError, match="scheduler.warmup_steps=-1"):
+        build_scheduler(opt, "poly", total_steps=10, warmup_steps=-1)
     with pytest.raises(ConfigError, match="scheduler.interval=step"):
         build_scheduler(opt, "poly", total_steps=10, interval="step")
     with pytest.raises(ConfigError, match="exactly one of scheduler.milestones"):
         build_scheduler(opt, "step", total_steps=10, milestones=[5], step_size=2)
+
+
+def test_warmup_longer_than_the_run_shrinks_with_a_warning():
+    # A recipe's 1500-step warmup in a 4-step smoke run: warm up over 3 steps, then decay.
+    opt = sgd(TinySegmentor())
+    with pytest.warns(UserWarning, match="warming up over 3"):
+        sched = build_scheduler(opt, "poly", total_steps=4, warmup_steps=1500, power=1.0)
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] < lrs[1] < lrs[2] < lrs[3] <= 0.01 + 1e-12
 
 
 @pytest.mark.parametrize("path", sorted((CONF / "optimizer").glob("*.yaml")), ids=lambda p: p.stem)

@@ -1,11 +1,13 @@
 """Datasets (``dataset`` config group): each yields ``(image, mask)`` pairs and carries class
 names and a palette. See :mod:`segexp.data.base` for the contract a new dataset follows."""
 
+from segexp.data.ade20k import ADE20KDataset
 from segexp.data.base import IGNORE_INDEX, Sample, SegmentationDataset, pad_collate
+from segexp.data.cityscapes import CityscapesDataset
 from segexp.data.folder import FolderDataset
 from segexp.data.sampler import ResumableSampler
 from segexp.data.stanford_background import StanfordBackgroundDataset
 from segexp.data.synthetic import SyntheticDataset
 
-__all__ = ["IGNORE_INDEX", "FolderDataset", "ResumableSampler", "Sample", "SegmentationDataset",
+__all__ = ["ADE20KDataset", "CityscapesDataset", "IGNORE_INDEX", "FolderDataset", "ResumableSampler", "Sample", "SegmentationDataset",
            "StanfordBackgroundDataset", "SyntheticDataset", "pad_collate"]

@@ -1,0 +1,102 @@
+"""Measure parameters and GFLOPs of every default model variant and write docs/models.md.
+
+    python scripts/model_table.py            # all models -> docs/models.md
+    python scripts/model_table.py --print    # print the table only
+
+Models are built on the meta device (no memory, no weights) and FLOPs counted with
+torch.utils.flop_counter on a 512x512 input (attention through SDPA's math backend so it is
+counted). GFLOPs are multiply-accumulates x 1e-9, the convention of the papers' tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from segexp.models import build_model  # noqa: E402
+from tests.conftest import compose_config  # noqa: E402
+
+PUBLISHED = ROOT / "segexp" / "models" / "published.yaml"
+# Every model with its default backbone (and the ADE20K class count), beyond the published ones.
+DEFAULTS = [
+    ("FCN R-50-D8", ["model=fcn", "backbone=resnet50_d8"]),
+    ("PSPNet R-50-D8", ["model=pspnet", "backbone=resnet50_d8"]),
+    ("DeepLabV3 R-50-D8", ["model=deeplabv3", "backbone=resnet50_d8"]),
+    ("DeepLabV3+ R-50-D8", ["model=deeplabv3plus", "backbone=resnet50_d8"]),
+    ("UPerNet R-50", ["model=upernet", "backbone=resnet50"]),
+    ("U-Net R-18 (default run)", ["model=unet", "backbone=resnet18"]),
+]
+
+
+def measure(overrides: list[str], size: tuple[int, int] = (512, 512)) -> tuple[float, float]:
+    """(params in millions, GMACs at ``size``) of the model the overrides compose."""
+    with torch.device("meta"):
+        model = build_model(compose_config(*overrides)).eval()
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    images = torch.empty(1, 3, *size, device="meta")
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(images)
+    return params, counter.get_total_flops() / 2e9
+
+
+def rows() -> list[dict]:
+    entries = yaml.safe_load(PUBLISHED.read_text())
+    out = []
+    for entry in tqdm(entries + [{"name": n, "overrides": o + ["dataset.num_classes=150"]}
+                                 for n, o in DEFAULTS], desc="models"):
+        params, gflops = measure(entry["overrides"])
+        row = {**entry, "measured_params_m": params, "gflops_512": gflops}
+        if "flops_size" in entry:
+            row["measured_gflops_published_size"] = measure(entry["overrides"],
+                                                            tuple(entry["flops_size"]))[1]
+        out.append(row)
+    return out
+
+
+def markdown(table: list[dict]) -> str:
+    lines = ["| model | overrides | params (M) | published (M) | GFLOPs 512x512 | published GFLOPs (size) "
+             "| measured at that size | source |", "|---|---|---|---|---|---|---|---|"]
+    for r in table:
+        published_flops = f"{r['gflops']} ({r['flops_size'][0]}x{r['flops_size'][1]})" \
+            if "gflops" in r else "-"
+        at_size = f"{r['measured_gflops_published_size']:.1f}" if "gflops" in r else "-"
+        lines.append(f"| {r['name']} | `{' '.join(r['overrides'])}` | {r['measured_params_m']:.2f} "
+                     f"| {r.get('params_m', '-')} | {r['gflops_512']:.1f} | {published_flops} "
+                     f"| {at_size} | {r.get('source', 'measured here')} |")
+    return "\n".join(lines)
+
+
+HEADER = """# Models: parameters and GFLOPs
+
+Measured by `python scripts/model_table.py` (meta device; GFLOPs = multiply-accumulates x 1e-9 at
+512x512, single scale, 150 classes unless the overrides say otherwise; auxiliary heads included, as
+in the papers' counts). `tests/test_published.py` keeps every measured parameter count within 2 %
+of the published figure.
+
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--print", action="store_true", help="print instead of writing docs/models.md")
+    args = parser.parse_args()
+    table = markdown(rows())
+    if args.print:
+        print(table)
+        return
+    (ROOT / "docs" / "models.md").write_text(HEADER + table + "\n")
+    print(f"Wrote {ROOT / 'docs' / 'models.md'}")
+
+
+if __name__ == "__main__":
+    main()
