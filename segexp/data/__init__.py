@@ -9,5 +9,6 @@ from segexp.data.sampler import ResumableSampler
 from segexp.data.stanford_background import StanfordBackgroundDataset
 from segexp.data.synthetic import SyntheticDataset
 
-__all__ = ["ADE20KDataset", "CityscapesDataset", "IGNORE_INDEX", "FolderDataset", "ResumableSampler", "Sample", "SegmentationDataset",
-           "StanfordBackgroundDataset", "SyntheticDataset", "pad_collate"]
+__all__ = ["ADE20KDataset", "CityscapesDataset", "FolderDataset", "IGNORE_INDEX", "ResumableSampler",
+           "Sample", "SegmentationDataset", "StanfordBackgroundDataset", "SyntheticDataset",
+           "pad_collate"]
