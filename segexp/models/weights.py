@@ -48,8 +48,7 @@ def _converters() -> dict[str, tuple[Callable[[dict], bool], Callable[[dict], di
     try:
         from segexp.convert import hf_segformer
 
-        formats["hf_segformer"] = (lambda s: any(k.startswith("segformer.") for k in s),
-                                   hf_segformer.convert_hf_segformer)
+        formats["hf_segformer"] = (hf_segformer.is_hf_segformer, hf_segformer.convert_hf_segformer)
     except ImportError:
         pass
     try:
