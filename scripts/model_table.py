@@ -35,6 +35,8 @@ DEFAULTS = [
     ("DeepLabV3+ R-50-D8", ["model=deeplabv3plus", "backbone=resnet50_d8"]),
     ("UPerNet R-50", ["model=upernet", "backbone=resnet50"]),
     ("U-Net R-18 (default run)", ["model=unet", "backbone=resnet18"]),
+    ("Segmenter ViT-S mask", ["model=segmenter", "backbone=vit_small"]),
+    ("DINOv2 ViT-S/14 linear (frozen)", ["model=dinov2", "backbone=dinov2_vits14"]),
 ]
 
 
