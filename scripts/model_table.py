@@ -35,6 +35,10 @@ DEFAULTS = [
     ("DeepLabV3+ R-50-D8", ["model=deeplabv3plus", "backbone=resnet50_d8"]),
     ("UPerNet R-50", ["model=upernet", "backbone=resnet50"]),
     ("U-Net R-18 (default run)", ["model=unet", "backbone=resnet18"]),
+    ("CCNet R-50-D8", ["model=ccnet", "backbone=resnet50_d8"]),
+    ("FastFCN (JPU + PSP) R-50", ["model=fastfcn", "backbone=resnet50"]),
+    ("Lite-HRNet-18", ["model=litehrnet", "backbone=litehrnet_18"]),
+    ("Lite-HRNet-30", ["model=litehrnet", "backbone=litehrnet_30"]),
     ("Segmenter ViT-S mask", ["model=segmenter", "backbone=vit_small"]),
     ("DINOv2 ViT-S/14 linear (frozen)", ["model=dinov2", "backbone=dinov2_vits14"]),
 ]

@@ -165,9 +165,12 @@ _SCHEDULE_OPTIONS = {
 
 
 class WarmupReduceLROnPlateau(ReduceLROnPlateau):
-    """``ReduceLROnPlateau`` with a linear warmup: its first ``warmup_steps`` calls of
-    ``step(metric)`` only raise the lr from ``warmup_start_factor * lr`` to ``lr`` (the metric is
-    not looked at yet); later calls are the usual plateau rule."""
+    """``ReduceLROnPlateau`` with a linear warmup (the OpenVINO recipes' 100-iteration warmup).
+
+    ``step()`` without a metric is a time tick (every iteration, or epoch for interval=epoch):
+    the first ``warmup_steps`` ticks raise the lr from ``warmup_start_factor * lr`` to ``lr``;
+    later ticks do nothing. ``step(metric)`` after each validation applies the plateau rule once
+    the warmup is over (a validation during the warmup does not count)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int = 0,
                  warmup_start_factor: float = 1e-3, **kwargs) -> None:
@@ -187,13 +190,16 @@ class WarmupReduceLROnPlateau(ReduceLROnPlateau):
             group["lr"] = base * factor
         self._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
-    def step(self, metrics, epoch=None) -> None:  # type: ignore[override]
-        if self.warmup_done < self.warmup_steps:
-            self.warmup_done += 1
-            self.last_epoch += 1
-            self._set_warmup_lr()
+    def step(self, metrics=None, epoch=None) -> None:  # type: ignore[override]
+        warming_up = self.warmup_done < self.warmup_steps
+        if metrics is None:
+            if warming_up:
+                self.warmup_done += 1
+                self.last_epoch += 1
+                self._set_warmup_lr()
             return
-        super().step(metrics)
+        if not warming_up:
+            super().step(metrics)
 
 
 def _min_factors(optimizer, name: str, min_lr: float, min_lr_ratio: float | None) -> list[float]:

@@ -246,13 +246,12 @@ def fit(run: Run) -> TrainState:
             loss_sum += loss
             window_iters += 1
             bar.update(1)
-            stepped_by_metric = getattr(run.scheduler, "monitor", None)
-            if run.scheduler.interval == "iter" and not stepped_by_metric:
+            if run.scheduler.interval == "iter":  # a plateau schedule only warms up here
                 run.scheduler.step()
             epoch_done = s.batch_in_epoch >= batches_per_epoch
             if epoch_done:
                 s.epoch, s.batch_in_epoch = s.epoch + 1, 0
-                if run.scheduler.interval == "epoch" and not stepped_by_metric:
+                if run.scheduler.interval == "epoch":
                     run.scheduler.step()
             last_iter = s.iter >= total_iters
             if s.iter % t.log_interval == 0 or last_iter or epoch_done:
