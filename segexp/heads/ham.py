@@ -23,6 +23,8 @@ B: 512; L: 1024; ``md_r`` 16 (the official SegNeXt configs leave B and L at the 
 
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Sequence
 
 import torch
@@ -70,7 +72,10 @@ class NMF2D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         dtype = x.dtype
-        with torch.autocast(x.device.type, enabled=False):  # multiplicative updates in fp32
+        # Multiplicative updates in fp32 (the meta device, used to count FLOPs, has no autocast).
+        no_autocast = contextlib.nullcontext() if x.device.type == "meta" else \
+            torch.autocast(x.device.type, enabled=False)
+        with no_autocast:
             x = x.float().reshape(b * self.S, self.D, h * w)
             if self.rand_init:
                 bases = F.normalize(torch.rand(b * self.S, self.D, self.R, device=x.device), dim=1)
