@@ -94,7 +94,9 @@ def hydra_run_info(cfg: DictConfig, run_dir: Path) -> RunInfo:
     tags, group, job_num = [], None, None
     if HydraConfig.initialized():
         hc = HydraConfig.get()
-        choices = hc.runtime.choices
+        choices = dict(hc.runtime.choices)
+        if cfg.get("default_backbone"):  # the model's default, not "model_default/<model>"
+            choices["backbone"] = cfg.default_backbone
         tags = [f"{key}:{choices.get(key)}" for key in ("model", "backbone", "dataset")
                 if choices.get(key)]
         if hc.mode == RunMode.MULTIRUN:
