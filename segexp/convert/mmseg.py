@@ -13,7 +13,8 @@ MMSegmentation config                  segexp
 ``deeplabv3_r50-d8``                   ``model=deeplabv3 backbone=resnet50_d8 backbone.name=resnet50c``
 ``upernet_convnext`` (T/S/B/L)         ``model=upernet backbone=convnext_tiny`` (``_small`` ...)
 ``segformer_mit-b0`` ... ``b5``        ``model=segformer backbone=mit_b0 head.proj_norm_act=true``
-                                       (see "SegFormer" below; B2..B5 also ``head.channels=768``)
+                                       (an option SegFormerHead must gain first: see "SegFormer"
+                                       below; B2..B5 also ``head.channels=768``)
 =====================================  ===========================================================
 
 ``r101-d8`` files load with ``backbone=resnet101_d8 backbone.name=resnet101c``.
@@ -21,32 +22,41 @@ MMSegmentation config                  segexp
 Key layouts (MMSegmentation's ``ConvModule`` names its parts ``conv``, ``bn``; segexp's
 ``ConvBNReLU`` is a Sequential, ``0``, ``1``; every ``conv_seg`` is segexp's ``classifier.1``)::
 
-    ResNetV1c (deep stem)   backbone.stem.{0,1,3,4,6}     -> backbone.body.conv1.{0,1,3,4,6}
-                            backbone.stem.7               -> backbone.body.bn1
-                            backbone.layer{n}.*           -> backbone.body.layer{n}.* (same names)
-    ConvNeXt (mmpretrain)   backbone.downsample_layers.0.{0,1}  -> backbone.body.stem_{0,1}
-                            backbone.downsample_layers.i.{0,1}  -> backbone.body.stages_i.downsample.{0,1}
-                            backbone.stages.i.j.depthwise_conv  -> backbone.body.stages_i.blocks.j.conv_dw
-                              .norm / .pointwise_conv1 / .pointwise_conv2 / .gamma
-                                                          -> .norm / .mlp.fc1 / .mlp.fc2 / .gamma
-                            backbone.norm{i}              -> backbone.out_norms.{i}
-    MiT (SegFormer)         backbone.layers.i.0.projection / .norm   -> backbone.stages.i.patch_embed.proj / .norm
-                            backbone.layers.i.1.j.norm1 / .norm2     -> backbone.stages.i.blocks.j.norm1 / .norm2
-                            ...attn.attn.in_proj_{weight,bias}       -> ...attn.{q,k,v} (split in 3)
-                            ...attn.attn.out_proj / .attn.sr / .attn.norm -> ...attn.proj / .sr / .sr_norm
-                            ...ffn.layers.{0,1,4}         -> ...mlp.{fc1,dwconv,fc2} (1x1 convs -> Linear)
-                            backbone.layers.i.2           -> backbone.stages.i.norm
-    FCNHead                 decode_head.convs.i / .conv_cat      -> decode_head.convs.i / .conv_cat
-    PSPHead                 decode_head.psp_modules.i.1 / .bottleneck -> decode_head.ppm.branches.i.1 / .bottleneck
-    ASPPHead                decode_head.image_pool.1      -> decode_head.aspp.image_pool.1
-                            decode_head.aspp_modules.i    -> decode_head.aspp.branches.i
-                            decode_head.bottleneck        -> decode_head.aspp.bottleneck
-    UPerHead                decode_head.psp_modules.i.1   -> decode_head.ppm.branches.i.1
-                            decode_head.bottleneck        -> decode_head.ppm_bottleneck
-                            decode_head.{lateral_convs.i,fpn_convs.i,fpn_bottleneck} -> same names
-    SegformerHead           decode_head.convs.i           -> decode_head.proj.i (ConvBNReLU)
-                            decode_head.fusion_conv       -> decode_head.fuse (input blocks reversed)
-    auxiliary FCNHead       auxiliary_head.*              -> aux_head.*
+    ResNetV1c (deep stem)
+        backbone.stem.{0,1,3,4,6}                  -> backbone.body.conv1.{0,1,3,4,6}
+        backbone.stem.7                            -> backbone.body.bn1
+        backbone.layer{n}.*                        -> backbone.body.layer{n}.* (same names)
+    ConvNeXt (mmpretrain)
+        backbone.downsample_layers.0.{0,1}         -> backbone.body.stem_{0,1}
+        backbone.downsample_layers.i.{0,1}         -> backbone.body.stages_i.downsample.{0,1}
+        backbone.stages.i.j.depthwise_conv         -> backbone.body.stages_i.blocks.j.conv_dw
+          .norm / .pointwise_conv1 / .pointwise_conv2 / .gamma -> .norm / .mlp.fc1 / .mlp.fc2 / .gamma
+        backbone.norm{i}                           -> backbone.out_norms.{i}
+    MiT (SegFormer)
+        backbone.layers.i.0.projection / .norm     -> backbone.stages.i.patch_embed.proj / .norm
+        backbone.layers.i.1.j.norm1 / .norm2       -> backbone.stages.i.blocks.j.norm1 / .norm2
+        ...attn.attn.in_proj_{weight,bias}         -> ...attn.{q,k,v} (split in 3)
+        ...attn.attn.out_proj / .attn.sr / .attn.norm -> ...attn.proj / .attn.sr / .attn.sr_norm
+        ...ffn.layers.{0,1,4}                      -> ...mlp.{fc1,dwconv,fc2} (1x1 convs -> Linear)
+        backbone.layers.i.2                        -> backbone.stages.i.norm
+    FCNHead
+        decode_head.convs.i / .conv_cat            -> decode_head.convs.i / .conv_cat
+    PSPHead
+        decode_head.psp_modules.i.1                -> decode_head.ppm.branches.i.1
+        decode_head.bottleneck                     -> decode_head.bottleneck
+    ASPPHead
+        decode_head.image_pool.1                   -> decode_head.aspp.image_pool.1
+        decode_head.aspp_modules.i                 -> decode_head.aspp.branches.i
+        decode_head.bottleneck                     -> decode_head.aspp.bottleneck
+    UPerHead
+        decode_head.psp_modules.i.1                -> decode_head.ppm.branches.i.1
+        decode_head.bottleneck                     -> decode_head.ppm_bottleneck
+        decode_head.{lateral_convs.i,fpn_convs.i,fpn_bottleneck} -> same names
+    SegformerHead
+        decode_head.convs.i                        -> decode_head.proj.i (a ConvBNReLU)
+        decode_head.fusion_conv                    -> decode_head.fuse (input blocks reversed)
+    auxiliary FCNHead
+        auxiliary_head.*                           -> aux_head.*
 
 Both ASPP implementations concatenate [image pool, 1x1, atrous...] in that order; MMSeg's
 ``deeplabv3_r50-d8`` rates (1, 12, 24, 36) are segexp's defaults for a stride-8 map. The d8 ResNets

@@ -23,7 +23,8 @@ from segexp.heads.common import Classifier, ConvBNReLU, resize, resolve_in_index
 class SegFormerHead(nn.Module):
     def __init__(self, in_channels: Sequence[int], in_reductions: Sequence[int], num_classes: int,
                  *, in_index: int | Sequence[int] = (-4, -3, -2, -1), channels: int = 256,
-                 dropout: float = 0.1, align_corners: bool = False) -> None:
+                 dropout: float = 0.1, proj_norm_act: bool = False,
+                 align_corners: bool = False) -> None:
         super().__init__()
         self.num_inputs = len(in_channels)
         try:
@@ -33,7 +34,11 @@ class SegFormerHead(nn.Module):
                 f"{err} Backbones with at least {len(list(_as_list(in_index)))} feature maps fit "
                 "(mit_b0..mit_b5, mscan_t..mscan_l, resnet*, convnext_*).") from err
         self.align_corners = align_corners
-        self.proj = nn.ModuleList(nn.Conv2d(in_channels[i], channels, 1) for i in self.in_index)
+        # The official code and transformers project each level with a plain 1x1 conv (bias);
+        # MMSegmentation's SegformerHead uses conv + BN + ReLU (proj_norm_act=true loads its files).
+        self.proj = nn.ModuleList(
+            ConvBNReLU(in_channels[i], channels, 1) if proj_norm_act else
+            nn.Conv2d(in_channels[i], channels, 1) for i in self.in_index)
         self.fuse = ConvBNReLU(channels * len(self.in_index), channels, 1)
         self.classifier = Classifier(channels, num_classes, dropout)
 

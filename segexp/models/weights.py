@@ -57,6 +57,12 @@ def _converters() -> dict[str, tuple[Callable[[dict], bool], Callable[[dict], di
         formats["hf_upernet"] = (hf_upernet.looks_like_hf_upernet, hf_upernet.convert_hf_upernet)
     except ImportError:
         pass
+    try:
+        from segexp.convert import mmseg
+
+        formats["mmseg"] = (mmseg.looks_like_mmseg, mmseg.convert_mmseg)
+    except ImportError:
+        pass
     return formats
 
 
