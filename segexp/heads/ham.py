@@ -24,7 +24,6 @@ B: 512; L: 1024; ``md_r`` 16 (the official SegNeXt configs leave B and L at the 
 from __future__ import annotations
 
 import contextlib
-
 from collections.abc import Sequence
 
 import torch
