@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -58,3 +60,21 @@ def test_channels_flow_from_the_backbone():
         net = _small("fcn", backbone)
         first_conv = next(m for m in net.decode_head.modules() if isinstance(m, torch.nn.Conv2d))
         assert first_conv.in_channels == deepest
+
+
+ALL_MODELS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "model").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("model", ALL_MODELS)
+def test_every_model_on_its_default_backbone(model):
+    """model=X alone composes with X's default backbone, gives full-size logits, and trains."""
+    cfg = compose_config(f"model={model}")
+    assert cfg.default_backbone  # conf/backbone/model_default/<model>.yaml exists
+    net = build_model(cfg)
+    size = max(64, net.size_divisor)
+    images = torch.randn(2, 3, size, size)
+    logits, aux = net(images, return_aux=True)
+    assert logits.shape == (2, cfg.dataset.num_classes, size, size)
+    (logits.mean() + (aux.mean() if aux is not None else 0)).backward()
+    trainable = [p for p in net.decode_head.parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None for p in trainable)

@@ -98,7 +98,10 @@ def train_step(run: Run, images: torch.Tensor, masks: torch.Tensor) -> torch.Ten
         logits, aux_logits = run.model(images, return_aux=True)
         loss = run.criterion(logits.float(), masks)
         if aux_logits is not None:
-            loss = loss + run.model.aux_weight * run.criterion(aux_logits.float(), masks)
+            # An auxiliary module may stack several heads' logits along the batch axis (SETR's
+            # three): each slice is compared with the same ground truth.
+            aux_masks = masks.repeat(aux_logits.shape[0] // masks.shape[0], 1, 1)
+            loss = loss + run.model.aux_weight * run.criterion(aux_logits.float(), aux_masks)
     run.scaler.scale(loss / run.trainer.accumulate_grad_batches).backward()
     return loss.detach()
 

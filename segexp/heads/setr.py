@@ -110,6 +110,26 @@ class SETRUPHead(nn.Module):
         return self.classifier(self.up_convs(self.norm(x)))
 
 
+class SETRAuxHeads(nn.Module):
+    """The auxiliary heads of SETR's Naive / PUP recipes: one :class:`SETRUPHead` per intermediate
+    map (``in_index``, blocks 10, 15, 20 of ViT-L), each with its own loss.
+
+    Their logits come back stacked along the batch axis; the training step compares every slice
+    with the ground truth, so with mean-reduced losses ``aux_weight = 0.4 * len(in_index)`` trains
+    each head exactly as the recipe's separate 0.4-weighted losses do.
+    """
+
+    def __init__(self, in_channels: Sequence[int], in_reductions: Sequence[int], num_classes: int,
+                 *, in_index: Sequence[int] = (0, 1, 2), **head_options) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList(
+            SETRUPHead(in_channels, in_reductions, num_classes, in_index=i, **head_options)
+            for i in in_index)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([head(features) for head in self.heads], dim=0)
+
+
 class SETRNaiveHead(SETRUPHead):
     """SETR-Naive: 1 x (1x1 conv 256 + BN + ReLU, 4x upsampling) on the deepest map."""
 
