@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
+from segexp.backbones.init import init_weights
 from segexp.errors import ConfigError
 
 # name -> (embed dims, depths); heads, sr ratios and MLP ratios are shared by all variants.
@@ -198,7 +199,7 @@ class MixVisionTransformer(nn.Module):
         self.channels: list[int] = list(dims)
         self.reductions: list[int] = [4, 8, 16, 32]
         self.size_divisor = size_divisor
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
         if checkpoint:
             load_backbone_checkpoint(self, checkpoint, convert=_convert_foreign)
@@ -216,23 +217,6 @@ class MixVisionTransformer(nn.Module):
             x = stage(x)
             features.append(x)
         return features
-
-
-def _init_weights(m: nn.Module) -> None:
-    """The official initialisation: truncated normal (std 0.02) linears, unit LayerNorms,
-    He-style normal convs (fan-out over groups), zero biases."""
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.Conv2d):
-        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-        nn.init.normal_(m.weight, std=(2.0 / fan_out) ** 0.5)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
 
 
 def _convert_foreign(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:

@@ -41,6 +41,7 @@ import torch
 from timm.layers import DropPath
 from torch import nn
 
+from segexp.backbones.init import init_weights
 from segexp.backbones.mit import load_backbone_checkpoint
 from segexp.errors import ConfigError
 
@@ -202,7 +203,7 @@ class MSCAN(nn.Module):
         self.channels: list[int] = list(dims)
         self.reductions: list[int] = [4, 8, 16, 32]
         self.size_divisor = size_divisor
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
         if checkpoint:
             load_backbone_checkpoint(self, checkpoint, convert=convert_mmseg_mscan)
@@ -219,23 +220,6 @@ class MSCAN(nn.Module):
             x = stage(x)
             features.append(x)
         return features
-
-
-def _init_weights(m: nn.Module) -> None:
-    """As MMSegmentation's MSCAN.init_weights: He-style normal convs (fan-out over groups), unit
-    LayerNorms, zero biases (BatchNorms keep PyTorch's unit/zero defaults)."""
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.Conv2d):
-        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-        nn.init.normal_(m.weight, std=(2.0 / fan_out) ** 0.5)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
 
 
 # MMSegmentation MSCAN key -> ours, inside a block (after "block{i}.{j}.").
