@@ -58,17 +58,7 @@ def test_checkpoint_of_another_model_is_explained(tmp_path):
         TimmBackbone("resnet18", checkpoint=str(path))
 
 
-def test_pretrained_without_network_says_how_to_use_a_local_file(monkeypatch):
-    # Make any hub access fail the way an offline machine does.
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    import huggingface_hub.constants as hub_constants
-
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
-
-    def offline(*args, **kwargs):
-        raise OSError("network unreachable")
-
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+def test_pretrained_without_network_says_how_to_use_a_local_file(offline_hub):
     with pytest.raises(ConfigError) as info:
         TimmBackbone("resnet18", pretrained=True, cache_dir=None)
     message = str(info.value)

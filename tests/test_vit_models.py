@@ -166,16 +166,7 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
         ViTBackbone(TINY_VIT, checkpoint=str(tmp_path / "nope.pth"))
 
 
-def test_pretrained_without_network_says_how_to_use_a_local_file(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    import huggingface_hub.constants as hub_constants
-
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
-
-    def offline(*args, **kwargs):
-        raise OSError("network unreachable")
-
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+def test_pretrained_without_network_says_how_to_use_a_local_file(offline_hub):
     with pytest.raises(ConfigError) as info:
         ViTBackbone(TINY_VIT, pretrained=True, cache_dir=None)
     message = str(info.value)
