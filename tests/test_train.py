@@ -217,3 +217,15 @@ def test_bf16_autocast_trains_and_fp16_needs_cuda(tmp_path):
     assert summary["status"] == "completed" and summary["final"]["aAcc"] > 0
     with pytest.raises(ConfigError, match="precision=16 needs a CUDA device"):
         run_training(tiny_config("trainer.max_iters=1", "trainer.precision=16"), tmp_path / "fp16")
+
+
+@pytest.mark.parametrize("transforms", ["mmseg", "strong"])
+def test_training_with_the_mmseg_and_mixing_pipelines(tmp_path, transforms):
+    from segexp.data.mixing import MixedDataset
+    from segexp.engine.experiment import build_datasets
+
+    cfg = tiny_config(f"transforms={transforms}", "trainer.max_iters=2", "trainer.val_interval=2")
+    train_set, _ = build_datasets(cfg)
+    assert isinstance(train_set, MixedDataset) == (transforms == "strong")
+    run_training(cfg, tmp_path)
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "completed"

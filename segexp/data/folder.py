@@ -1,10 +1,12 @@
-"""A user's own data: images and class-index masks in folders, paired by file stem."""
+"""A user's own data: images and class-index (or colour-coded) masks in folders, paired by file
+stem."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from segexp.data.base import IGNORE_INDEX, Sample, SegmentationDataset, read_image, read_mask
@@ -28,6 +30,101 @@ def _found(folder: Path) -> str:
         return "nothing (the folder does not exist)"
     entries = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
     return _shown(entries) if entries else "an empty folder"
+
+
+def _rgb_text(colour: Sequence[int]) -> str:
+    r, g, b = (int(c) for c in colour)
+    return f"({r}, {g}, {b}) #{r:02X}{g:02X}{b:02X}"
+
+
+class ColourTable:
+    """Exact colour -> index lookup for colour-coded masks: entry ``i`` of ``colours`` is the
+    ``[r, g, b]`` that encodes value ``i`` (or ``values[i]`` when given). Colours are packed into
+    one integer (``r << 16 | g << 8 | b``) and looked up with a binary search over the sorted
+    palette, so a whole mask maps in a few vectorised passes. A colour that is not in the
+    palette is an error naming the file, the colour, how many pixels hold it and the nearest
+    palette entry (usually an anti-aliased edge or a JPEG-compressed mask, or a palette that
+    misses a class)."""
+
+    def __init__(self, colours: Sequence[Sequence[int]], what: str = "the palette",
+                 names: Sequence[str] | None = None, values: Sequence[int] | None = None) -> None:
+        try:
+            table = np.asarray([[int(c) for c in colour] for colour in colours], dtype=np.int64)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(
+                f"{what} must be a list of [r, g, b] colours, got {colours!r}.") from error
+        if table.ndim != 2 or table.shape[1] != 3 or len(table) == 0:
+            raise ConfigError(f"{what} must be a non-empty list of [r, g, b] colours, got "
+                              f"{colours!r}.")
+        if table.min() < 0 or table.max() > 255:
+            raise ConfigError(f"{what} holds a channel value outside 0..255: {colours!r}.")
+        keys = (table[:, 0] << 16) | (table[:, 1] << 8) | table[:, 2]
+        seen: dict[int, int] = {}
+        for index, key in enumerate(keys.tolist()):
+            if key in seen:
+                raise ConfigError(f"{what} gives the colour {_rgb_text(table[index])} to both "
+                                  f"entries {seen[key]} and {index}; each colour must encode one "
+                                  "class.")
+            seen[key] = index
+        if values is None:
+            values = range(len(table))
+        values = np.asarray([int(v) for v in values], dtype=np.int32)
+        if values.shape != (len(table),):
+            raise ConfigError(f"{what}: {len(values)} values for {len(table)} colours.")
+        order = np.argsort(keys, kind="stable")
+        self.colours = table
+        self.values = values
+        self.what = what
+        self.names = list(names) if names is not None else None
+        self._keys = keys[order]
+        self._values = values[order]
+
+    def __len__(self) -> int:
+        return len(self.colours)
+
+    def _describe(self, entry: int) -> str:
+        value = int(self.values[entry])
+        colour = _rgb_text(self.colours[entry])
+        if self.names is not None and 0 <= value < len(self.names):
+            return f"{colour} = class {value} {self.names[value]!r}"
+        return f"{colour} = mask value {value}"
+
+    def __call__(self, rgb: np.ndarray, source: str) -> np.ndarray:
+        """Map an ``HxWx3`` RGB mask to an ``HxW`` int32 array of palette indices."""
+        if rgb.ndim != 3 or rgb.shape[2] != 3:
+            raise DataError(f"colour mask {source} has shape {rgb.shape}; expected H x W x 3 "
+                            "(RGB).")
+        packed = ((rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8)
+                  | rgb[..., 2].astype(np.int32))
+        position = np.searchsorted(self._keys, packed)
+        np.minimum(position, len(self._keys) - 1, out=position)
+        found = self._keys[position] == packed
+        if not found.all():
+            unknown, counts = np.unique(packed[~found], return_counts=True)
+            order = np.argsort(-counts, kind="stable")
+            parts = []
+            for key, count in zip(unknown[order][:5].tolist(), counts[order][:5].tolist()):
+                colour = np.array([(key >> 16) & 255, (key >> 8) & 255, key & 255])
+                distance = ((self.colours - colour) ** 2).sum(axis=1)
+                parts.append(f"{_rgb_text(colour)} at {count} pixel(s) (nearest palette colour: "
+                             f"{self._describe(int(distance.argmin()))})")
+            more = f" (and {len(unknown) - 5} more unknown colours)" if len(unknown) > 5 else ""
+            raise DataError(
+                f"colour mask {source} holds {len(unknown)} colour(s) that are not in {self.what}: "
+                f"{'; '.join(parts)}{more}. Colour masks must use exactly the palette's colours "
+                "(save them as PNG, without anti-aliasing or JPEG compression), or add the "
+                "missing colours to the palette.")
+        return self._values[position]
+
+
+def read_colour_mask(path: str | Path) -> np.ndarray:
+    """Read a colour-coded mask as RGB ``uint8`` ``HxWx3`` (palette PNGs are expanded to their
+    colours, an alpha channel is dropped)."""
+    mask = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if mask is None:
+        raise DataError(f"cannot read mask file {path}: it is missing, empty or not an image. "
+                        "Remove the sample or replace the mask with a colour-coded PNG.")
+    return cv2.cvtColor(mask, cv2.COLOR_BGR2RGB)
 
 
 def _index(folder: Path) -> dict[str, Path]:
@@ -60,6 +157,12 @@ class FolderDataset(SegmentationDataset):
     (``{old: new}``) remaps mask values when loading, e.g. ``{255: 1}`` for binary masks stored as
     0/255 (otherwise 255 is the ignore index and such a dataset would teach nothing: construction
     refuses it). ``base_size`` null keeps the images' own sizes as the rescale reference.
+
+    Colour-coded RGB masks: ``mask_palette=[[r, g, b], ...]`` gives the colour of mask value 0, 1,
+    ... (it may hold more entries than classes, e.g. a "void" colour last, sent to the ignore index
+    with ``mask_map={N: 255}``), or ``colour_masks=true`` uses ``palette`` (one colour per class).
+    Colours map exactly to indices before ``mask_map`` applies; a colour outside the palette is an
+    error naming the file, the colour and the nearest palette entry.
     """
 
     def __init__(self, split: str = "train", transforms=None, ignore_index: int = IGNORE_INDEX,
@@ -68,7 +171,9 @@ class FolderDataset(SegmentationDataset):
                  class_names: Sequence[str] | None = None, classes_file: str | Path | None = None,
                  split_files: str | Path | None = "splits", val_fraction: float = 0.1,
                  seed: int = 0, mask_map: Mapping[int, int] | None = None,
-                 palette: Sequence[Sequence[int]] | None = None) -> None:
+                 palette: Sequence[Sequence[int]] | None = None,
+                 mask_palette: Sequence[Sequence[int]] | None = None,
+                 colour_masks: bool = False) -> None:
         super().__init__(split=split, transforms=transforms, ignore_index=ignore_index,
                          num_classes=num_classes)
         self.root = Path(root)
@@ -80,12 +185,13 @@ class FolderDataset(SegmentationDataset):
             if len(self.palette) != len(self.class_names) or any(len(c) != 3 for c in self.palette):
                 raise ConfigError(f"dataset.palette needs one [r, g, b] per class "
                                   f"({len(self.class_names)}), got {palette}.")
+        self._colour_table = self._make_colour_table(mask_palette, colour_masks)
         self._lut = self._mask_lut(mask_map)
         self.mask_map = None if mask_map is None else {int(k): int(v) for k, v in mask_map.items()}
         self.samples, self.layout = self._find_samples(split, split_files, float(val_fraction),
                                                        int(seed))
         self.check_num_classes()
-        if self.mask_map is None:
+        if self.mask_map is None and self._colour_table is None:
             self._check_binary_masks()
 
     def __len__(self) -> int:
@@ -94,10 +200,26 @@ class FolderDataset(SegmentationDataset):
     def load(self, index: int) -> Sample:
         image_path, mask_path = self.samples[index]
         image = read_image(image_path)
-        mask = read_mask(mask_path)
+        source = f"{mask_path} (image {image_path.name})"
+        if self._colour_table is not None:
+            mask = self._colour_table(read_colour_mask(mask_path), source)
+        else:
+            mask = self._read_index_mask(mask_path)
         if self._lut is not None:
             mask = self._remap(mask)
-        return Sample(image=image, mask=mask, source=f"{mask_path} (image {image_path.name})")
+        return Sample(image=image, mask=mask, source=source)
+
+    @staticmethod
+    def _read_index_mask(mask_path: Path) -> np.ndarray:
+        try:
+            return read_mask(mask_path)
+        except DataError as error:
+            if "channels" not in str(error):
+                raise
+            raise DataError(
+                f"{error} For a folder dataset with colour-coded masks set "
+                "dataset.mask_palette=[[r, g, b], ...] (the colour of class 0, 1, ...) or "
+                "dataset.colour_masks=true with dataset.palette.") from error
 
     # -- construction -----------------------------------------------------------------------
     def _class_names(self, class_names, classes_file, num_classes) -> tuple[str, ...]:
@@ -194,6 +316,27 @@ class FolderDataset(SegmentationDataset):
                             f"{_HOW_TO}")
         return samples
 
+    def _make_colour_table(self, mask_palette, colour_masks: bool) -> ColourTable | None:
+        if mask_palette is not None:
+            table = ColourTable(mask_palette, what="dataset.mask_palette", names=self.class_names)
+            if len(table) < len(self.class_names):
+                raise ConfigError(
+                    f"dataset.mask_palette has {len(table)} colours but the dataset has "
+                    f"{len(self.class_names)} classes ({', '.join(self.class_names)}); give at "
+                    "least one [r, g, b] per class, in class-index order.")
+            if self.palette is None:  # draw pictures with the masks' own colours
+                self.palette = [tuple(int(c) for c in colour)
+                                for colour in table.colours[: len(self.class_names)]]
+            return table
+        if colour_masks:
+            if self.palette is None:
+                raise ConfigError(
+                    "dataset.colour_masks=true maps mask colours with dataset.palette, which is "
+                    "not set: give dataset.palette=[[r, g, b], ...] (one colour per class) or "
+                    "dataset.mask_palette.")
+            return ColourTable(self.palette, what="dataset.palette", names=self.class_names)
+        return None
+
     def _mask_lut(self, mask_map) -> np.ndarray | None:
         if mask_map is None:
             return None
@@ -229,7 +372,7 @@ class FolderDataset(SegmentationDataset):
         seen: set[int] = set()
         first_with_255 = None
         for _, mask_path in self.samples[:BINARY_CHECK_MASKS]:
-            values = set(np.unique(read_mask(mask_path)).tolist())
+            values = set(np.unique(self._read_index_mask(mask_path)).tolist())
             seen |= values
             if self.ignore_index in values and first_with_255 is None:
                 first_with_255 = mask_path

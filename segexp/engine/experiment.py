@@ -50,6 +50,8 @@ def resolve_device(spec: str) -> torch.device:
 
 def build_datasets(cfg: DictConfig):
     train_set = instantiate(cfg.dataset, split="train", transforms=instantiate(cfg.transforms.train))
+    if cfg.transforms.get("mix"):  # CutMix / ClassMix: pairs of augmented training samples
+        train_set = instantiate(cfg.transforms.mix)(train_set)
     val_set = instantiate(cfg.dataset, split="val", transforms=instantiate(cfg.transforms.val))
     for split, dataset in (("train", train_set), ("val", val_set)):
         if len(dataset) == 0:

@@ -1,0 +1,136 @@
+"""DIS5K (Qin et al., ECCV 2022): dichotomous image segmentation, highly accurate binary masks of
+one foreground object per image."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from segexp.data.base import IGNORE_INDEX, Sample, SegmentationDataset, read_image
+from segexp.errors import ConfigError, DataError
+
+URL = "https://github.com/xuebinqin/DIS"
+DRIVE_URL = "https://drive.google.com/file/d/1jOC2zK0GowBvEt03B7dGugCRDVAoeIqq/view"
+ARCHIVE = "DIS5K.zip"
+TEST_SUBSETS = ("DIS-TE1", "DIS-TE2", "DIS-TE3", "DIS-TE4")
+SUBSETS = {"train": ("DIS-TR",), "val": ("DIS-VD",), "test": TEST_SUBSETS,
+           **{f"test{i}": (f"DIS-TE{i}",) for i in range(1, 5)}}
+# Published sizes, for the prepare script's check.
+SUBSET_SIZES = {"DIS-TR": 3000, "DIS-VD": 470, "DIS-TE1": 500, "DIS-TE2": 500, "DIS-TE3": 500,
+                "DIS-TE4": 500}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+THRESHOLD = 128
+
+
+def binarize(gt: np.ndarray, threshold: int = THRESHOLD) -> np.ndarray:
+    """A 0/255 ground truth with anti-aliased edges -> 0 (background) / 1 (foreground):
+    values ``>= threshold`` are foreground."""
+    return (gt >= threshold).astype(np.uint8)
+
+
+def read_gt(path: str | Path) -> np.ndarray:
+    """Read a DIS5K ground-truth PNG as one grey channel (a colour PNG is converted)."""
+    gt = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if gt is None:
+        raise DataError(f"cannot read ground-truth mask {path}: it is missing, empty or not an "
+                        f"image. Re-extract {ARCHIVE} ({URL}).")
+    return gt
+
+
+def _found(root: Path) -> str:
+    if not root.is_dir():
+        return f"no folder {root}"
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
+    return ", ".join(entries[:12]) + (" ..." if len(entries) > 12 else "") or "an empty folder"
+
+
+class DIS5KDataset(SegmentationDataset):
+    """5,470 high-resolution images of 225 categories with one highly accurate binary mask each:
+    ``DIS-TR`` (3000, ``train``), ``DIS-VD`` (470, ``val``) and ``DIS-TE1`` .. ``DIS-TE4`` (500
+    each, of increasing shape complexity: ``test1`` .. ``test4``; ``test`` is all four).
+
+    ``root`` is the ``DIS5K`` folder that ``DIS5K.zip`` (Google Drive link in
+    https://github.com/xuebinqin/DIS) unpacks to, holding ``<subset>/im/<name>.jpg`` and
+    ``<subset>/gt/<name>.png``. Masks are stored as 0/255 with anti-aliased edges; pixels
+    ``>= threshold`` (128) are foreground (class 1), the rest background (class 0).
+    """
+
+    class_names = ("background", "foreground")
+    palette = ((0, 0, 0), (255, 255, 255))
+
+    def __init__(self, split: str = "train", transforms=None, ignore_index: int = IGNORE_INDEX,
+                 num_classes: int | None = 2, crop_size: Sequence[int] = (1024, 1024),
+                 base_size: Sequence[int] | None = (1024, 1024), root: str | Path = "data/DIS5K",
+                 threshold: int = THRESHOLD) -> None:
+        super().__init__(split=split, transforms=transforms, ignore_index=ignore_index,
+                         num_classes=num_classes)
+        if split not in SUBSETS:
+            raise ConfigError(f"unknown split {split!r} for dis5k: use train (DIS-TR), val "
+                              "(DIS-VD), test1..test4 (DIS-TE1..4) or test (all four).")
+        if not 0 < int(threshold) <= 255:
+            raise ConfigError(f"dataset.threshold={threshold} must be in 1..255.")
+        self.root = Path(root)
+        self.threshold = int(threshold)
+        self.crop_size = tuple(crop_size) if crop_size is not None else None
+        self.base_size = tuple(base_size) if base_size is not None else None
+        self.subsets = SUBSETS[split]
+        self.samples = self._find_samples()
+        self.check_num_classes()
+
+    def _find_samples(self) -> list[tuple[Path, Path]]:
+        folders = [self.root / subset for subset in self.subsets]
+        if not any((self.root / subset).is_dir() for subset in SUBSET_SIZES):
+            hint = ""
+            if (self.root / "DIS5K" / "DIS-TR").is_dir():
+                hint = f" It holds DIS5K/: did you mean dataset.root={self.root / 'DIS5K'}?"
+            elif self.root.name in SUBSET_SIZES:
+                hint = (f" {self.root} is itself a subset folder: did you mean "
+                        f"dataset.root={self.root.parent}?")
+            elif self.root.name in ("im", "gt") and self.root.parent.name in SUBSET_SIZES:
+                hint = (f" {self.root} is a subset's {self.root.name}/ folder: did you mean "
+                        f"dataset.root={self.root.parent.parent}?")
+            raise DataError(
+                f"DIS5K data not found: expected the sub-folders "
+                f"{', '.join(str(self.root / s) for s in SUBSET_SIZES)} (each with im/ and gt/), "
+                f"found {_found(self.root)}.{hint} Download {ARCHIVE} from Google Drive "
+                f"({DRIVE_URL}, linked from {URL}), unzip it and set dataset.root=<path>/DIS5K or "
+                "SEGEXP_DATA=<dir> with <dir>/DIS5K (python scripts/prepare_dis5k.py prints the "
+                "steps).")
+        samples = []
+        for folder in folders:
+            images_dir, gts_dir = folder / "im", folder / "gt"
+            if not images_dir.is_dir() or not gts_dir.is_dir():
+                raise DataError(
+                    f"DIS5K {self.split!r} needs {images_dir} and {gts_dir}; found in "
+                    f"{folder}: {_found(folder)} (and in {self.root}: {_found(self.root)}). "
+                    f"Re-extract {ARCHIVE} ({DRIVE_URL}).")
+            images = {p.stem: p for p in sorted(images_dir.iterdir())
+                      if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")}
+            gts = {p.stem: p for p in sorted(gts_dir.iterdir())
+                   if p.suffix.lower() == ".png" and not p.name.startswith(".")}
+            no_gt, no_image = sorted(set(images) - set(gts)), sorted(set(gts) - set(images))
+            if no_gt or no_image:
+                problems = []
+                if no_gt:
+                    problems.append(f"{len(no_gt)} image(s) in {images_dir} have no <name>.png in "
+                                    f"{gts_dir}: {', '.join(no_gt[:5])}")
+                if no_image:
+                    problems.append(f"{len(no_image)} mask(s) in {gts_dir} have no image in "
+                                    f"{images_dir}: {', '.join(no_image[:5])}")
+                raise DataError("; ".join(problems) + f". Re-extract {ARCHIVE} ({DRIVE_URL}).")
+            if not images:
+                raise DataError(f"no images in {images_dir}. Re-extract {ARCHIVE} ({DRIVE_URL}).")
+            samples.extend((images[stem], gts[stem]) for stem in sorted(images))
+        return samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> Sample:
+        image_path, gt_path = self.samples[index]
+        image = read_image(image_path)
+        mask = binarize(read_gt(gt_path), self.threshold)
+        return Sample(image=image, mask=mask, source=str(gt_path))
