@@ -4,6 +4,7 @@ checked on fixtures written in the original on-disk layouts."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -374,3 +375,22 @@ def test_hydra_ade20k_config_instantiates(tmp_path, monkeypatch):
     assert image.dtype == torch.float32 and image.shape == (3, 512, 853)  # 6x10 -> short side 512
     assert mask.dtype == torch.int64 and mask.shape == (512, 853)
     assert set(mask.unique().tolist()) <= set(range(150)) | {255} and 255 in mask
+
+
+def test_debug_training_on_the_real_samples(tmp_path, shared_datasets):
+    """trainer=debug on the Cityscapes and ADE20K configs pointed at the real samples."""
+    from segexp.engine.experiment import run_training
+
+    samples = shared_datasets / "samples"
+    cityscapes = tmp_path / "cityscapes"  # the sample has a val split only: reuse it for train
+    for split in ("train", "val"):
+        for top in ("leftImg8bit", "gtFine"):
+            shutil.copytree(samples / "cityscapes" / top / "val", cityscapes / top / split)
+    runs = {"cityscapes": cityscapes, "ade20k": samples / "ade20k" / "ADEChallengeData2016"}
+    for name, root in runs.items():
+        run_dir = tmp_path / f"run_{name}"
+        run_training(compose_config(f"dataset={name}", f"dataset.root={root}", "trainer=debug",
+                                    "trainer.batch_size=1"), run_dir)  # one training image each
+        summary = json.loads((run_dir / "metrics.json").read_text())
+        assert summary["status"] == "completed", name
+        assert len(summary["best_per_class"]) == {"cityscapes": 19, "ade20k": 150}[name]

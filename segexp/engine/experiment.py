@@ -68,10 +68,14 @@ def check_compatible(cfg: DictConfig, model, dataset) -> None:
     if cfg.metric not in SCALAR_METRICS:
         raise ConfigError(f"metric={cfg.metric} is not a validation metric; choose one of "
                           f"{', '.join(SCALAR_METRICS)}.")
+    # BatchNorm after global pooling (PSP / ASPP image-pool branches) sees one value per channel
+    # and cannot train on a batch of one; other BatchNorms average over pixels and can.
+    pools_to_one_pixel = any(isinstance(m, torch.nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1))
+                             for m in model.modules())
     has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    if cfg.trainer.batch_size < 2 and has_batchnorm:
-        raise ConfigError("trainer.batch_size=1: the model has BatchNorm layers (pooling branches "
-                          "see one value per channel), which cannot train on a batch of one. Use "
+    if cfg.trainer.batch_size < 2 and has_batchnorm and pools_to_one_pixel:
+        raise ConfigError("trainer.batch_size=1: the model has BatchNorm layers after global "
+                          "pooling (PSP / ASPP branches), which cannot train on a batch of one. Use "
                           "trainer.batch_size>=2, or trainer.accumulate_grad_batches to save memory.")
     if model.num_classes != dataset.num_classes:
         raise ConfigError(
