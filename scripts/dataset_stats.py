@@ -1,0 +1,271 @@
+"""Class pixel frequencies, image sizes and class weights of a dataset split.
+
+    python scripts/dataset_stats.py dataset=stanford_background
+    python scripts/dataset_stats.py dataset=cityscapes dataset.root=/data/cityscapes --split val
+    python scripts/dataset_stats.py dataset=ade20k --max-images 500 --weights inverse
+
+Reads every sample of the split as stored (no transforms, no resizing: the dataset's ``load``),
+with the same overrides as train.py, and prints
+
+* per class: labelled pixels, their fraction of all labelled pixels, and how many images hold it;
+* image sizes (min / median / max height and width, and the count per size when there are few);
+* the fraction of ignored pixels (``ignore_index``);
+* class weights, two ways:
+  - inverse frequency: ``1 / freq_c`` with ``freq_c`` the class's share of labelled pixels,
+    scaled so the classes present average 1;
+  - median frequency balancing (Eigen & Fergus 2015, used by SegNet): ``median(f) / f_c`` with
+    ``f_c`` = pixels of class c / labelled pixels of the images that contain c, the median over
+    the classes present.
+  Classes absent from the split get weight 0 in both (with a warning).
+
+Writes ``outputs/stats_<dataset>_<split>.yaml``, a snippet for the ``loss`` group
+(``loss.class_weights``, the ``--weights`` method; the other method is in a comment), and
+``outputs/stats_<dataset>_<split>.png``, a bar chart of the class frequencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import DictConfig, open_dict
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from segexp.config import instantiate  # noqa: E402
+from segexp.errors import SegexpError  # noqa: E402
+
+MAX_SIZES_LISTED = 10  # list the count per image size when there are at most this many sizes
+
+
+def compose_config(overrides: list[str]) -> tuple[DictConfig, str]:
+    """The config ``python train.py <overrides>`` would run with, and the chosen dataset's name
+    (``name``, built from ``${hydra:...}`` resolvers, is left unresolved: nothing here reads it)."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    dataset_name = str(cfg.hydra.runtime.choices.get("dataset") or "dataset")
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg, dataset_name
+
+
+# -- counting -----------------------------------------------------------------------------------
+def count_pixels(dataset, max_images: int | None = None, progress: bool = True) -> dict:
+    """Per-image class pixel counts (``images x classes``), ignored pixels and sizes (h, w)."""
+    n = len(dataset) if max_images is None else min(len(dataset), max_images)
+    num_classes, ignore = dataset.num_classes, dataset.ignore_index
+    per_image = np.zeros((n, num_classes), dtype=np.int64)
+    ignored = np.zeros(n, dtype=np.int64)
+    sizes = []
+    for i in tqdm(range(n), desc=f"{dataset.split} split", unit="img", disable=not progress):
+        sample = dataset.load(i)
+        dataset.check_sample(sample)  # sizes agree, labels in 0..C-1 or ignore (else DataError)
+        mask = np.asarray(sample.mask).astype(np.int64).ravel()
+        valid = mask != ignore
+        per_image[i] = np.bincount(mask[valid], minlength=num_classes)[:num_classes]
+        ignored[i] = mask.size - int(valid.sum())
+        sizes.append(tuple(int(s) for s in sample.image.shape[:2]))
+    return {"per_image": per_image, "ignored": ignored, "sizes": sizes}
+
+
+def class_weights(per_image: np.ndarray) -> dict[str, np.ndarray]:
+    """Inverse-frequency and median-frequency weights from per-image class pixel counts; absent
+    classes weigh 0."""
+    pixels = per_image.sum(axis=0).astype(np.float64)
+    present = pixels > 0
+    freq = pixels / max(pixels.sum(), 1.0)
+    inverse = np.zeros_like(freq)
+    inverse[present] = 1.0 / freq[present]
+    if present.any():
+        inverse[present] /= inverse[present].mean()
+    # SegNet's frequency: class pixels over the labelled pixels of the images containing the class.
+    image_pixels = per_image.sum(axis=1).astype(np.float64)
+    seen_in = per_image > 0
+    denominators = (seen_in * image_pixels[:, None]).sum(axis=0)
+    median_freq = np.zeros_like(freq)
+    median_freq[present] = pixels[present] / denominators[present]
+    median = np.zeros_like(freq)
+    if present.any():
+        median[present] = np.median(median_freq[present]) / median_freq[present]
+    return {"frequency": freq, "inverse": inverse, "median": median}
+
+
+def summarise(counts: dict, class_names, ignore_index: int) -> dict:
+    per_image = counts["per_image"]
+    pixels = per_image.sum(axis=0)
+    heights = np.array([h for h, _ in counts["sizes"]])
+    widths = np.array([w for _, w in counts["sizes"]])
+    total = int(pixels.sum() + counts["ignored"].sum())
+    weights = class_weights(per_image)
+    return {
+        "num_images": len(counts["sizes"]),
+        "class_names": list(class_names),
+        "pixels": [int(p) for p in pixels],
+        "frequency": [float(f) for f in weights["frequency"]],
+        "images_with_class": [int(c) for c in (per_image > 0).sum(axis=0)],
+        "absent_classes": [name for name, p in zip(class_names, pixels) if p == 0],
+        "ignored_pixels": int(counts["ignored"].sum()),
+        "ignored_fraction": float(counts["ignored"].sum() / total) if total else 0.0,
+        "ignore_index": int(ignore_index),
+        "height": {"min": int(heights.min()), "median": float(np.median(heights)),
+                   "max": int(heights.max())},
+        "width": {"min": int(widths.min()), "median": float(np.median(widths)),
+                  "max": int(widths.max())},
+        "sizes": dict(Counter(counts["sizes"]).most_common()),
+        "inverse_frequency_weights": [float(w) for w in weights["inverse"]],
+        "median_frequency_weights": [float(w) for w in weights["median"]],
+    }
+
+
+# -- reporting ----------------------------------------------------------------------------------
+def format_report(stats: dict) -> str:
+    names = stats["class_names"]
+    width = max(len("class"), *(len(n) for n in names))
+    lines = [f"{'class':<{width}} {'pixels':>12} {'fraction':>9} {'images':>7} "
+             f"{'inv. freq':>9} {'med. freq':>9}"]
+    for i, name in enumerate(names):
+        lines.append(f"{name:<{width}} {stats['pixels'][i]:>12d} {stats['frequency'][i]:>9.4f} "
+                     f"{stats['images_with_class'][i]:>7d} "
+                     f"{stats['inverse_frequency_weights'][i]:>9.4f} "
+                     f"{stats['median_frequency_weights'][i]:>9.4f}")
+    h, w = stats["height"], stats["width"]
+    lines += ["",
+              f"images: {stats['num_images']}; height min/median/max {h['min']}/{h['median']:g}/"
+              f"{h['max']}, width min/median/max {w['min']}/{w['median']:g}/{w['max']}"]
+    if len(stats["sizes"]) <= MAX_SIZES_LISTED:
+        lines.append("sizes (w x h: images): " + ", ".join(
+            f"{sw}x{sh}: {n}" for (sh, sw), n in stats["sizes"].items()))
+    else:
+        common = list(stats["sizes"].items())[:5]
+        lines.append(f"{len(stats['sizes'])} distinct sizes; most common (w x h: images): " + ", ".join(
+            f"{sw}x{sh}: {n}" for (sh, sw), n in common))
+    lines.append(f"ignored pixels (value {stats['ignore_index']}): {stats['ignored_pixels']} "
+                 f"({100 * stats['ignored_fraction']:.2f} % of all pixels)")
+    return "\n".join(lines)
+
+
+def _list(values) -> str:
+    return "[" + ", ".join(f"{v:.6g}" for v in values) + "]"
+
+
+def weights_yaml(stats: dict, dataset_name: str, split: str, method: str, argv: list[str]) -> str:
+    chosen, other = ("median", "inverse") if method == "median" else ("inverse", "median")
+    key = {"median": "median_frequency_weights", "inverse": "inverse_frequency_weights"}
+    title = {"median": "median frequency balancing (SegNet): median(f) / f_c",
+             "inverse": "inverse frequency 1 / freq_c, present classes averaging 1"}
+    names = ", ".join(stats["class_names"])
+    lines = [
+        f"# Class weights for dataset={dataset_name}, {split} split ({stats['num_images']} images), "
+        "written by",
+        f"#   python scripts/dataset_stats.py {' '.join(argv)}".rstrip(),
+        f"# Classes in order: {names}",
+        f"# Pixel frequencies: {_list(stats['frequency'])}",
+        f"# Method: {title[chosen]}; absent classes weigh 0.",
+        f"# Other method ({title[other]}):",
+        f"#   class_weights: {_list(stats[key[other]])}",
+        "# Use: copy `loss.class_weights=[...]` onto the train.py command line, or the list into",
+        "# conf/loss/ce.yaml (class_weights).",
+        "loss:",
+        f"  class_weights: {_list(stats[key[chosen]])}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(stats: dict, colours, title: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, freq = stats["class_names"], stats["frequency"]
+    face = [tuple(c / 255 for c in colour) for colour in colours]
+    if len(names) <= 30:  # vertical bars
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.4 * len(names) + 2), 4.5))
+        ax.bar(range(len(names)), freq, color=face, edgecolor="black", linewidth=0.4)
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=9)
+        ax.set_xlim(-0.6, len(names) - 0.4)
+        ax.set_ylabel("fraction of labelled pixels")
+        ax.grid(axis="y", alpha=0.3)
+    else:  # many classes (ADE20K's 150): horizontal bars, one line per class
+        fig, ax = plt.subplots(figsize=(8.0, 0.16 * len(names) + 1.5))
+        ax.barh(range(len(names)), freq, color=face, edgecolor="black", linewidth=0.3)
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.set_ylim(len(names) - 0.4, -0.6)
+        ax.set_xlabel("fraction of labelled pixels")
+        ax.grid(axis="x", alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     epilog=__doc__.split("\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*",
+                        help="config overrides as for train.py, e.g. dataset=stanford_background")
+    parser.add_argument("--split", default="train", help="split to count (default: train)")
+    parser.add_argument("--max-images", type=int, default=None,
+                        help="count only the first N images of the split (default: all)")
+    parser.add_argument("--weights", choices=("median", "inverse"), default="median",
+                        help="which weights go into loss.class_weights (default: median)")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "outputs",
+                        help="folder for stats_<dataset>_<split>.yaml/.png (default: outputs)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_intermixed_args(argv)
+    if args.max_images is not None and args.max_images < 1:
+        parser.error("--max-images must be at least 1")
+
+    cfg, dataset_name = compose_config(args.overrides)
+    dataset = instantiate(cfg.dataset, split=args.split, transforms=None)
+    if len(dataset) == 0:
+        raise SegexpError(f"the {args.split} split of dataset '{type(dataset).__name__}' is empty "
+                          f"(dataset.root={cfg.dataset.get('root')}). Check the folder layout.")
+    counts = count_pixels(dataset, args.max_images, progress=not args.no_progress)
+    stats = summarise(counts, dataset.class_names, dataset.ignore_index)
+    if stats["absent_classes"]:
+        absent = stats["absent_classes"]
+        shown = ", ".join(absent[:12]) + (f" and {len(absent) - 12} more" if len(absent) > 12 else "")
+        warnings.warn(f"{len(absent)} class(es) never occur in the {stats['num_images']} images "
+                      f"counted: {shown}; their weights are 0 (the loss ignores them).",
+                      stacklevel=1)
+    print(f"dataset={dataset_name}, {args.split} split, {stats['num_images']} of {len(dataset)} "
+          "images, as stored (no transforms):")
+    print(format_report(stats))
+
+    stem = f"stats_{dataset_name}_{args.split}"
+    yaml_path = args.out_dir / f"{stem}.yaml"
+    yaml_path.parent.mkdir(parents=True, exist_ok=True)
+    text = weights_yaml(stats, dataset_name, args.split, args.weights, argv)
+    yaml_path.write_text(text)
+    chosen = stats["median_frequency_weights" if args.weights == "median"
+                   else "inverse_frequency_weights"]
+    print(f"\nclass weights ({args.weights} frequency), for train.py:\n"
+          f"  loss.class_weights={_list(chosen).replace(' ', '')}")
+    png_path = bar_chart(stats, dataset.colours,
+                         f"{dataset_name} {args.split}: class pixel frequencies "
+                         f"({stats['num_images']} images)", args.out_dir / f"{stem}.png")
+    print(f"Wrote {yaml_path} and {png_path}")
+    stats.update(yaml=yaml_path, png=png_path)
+    return stats
+
+
+if __name__ == "__main__":
+    warnings.formatwarning = lambda message, *args, **kwargs: f"dataset_stats: warning: {message}\n"
+    try:
+        main()
+    except (SegexpError, HydraException) as err:
+        print(f"dataset_stats: error: {err}", file=sys.stderr)
+        sys.exit(1)
