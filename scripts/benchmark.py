@@ -1,0 +1,303 @@
+"""Speed and size of segmentation models: params, GFLOPs, inference FPS, training iteration time
+and peak memory, for one model or every model on its default backbone.
+
+    python scripts/benchmark.py model=segformer                       # one model, its default backbone
+    python scripts/benchmark.py model=upernet backbone=convnext_tiny --size 512 512 --device cuda --amp bf16
+    python scripts/benchmark.py --all --size 256 256 --out outputs/benchmark/cpu.csv
+    python scripts/benchmark.py model=fcn,pspnet,segformer --size 256 256   # several models
+    python scripts/benchmark.py --all --dry-run                       # list what --all would measure
+
+Takes the same overrides as train.py (with ``--all`` they apply to every model). For each model:
+
+- params (M) and GFLOPs (multiply-accumulates x 1e-9, batch 1, at ``--size``) from
+  ``scripts/model_table.measure`` (meta device, attention counted through SDPA's math backend);
+- inference: ``--warmup`` untimed then ``--iters`` timed forward passes of ``--batch`` random
+  images (eval mode, no grad, ``--amp`` autocast); latency is the median, FPS = batch / latency;
+- training: ``--warmup`` + ``--iters`` iterations of forward (with the auxiliary head, as
+  ``train_step``) + loss on random labels + backward + SGD step on ``--train-batch`` random images
+  (default 2: BatchNorm after global pooling needs more than one sample); the median is reported;
+- peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the model's runs (tensors only,
+  ``mem_kind=cuda_max_allocated``); on CPU the growth of the process's peak resident set size
+  (``resource.getrusage(...).ru_maxrss``) while the model is built and run (``mem_kind=
+  cpu_maxrss_delta``). The CPU figure is a high-water mark of the whole process: with ``--all``,
+  a model that needs less than an earlier one shows 0 (run it alone for its own figure).
+
+Prints a table (model, backbone, GFLOPs, params, FPS, iter time, memory) and writes it as CSV to
+``--out`` and as JSON beside it (same name, ``.json``). Timings depend on the machine and its
+load; the tests check the columns, never the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from hydra.errors import HydraException
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from model_table import measure  # noqa: E402
+
+from segexp.config import instantiate  # noqa: E402
+from segexp.engine.trainer import autocast  # noqa: E402
+from segexp.errors import SegexpError  # noqa: E402
+from segexp.models import build_model  # noqa: E402
+from tests.conftest import compose_config  # noqa: E402
+
+DEFAULT_OUT = ROOT / "outputs" / "benchmark" / "benchmark.csv"
+AMP = {"none": "32", "bf16": "bf16", "fp16": "16"}
+COLUMNS = ["model", "backbone", "overrides", "size", "batch", "train_batch", "device", "amp",
+           "params_m", "gflops", "latency_ms", "fps", "train_iter_ms", "peak_mem_mb", "mem_kind",
+           "error"]
+
+
+def all_models() -> list[str]:
+    return sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
+
+
+def _split(overrides: list[str]) -> tuple[str | None, list[str]]:
+    """The ``model=`` choice (if any) and the remaining overrides."""
+    model, rest = None, []
+    for o in overrides:
+        if o.startswith("model="):
+            model = o.split("=", 1)[1]
+        else:
+            rest.append(o)
+    return model, rest
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _maxrss_mb() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
+
+
+def _timed(fn, device: torch.device, iters: int, warmup: int) -> float:
+    """Median seconds of ``iters`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def benchmark(overrides: list[str], size: tuple[int, int], batch: int, train_batch: int,
+              device: torch.device, amp: str, iters: int, warmup: int) -> dict:
+    """One row of the table for the model that ``overrides`` compose."""
+    cfg = compose_config(*overrides)
+    precision = AMP[amp]
+    params, gflops = measure(list(overrides), tuple(size))
+    row = {"params_m": params, "gflops": gflops}
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    rss_before = _maxrss_mb()
+
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device)
+    criterion = instantiate(cfg.loss).to(device)
+    num_classes = int(cfg.model.num_classes)
+    height, width = size
+
+    # -- inference
+    model.eval()
+    images = torch.randn(batch, 3, height, width, device=device)
+
+    def infer():
+        with torch.no_grad(), autocast(device, precision):
+            model(images)
+
+    latency = _timed(infer, device, iters, warmup)
+
+    # -- training
+    model.train()
+    params_to_train = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params_to_train, lr=1e-3, momentum=0.9)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "16")
+    train_images = torch.randn(train_batch, 3, height, width, device=device)
+    masks = torch.randint(0, num_classes, (train_batch, height, width), device=device)
+
+    def train_iter():
+        with autocast(device, precision):
+            logits, aux_logits = model(train_images, return_aux=True)
+            loss = criterion(logits.float(), masks)
+            if aux_logits is not None:
+                aux_masks = masks.repeat(aux_logits.shape[0] // masks.shape[0], 1, 1)
+                loss = loss + model.aux_weight * criterion(aux_logits.float(), aux_masks)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    iter_time = _timed(train_iter, device, iters, warmup)
+
+    if device.type == "cuda":
+        memory, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    else:
+        memory, kind = max(0.0, _maxrss_mb() - rss_before), "cpu_maxrss_delta"
+    row.update({"latency_ms": 1000 * latency, "fps": batch / latency,
+                "train_iter_ms": 1000 * iter_time, "peak_mem_mb": memory, "mem_kind": kind})
+    return row
+
+
+def _fmt(value, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+def format_table(rows: list[dict]) -> str:
+    memory_unit = "peak memory (MB)"
+    lines = [f"| model | backbone | GFLOPs | params (M) | FPS | iter time (ms) | {memory_unit} |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"| {r['model']} | {r['backbone']} | {_fmt(r.get('gflops'), '.2f')} | "
+                         f"{_fmt(r.get('params_m'), '.2f')} | failed: {r['error']} | | |")
+            continue
+        lines.append(f"| {r['model']} | {r['backbone']} | {r['gflops']:.2f} | {r['params_m']:.2f} | "
+                     f"{r['fps']:.2f} | {r['train_iter_ms']:.1f} | {r['peak_mem_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def write(rows: list[dict], out: Path, meta: dict) -> tuple[Path, Path]:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: r.get(k, "") for k in COLUMNS})
+    json_path = out.with_suffix(".json")
+    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    return out, json_path
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SegexpError("--device cuda: no CUDA device is available here; use --device cpu.")
+    return torch.device(name)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     epilog=__doc__.split("\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="config overrides as for train.py, e.g. "
+                        "model=upernet backbone=convnext_tiny")
+    parser.add_argument("--all", action="store_true",
+                        help="every conf/model/*.yaml on its default backbone")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="list the models and backbones that would be measured, measure nothing")
+    parser.add_argument("--size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"),
+                        help="input height and width (default: 512 512)")
+    parser.add_argument("--batch", type=int, default=1, help="inference batch size (default: 1)")
+    parser.add_argument("--train-batch", type=int, default=2,
+                        help="training batch size (default: 2)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--amp", choices=list(AMP), default="none",
+                        help="autocast dtype (fp16 needs CUDA; default: none = float32)")
+    parser.add_argument("--iters", type=int, default=10, help="timed iterations (default: 10)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed iterations first (default: 3)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help=f"CSV file; the JSON goes beside it (default: {DEFAULT_OUT.relative_to(ROOT)})")
+    args = parser.parse_intermixed_args(argv)
+    if args.iters < 1 or args.warmup < 0 or args.batch < 1 or args.train_batch < 1:
+        parser.error("need --iters >= 1, --warmup >= 0, --batch >= 1 and --train-batch >= 1")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    model, rest = _split(args.overrides)
+    if args.all:
+        if model is not None:
+            parser.error("--all measures every model: leave out model=")
+        jobs = [[f"model={m}", *rest] for m in all_models()]
+    else:
+        # model=a,b,c (Hydra's sweep syntax) measures several models, each on its default backbone
+        jobs = [[f"model={m}", *rest] for m in model.split(",")] if model else [list(rest)]
+
+    device = pick_device(args.device)
+    if args.amp == "fp16" and device.type != "cuda":
+        parser.error("--amp fp16 needs a CUDA device; use --amp bf16 or none on the CPU")
+    entries = []
+    for overrides in jobs:
+        cfg = compose_config(*overrides)
+        name = cfg.model.get("_target_", "").rsplit(".", 1)[-1]
+        model_name = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), "unet")
+        backbone = next((o.split("=", 1)[1] for o in overrides if o.startswith("backbone=")),
+                        str(cfg.get("default_backbone", name)))
+        entries.append((model_name, backbone, overrides))
+
+    if args.dry_run:
+        for model_name, backbone, overrides in entries:
+            print(f"{model_name}\t{backbone}\t{' '.join(overrides)}")
+        return [{"model": m, "backbone": b, "overrides": " ".join(o)} for m, b, o in entries]
+
+    rows = []
+    progress = tqdm(entries, desc="models", disable=len(entries) < 2)
+    for model_name, backbone, overrides in progress:
+        progress.set_postfix_str(f"{model_name} {backbone}")
+        row = {"model": model_name, "backbone": backbone, "overrides": " ".join(overrides),
+               "size": f"{args.size[0]}x{args.size[1]}", "batch": args.batch,
+               "train_batch": args.train_batch, "device": device.type, "amp": args.amp,
+               "error": ""}
+        try:
+            row.update(benchmark(overrides, tuple(args.size), args.batch, args.train_batch, device,
+                                 args.amp, args.iters, args.warmup))
+        except (SegexpError, HydraException, RuntimeError, ValueError) as err:
+            if not args.all:
+                raise
+            row["error"] = str(err).strip().splitlines()[0][:200]
+        rows.append(row)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    meta = {"command": "python scripts/benchmark.py " + " ".join(argv), "device": device.type,
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+            else platform.processor() or platform.machine(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "iters": args.iters, "warmup": args.warmup,
+            "memory": "cuda_max_allocated: torch.cuda.max_memory_allocated over inference and "
+                      "training; cpu_maxrss_delta: growth of the process's peak RSS (ru_maxrss)"}
+    print()
+    print(format_table(rows))
+    mem_kinds = sorted({r["mem_kind"] for r in rows if r.get("mem_kind")})
+    print(f"\n{device.type}, size {args.size[0]}x{args.size[1]}, inference batch {args.batch}, "
+          f"training batch {args.train_batch}, amp {args.amp}, median of {args.iters} after "
+          f"{args.warmup} warm-up; memory: {', '.join(mem_kinds) or '-'}")
+    csv_path, json_path = write(rows, args.out, meta)
+    print(f"Wrote {csv_path} and {json_path}")
+    return rows
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (SegexpError, HydraException) as err:
+        print(f"benchmark: error: {err}", file=sys.stderr)
+        sys.exit(1)
