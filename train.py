@@ -6,7 +6,10 @@
     python train.py --help                            # config groups and options
 """
 
+import json
+import logging
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -15,6 +18,8 @@ from omegaconf import DictConfig
 
 from segexp.engine.experiment import run_training
 from segexp.errors import SegexpError
+
+log = logging.getLogger("train")
 
 
 def explained_error(err: BaseException) -> SegexpError | None:
@@ -42,12 +47,26 @@ def main(cfg: DictConfig) -> float:
         return run_training(cfg)
     except Exception as err:
         known = explained_error(err)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            return failed_job(err, known)
         if known is None:
             raise
         print(f"segexp: error: {message_of(known)}", file=sys.stderr)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # let the sweep record this job as failed
         sys.exit(1)
+
+
+def failed_job(err: Exception, known: SegexpError | None) -> float:
+    """A failed sweep job must not end the sweep (Hydra's basic launcher stops at the first
+    exception): record it in metrics.json (run_training has already, unless the build failed)
+    and score it -inf, worse than any metric (all maximised), which Optuna also accepts (NaN it
+    does not)."""
+    message = message_of(known) if known else f"{type(err).__name__}: {err}"
+    log.error(f"segexp: error: {message}", exc_info=known is None)
+    summary = Path(HydraConfig.get().runtime.output_dir) / "metrics.json"
+    if not summary.exists():
+        summary.parent.mkdir(parents=True, exist_ok=True)
+        summary.write_text(json.dumps({"status": "failed", "error": message}, indent=2))
+    return float("-inf")
 
 
 if __name__ == "__main__":
