@@ -53,6 +53,8 @@ def test_run_folder_holds_config_checkpoints_metrics_and_pictures(tmp_path):
     assert list(summary["best_per_class"]) == ["background", "circle", "rectangle", "triangle",
                                                "ellipse", "star"]
     assert list((tmp_path / "predictions").glob("iter_*.png"))
+    for picture in ("learning_curves.png", "per_class_iou.png"):  # drawn from the run's logs
+        assert (tmp_path / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", picture
     assert "mean" in out.stdout and "Best mIoU" in out.stdout  # the final table
 
 

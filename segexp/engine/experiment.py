@@ -28,6 +28,7 @@ from segexp.loggers import JsonlLogger, RunInfo
 from segexp.loggers.base import json_safe
 from segexp.metrics import format_table
 from segexp.models import build_model
+from segexp.reports import write_run_pictures
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +235,7 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> float:
             logger.log_checkpoint(best, aliases=["best", f"iter-{run.state.best_iter}"])
         logger.finish()
     print_final_table(run, summary)
+    write_run_pictures(run_dir)
     return float(run.state.best_metric)
 
 

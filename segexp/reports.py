@@ -1,0 +1,82 @@
+"""Pictures of one run, drawn from its own logs (``metrics.jsonl``, ``metrics.json``)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_metrics_log(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut off by a killed run
+            continue
+    return rows
+
+
+def plot_learning_curves(run_dir: Path) -> Path | None:
+    """Training loss and validation mIoU / aAcc against the iteration."""
+    rows = read_metrics_log(run_dir)
+    train = [(r["step"], r["train/loss"]) for r in rows if r.get("train/loss") is not None]
+    val = [(r["step"], r.get("val/mIoU"), r.get("val/aAcc")) for r in rows if "val/mIoU" in r]
+    if not train and not val:
+        return None
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 3.6))
+    if train:
+        ax_loss.plot(*zip(*train), color="tab:red")
+    ax_loss.set(title="training loss", xlabel="iteration", ylabel="loss")
+    if val:
+        steps = [v[0] for v in val]
+        ax_val.plot(steps, [100 * (v[1] or 0) for v in val], marker="o", label="mIoU")
+        ax_val.plot(steps, [100 * (v[2] or 0) for v in val], marker="s", label="aAcc")
+        ax_val.legend()
+    ax_val.set(title="validation", xlabel="iteration", ylabel="%")
+    for ax in (ax_loss, ax_val):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(run_dir) / "learning_curves.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_per_class_iou(run_dir: Path) -> Path | None:
+    """Per-class IoU of the best validation, one bar per class (absent classes marked)."""
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        return None
+    per_class = json.loads(path.read_text()).get("best_per_class") or {}
+    if not per_class:
+        return None
+    names = list(per_class)
+    ious = [per_class[n].get("IoU") for n in names]
+    values = [100 * v if v is not None and not math.isnan(v) else 0.0 for v in ious]
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names) + 2), 3.8))
+    bars = ax.bar(range(len(names)), values, color="tab:blue")
+    for bar, v in zip(bars, ious):
+        if v is None:  # absent from the ground truth and the prediction
+            bar.set_color("lightgrey")
+    ax.set_xticks(range(len(names)), names, rotation=60 if len(names) > 8 else 0, ha="right"
+                  if len(names) > 8 else "center", fontsize=8)
+    ax.set(ylabel="IoU (%)", ylim=(0, 100), title="per-class IoU (best validation)")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    out = Path(run_dir) / "per_class_iou.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def write_run_pictures(run_dir: Path) -> list[Path]:
+    return [p for p in (plot_learning_curves(run_dir), plot_per_class_iou(run_dir)) if p]
