@@ -30,15 +30,14 @@ from pathlib import Path
 
 import torch
 import torchvision
-from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from segexp.config import instantiate  # noqa: E402
+from segexp.config import compose_train_config, instantiate  # noqa: E402
 from segexp.data.base import seed_for  # noqa: E402
 from segexp.errors import SegexpError  # noqa: E402
 
@@ -56,15 +55,6 @@ unless `--threads`/`OMP_NUM_THREADS` says otherwise); workers always use one thr
 """
 
 
-def compose_config(overrides: list[str]) -> tuple[DictConfig, str]:
-    """The config ``python train.py <overrides>`` would run with, and the chosen dataset's name
-    (``name``, built from ``${hydra:...}`` resolvers, is left unresolved: nothing here reads it)."""
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
-    dataset_name = str(cfg.hydra.runtime.choices.get("dataset") or "dataset")
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg, dataset_name
 
 
 class Cycled(Dataset):
@@ -185,7 +175,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.threads < 1:
             parser.error("--threads must be at least 1")
         torch.set_num_threads(args.threads)
-    cfg, dataset_name = compose_config(args.overrides)
+    cfg, dataset_name = compose_train_config(args.overrides)
     batch_size = args.batch_size or int(cfg.trainer.batch_size)
     dataset = instantiate(cfg.dataset, split=args.split,
                           transforms=instantiate(cfg.transforms.train))

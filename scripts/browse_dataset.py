@@ -21,15 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 from torchvision.transforms import v2
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from segexp.config import instantiate  # noqa: E402
+from segexp.config import compose_train_config, instantiate  # noqa: E402
 from segexp.data.base import seed_for  # noqa: E402
 from segexp.errors import SegexpError  # noqa: E402
 from segexp.visualize import colourise, denormalise, header, legend, save_png  # noqa: E402
@@ -42,16 +41,6 @@ ALPHA = 0.6  # mask opacity in the overlay
 IGNORE_COLOUR = (0, 0, 0)
 
 
-def compose_config(overrides: list[str]) -> tuple[DictConfig, str]:
-    """The config ``python train.py <overrides>`` would run with, and the chosen dataset's name.
-
-    ``name`` (built from ``${hydra:...}`` resolvers) is left unresolved; nothing here reads it."""
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
-    dataset_name = str(cfg.hydra.runtime.choices.get("dataset") or "dataset")
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg, dataset_name
 
 
 def normalisation(pipeline) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -135,7 +124,7 @@ def main(argv: list[str] | None = None) -> Path:
     if args.num < 1 or args.cols < 1:
         parser.error("--num and --cols must be at least 1")
 
-    cfg, dataset_name = compose_config(args.overrides)
+    cfg, dataset_name = compose_train_config(args.overrides)
     dataset, pipeline = build_split(cfg, args.split)
     indices = pick(len(dataset), args.num, args.seed)
     with torch.no_grad():

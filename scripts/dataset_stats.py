@@ -32,29 +32,18 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
-from omegaconf import DictConfig, open_dict
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from segexp.config import instantiate  # noqa: E402
+from segexp.config import compose_train_config, instantiate  # noqa: E402
 from segexp.errors import SegexpError  # noqa: E402
 
 MAX_SIZES_LISTED = 10  # list the count per image size when there are at most this many sizes
 
 
-def compose_config(overrides: list[str]) -> tuple[DictConfig, str]:
-    """The config ``python train.py <overrides>`` would run with, and the chosen dataset's name
-    (``name``, built from ``${hydra:...}`` resolvers, is left unresolved: nothing here reads it)."""
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
-    dataset_name = str(cfg.hydra.runtime.choices.get("dataset") or "dataset")
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg, dataset_name
 
 
 # -- counting -----------------------------------------------------------------------------------
@@ -228,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.max_images is not None and args.max_images < 1:
         parser.error("--max-images must be at least 1")
 
-    cfg, dataset_name = compose_config(args.overrides)
+    cfg, dataset_name = compose_train_config(args.overrides)
     dataset = instantiate(cfg.dataset, split=args.split, transforms=None)
     if len(dataset) == 0:
         raise SegexpError(f"the {args.split} split of dataset '{type(dataset).__name__}' is empty "

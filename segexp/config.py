@@ -1,11 +1,14 @@
-"""Building objects from config nodes."""
+"""Composing the project's config outside ``train.py``, and building objects from it."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import hydra.utils
+from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
+from omegaconf import DictConfig, open_dict
 
 from segexp.errors import SegexpError
 
@@ -22,3 +25,17 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
         if cause is not None:
             raise cause from None
         raise
+
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_train_config(overrides: list[str]) -> tuple[DictConfig, str]:
+    """The config ``python train.py <overrides>`` would run with, and the chosen dataset's name,
+    for scripts. ``name`` (built from ``${hydra:...}`` resolvers) is left unresolved."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    dataset_name = str(cfg.hydra.runtime.choices.get("dataset") or "dataset")
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg, dataset_name
