@@ -31,7 +31,12 @@ from segexp.data.base import pad_collate  # noqa: E402
 from segexp.engine.checkpoint import load_checkpoint  # noqa: E402
 from segexp.engine.experiment import resolve_device  # noqa: E402
 from segexp.errors import SegexpError  # noqa: E402
-from segexp.inference import InferenceOptions, evaluate_loader  # noqa: E402
+from segexp.inference import (  # noqa: E402
+    InferenceOptions,
+    evaluate_loader,
+    load_run_config,  # noqa: E402
+)
+from segexp.inference import checkpoint_path as run_checkpoint  # noqa: E402
 from segexp.loggers.base import json_safe  # noqa: E402
 from segexp.metrics import format_table  # noqa: E402
 from segexp.models import build_model  # noqa: E402
@@ -61,13 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. dataset.root=PATH")
     args = parser.parse_args(argv)
 
-    config_path = args.run_dir / ".hydra" / "config.yaml"
-    if not config_path.is_file():
-        raise SegexpError(f"{config_path} not found: {args.run_dir} is not a train.py run folder.")
-    cfg = OmegaConf.merge(OmegaConf.load(config_path), OmegaConf.from_dotlist(args.overrides))
-    checkpoint_path = Path(args.checkpoint)
-    if args.checkpoint in ("best", "last"):
-        checkpoint_path = args.run_dir / "checkpoints" / f"{args.checkpoint}.pt"
+    cfg = OmegaConf.merge(load_run_config(args.run_dir), OmegaConf.from_dotlist(args.overrides))
+    checkpoint_path = run_checkpoint(args.run_dir, args.checkpoint)
     device = resolve_device(args.device)
 
     dataset = instantiate(cfg.dataset, split=args.split, transforms=instantiate(cfg.transforms.val))

@@ -37,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segexp.engine.checkpoint import load_checkpoint  # noqa: E402
 from segexp.errors import SegexpError  # noqa: E402
+from segexp.inference import checkpoint_path as run_checkpoint  # noqa: E402
+from segexp.inference import load_run_config  # noqa: E402
 from segexp.models import build_model  # noqa: E402
 
 DEFAULT_OPSET = 17
@@ -228,13 +230,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     require_onnxruntime()  # fail before the (slow) model build when it is missing
-    config_path = args.run_dir / ".hydra" / "config.yaml"
-    if not config_path.is_file():
-        raise SegexpError(f"{config_path} not found: {args.run_dir} is not a train.py run folder.")
-    cfg = OmegaConf.merge(OmegaConf.load(config_path), OmegaConf.from_dotlist(args.overrides))
-    checkpoint_path = Path(args.checkpoint)
-    if args.checkpoint in ("best", "last"):
-        checkpoint_path = args.run_dir / "checkpoints" / f"{args.checkpoint}.pt"
+    cfg = OmegaConf.merge(load_run_config(args.run_dir), OmegaConf.from_dotlist(args.overrides))
+    checkpoint_path = run_checkpoint(args.run_dir, args.checkpoint)
 
     model = build_model(cfg)
     model.load_state_dict(load_checkpoint(checkpoint_path)["model"])
