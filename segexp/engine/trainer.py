@@ -100,7 +100,8 @@ def train_step(run: Run, images: torch.Tensor, masks: torch.Tensor) -> torch.Ten
         if aux_logits is not None:
             # An auxiliary module may stack several heads' logits along the batch axis (SETR's
             # three): each slice is compared with the same ground truth.
-            aux_masks = masks.repeat(aux_logits.shape[0] // masks.shape[0], 1, 1)
+            stacked = aux_logits.shape[0] // masks.shape[0]
+            aux_masks = masks.repeat(stacked, 1, 1) if stacked > 1 else masks
             loss = loss + run.model.aux_weight * run.criterion(aux_logits.float(), aux_masks)
     run.scaler.scale(loss / run.trainer.accumulate_grad_batches).backward()
     return loss.detach()
