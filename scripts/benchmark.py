@@ -35,9 +35,7 @@ import json
 import math
 import platform
 import resource
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -50,11 +48,11 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from model_table import measure  # noqa: E402
 
-from segexp.config import instantiate  # noqa: E402
+from segexp.config import compose_train_config, instantiate  # noqa: E402
 from segexp.engine.trainer import autocast  # noqa: E402
 from segexp.errors import SegexpError  # noqa: E402
 from segexp.models import build_model  # noqa: E402
-from tests.conftest import compose_config  # noqa: E402
+from segexp.profiling import median_time as _timed  # noqa: E402
 
 DEFAULT_OUT = ROOT / "outputs" / "benchmark" / "benchmark.csv"
 AMP = {"none": "32", "bf16": "bf16", "fp16": "16"}
@@ -78,34 +76,15 @@ def _split(overrides: list[str]) -> tuple[str | None, list[str]]:
     return model, rest
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _maxrss_mb() -> float:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
 
 
-def _timed(fn, device: torch.device, iters: int, warmup: int) -> float:
-    """Median seconds of ``iters`` calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def benchmark(overrides: list[str], size: tuple[int, int], batch: int, train_batch: int,
               device: torch.device, amp: str, iters: int, warmup: int) -> dict:
     """One row of the table for the model that ``overrides`` compose."""
-    cfg = compose_config(*overrides)
+    cfg = compose_train_config(list(overrides))[0]
     precision = AMP[amp]
     params, gflops = measure(list(overrides), tuple(size))
     row = {"params_m": params, "gflops": gflops}
@@ -246,7 +225,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error("--amp fp16 needs a CUDA device; use --amp bf16 or none on the CPU")
     entries = []
     for overrides in jobs:
-        cfg = compose_config(*overrides)
+        cfg = compose_train_config(list(overrides))[0]
         name = cfg.model.get("_target_", "").rsplit(".", 1)[-1]
         model_name = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), "unet")
         backbone = next((o.split("=", 1)[1] for o in overrides if o.startswith("backbone=")),

@@ -40,6 +40,7 @@ from segexp.inference import checkpoint_path as run_checkpoint  # noqa: E402
 from segexp.loggers.base import json_safe  # noqa: E402
 from segexp.metrics import format_table  # noqa: E402
 from segexp.models import build_model  # noqa: E402
+from segexp.reports import save_confusion_matrix  # noqa: E402
 from segexp.visualize import colourise, denormalise, prediction_grid, save_png  # noqa: E402
 
 
@@ -97,9 +98,10 @@ def main(argv: list[str] | None = None) -> dict:
             save_png(mask_rgb, args.show_dir / f"{index:05d}_pred.png")
             save_png(overlay, args.show_dir / f"{index:05d}_overlay.png")
 
-    results, samples = evaluate_loader(model, loader, dataset.num_classes, device, options,
-                                       dataset.ignore_index, num_vis=cfg.trainer.num_vis_images,
-                                       progress=True, on_prediction=on_prediction)
+    matrix, samples = evaluate_loader(model, loader, dataset.num_classes, device, options,
+                                      dataset.ignore_index, num_vis=cfg.trainer.num_vis_images,
+                                      progress=True, on_prediction=on_prediction)
+    results = matrix.compute()
     print(f"{checkpoint_path} on the {args.split} split ({len(dataset)} images):")
     print(format_table(results, list(dataset.class_names)))
     tag = f"{args.split}_{checkpoint_path.stem}"
@@ -116,6 +118,9 @@ def main(argv: list[str] | None = None) -> dict:
     if samples:
         save_png(prediction_grid(samples, dataset.colours, list(dataset.class_names)),
                  args.run_dir / f"eval_{tag}.png")
+    save_confusion_matrix(matrix.mat.cpu().numpy(), list(dataset.class_names),
+                          args.run_dir / f"eval_{tag}_confusion_matrix.png",
+                          f"confusion matrix, {args.split} split, {checkpoint_path.name}")
     if args.show_dir:
         print(f"Wrote {len(dataset)} predictions to {args.show_dir}")
     print(f"Wrote {out}")

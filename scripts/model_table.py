@@ -16,15 +16,14 @@ from pathlib import Path
 
 import torch
 import yaml
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from segexp.config import compose_train_config  # noqa: E402
 from segexp.models import build_model  # noqa: E402
-from tests.conftest import compose_config  # noqa: E402
+from segexp.profiling import count_gflops, count_params  # noqa: E402
 
 PUBLISHED = ROOT / "segexp" / "models" / "published.yaml"
 # Every model with its default backbone (and the ADE20K class count), beyond the published ones.
@@ -47,12 +46,8 @@ DEFAULTS = [
 def measure(overrides: list[str], size: tuple[int, int] = (512, 512)) -> tuple[float, float]:
     """(params in millions, GMACs at ``size``) of the model the overrides compose."""
     with torch.device("meta"):
-        model = build_model(compose_config(*overrides)).eval()
-    params = sum(p.numel() for p in model.parameters()) / 1e6
-    images = torch.empty(1, 3, *size, device="meta")
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(images)
-    return params, counter.get_total_flops() / 2e9
+        model = build_model(compose_train_config(list(overrides))[0])
+    return count_params(model) / 1e6, count_gflops(model, size, device="meta")
 
 
 def rows() -> list[dict]:

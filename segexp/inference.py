@@ -158,8 +158,8 @@ def evaluate_loader(model: nn.Module, loader, num_classes: int, device: torch.de
                     options: InferenceOptions | None = None, ignore_index: int = 255,
                     num_vis: int = 0, progress: bool = False,
                     on_prediction: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
-                    | None = None) -> tuple[dict[str, Any], list[VisSample]]:
-    """:func:`segexp.engine.trainer.evaluate` with :func:`infer_logits`: confusion-matrix metrics,
+                    | None = None) -> tuple[ConfusionMatrix, list[VisSample]]:
+    """:func:`segexp.engine.trainer.evaluate` with :func:`infer_logits`: the confusion matrix,
     up to ``num_vis`` samples for a picture, and ``on_prediction(index, image, mask, prediction)``
     for every image (``index`` counts images in loader order)."""
     options = options or InferenceOptions()
@@ -181,7 +181,7 @@ def evaluate_loader(model: nn.Module, loader, num_classes: int, device: torch.de
                 on_prediction(index, images[j], masks[j], prediction[j])
             index += 1
     model.train(was_training)
-    return matrix.compute(), samples
+    return matrix, samples
 
 
 # -- the user-facing object ----------------------------------------------------------------------

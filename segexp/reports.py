@@ -1,12 +1,15 @@
-"""Pictures of one run, drawn from its own logs (``metrics.jsonl``, ``metrics.json``)."""
+"""Pictures of one run, drawn from its own logs (``metrics.jsonl``, ``metrics.json``), and the
+confusion-matrix picture drawn at each validation."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
@@ -76,6 +79,54 @@ def plot_per_class_iou(run_dir: Path) -> Path | None:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def confusion_matrix_figure(matrix, class_names: list[str], title: str = "confusion matrix"):
+    """Row-normalised confusion matrix (each ground-truth row sums to 100 %), so rare classes are
+    as readable as common ones; cells are annotated while the classes are few enough to read."""
+    counts = np.asarray(matrix, dtype=np.float64)
+    rows = counts.sum(1, keepdims=True)
+    percent = np.divide(100 * counts, rows, out=np.zeros_like(counts), where=rows > 0)
+    n = len(class_names)
+    side = min(24.0, max(4.5, 0.32 * n + 2.5))
+    fig, ax = plt.subplots(figsize=(side + 1, side))
+    image = ax.imshow(percent, cmap="Blues", vmin=0, vmax=100, interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="% of the ground-truth class")
+    if n <= 60:  # beyond that tick labels overlap; the colours still show the structure
+        ax.set_xticks(range(n), class_names, rotation=90, fontsize=7)
+        ax.set_yticks(range(n), class_names, fontsize=7)
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                if percent[i, j] >= 0.5:
+                    ax.text(j, i, f"{percent[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                            color="white" if percent[i, j] > 60 else "black")
+    ax.set(xlabel="prediction", ylabel="ground truth", title=title)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_matrix_image(matrix, class_names: list[str], title: str = "confusion matrix") -> np.ndarray:
+    """The figure as an RGB uint8 array (for W&B)."""
+    fig = confusion_matrix_figure(matrix, class_names, title)
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return image
+
+
+def save_confusion_matrix(matrix, class_names: list[str], path: Path, title: str) -> Path:
+    """The picture at ``path`` (a PNG) and the raw counts beside it as CSV (rows: ground truth)."""
+    path = Path(path)
+    counts = np.asarray(matrix, dtype=np.int64)
+    with open(path.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["ground_truth\\prediction", *class_names])
+        writer.writerows([name, *row] for name, row in zip(class_names, counts.tolist()))
+    fig = confusion_matrix_figure(counts, class_names, title)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def write_run_pictures(run_dir: Path) -> list[Path]:

@@ -50,6 +50,7 @@ def test_compare_models_sweep_with_a_failing_job_into_the_comparison(tmp_path):
     for row in rows[:2]:
         assert 0 <= float(row["mIoU (%)"]) <= 100 and float(row["params (M)"]) > 1
         assert row["IoU background (%)"] and row["dataset"] == "synthetic"
+        assert float(row["GFLOPs"]) > 0 and float(row["FPS"]) > 0  # from metrics.json, no --flops
     for name in ("miou_vs_cost.png", "learning_curves.png", "per_class_iou.png"):
         assert (tmp_path / "cmp" / name).read_bytes()[:4] == b"\x89PNG"
     page = (tmp_path / "cmp" / "report.html").read_text()

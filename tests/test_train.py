@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,6 +16,8 @@ from segexp.engine import trainer as trainer_module
 from segexp.engine.checkpoint import load_checkpoint
 from segexp.engine.experiment import run_training
 from segexp.errors import ConfigError, TrainingError
+from segexp.models import build_model
+from segexp.profiling import count_gflops
 from tests.conftest import ROOT, compose_config
 
 # A tiny but real run: 32x32 synthetic images, a small FCN head (unless a test picks another
@@ -53,9 +57,22 @@ def test_run_folder_holds_config_checkpoints_metrics_and_pictures(tmp_path):
     assert list(summary["best_per_class"]) == ["background", "circle", "rectangle", "triangle",
                                                "ellipse", "star"]
     assert list((tmp_path / "predictions").glob("iter_*.png"))
-    for picture in ("learning_curves.png", "per_class_iou.png"):  # drawn from the run's logs
+    for picture in ("learning_curves.png", "per_class_iou.png", "confusion_matrix.png"):
         assert (tmp_path / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", picture
     assert "mean" in out.stdout and "Best mIoU" in out.stdout  # the final table
+
+    # The confusion matrix beside its picture is the best validation's: its diagonal gives aAcc.
+    rows = list(csv.reader(open(tmp_path / "confusion_matrix.csv")))
+    assert [r[0] for r in rows[1:]] == list(summary["best_per_class"]) == rows[0][1:]
+    counts = np.array([[int(v) for v in r[1:]] for r in rows[1:]])
+    assert counts.trace() / counts.sum() == pytest.approx(summary["best"]["aAcc"], abs=1e-9)
+
+    # Cost at the training crop (64x64 under trainer=debug), measured on the trained model.
+    with torch.device("meta"):
+        model = build_model(compose_config("trainer=debug"))
+    assert summary["gflops"] == pytest.approx(count_gflops(model, (64, 64)), rel=1e-3)
+    assert summary["fps"] > 0 and summary["cost_input"].startswith("64x64, batch 1, cpu")
+    assert "GFLOPs" in out.stdout
 
 
 def test_two_job_multirun(tmp_path):

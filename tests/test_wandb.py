@@ -55,8 +55,13 @@ def test_multirun_jobs_log_metrics_overlays_group_and_tags(tmp_path, no_wandb_ac
             values = np.unique(np.array(Image.open(files / masks[role]["path"])))
             assert values.size and set(values.tolist()) <= set(range(6)) | {255}, role
         assert (files / overlay["val/predictions/filenames"][0]).is_file()
+        assert overlay["val/confusion_matrix/_type"] == "image-file"
+        confusion = Image.open(files / overlay["val/confusion_matrix/path"])
+        assert confusion.size == (overlay["val/confusion_matrix/width"],
+                                  overlay["val/confusion_matrix/height"])
         summary = read_summary(run_file)
         assert "best/mIoU" in summary and summary["params"] > 0
+        assert summary["gflops"] > 0 and summary["fps"] > 0
         run = _run_record(run_file)
         groups.add(run.run_group)
         tags = set(run.tags)

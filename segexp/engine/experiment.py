@@ -28,6 +28,7 @@ from segexp.loggers import JsonlLogger, RunInfo
 from segexp.loggers.base import json_safe
 from segexp.metrics import format_table
 from segexp.models import build_model
+from segexp.profiling import count_gflops, count_params, measure_fps
 from segexp.reports import write_run_pictures
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,26 @@ def resume_run(run: Run, checkpoint_path: Path) -> None:
     log.info(f"Resumed from {checkpoint_path} at iteration {run.state.iter} (epoch {run.state.epoch}).")
 
 
-def write_summary(run: Run, status: str, wall_time_s: float, error: str | None = None) -> dict:
+def measure_cost(run: Run, cfg: DictConfig) -> dict[str, Any]:
+    """GFLOPs and inference FPS of the trained model at the training crop size (batch 1, the
+    run's device and precision), for the summary: so runs compare on cost as well as accuracy."""
+    if not cfg.trainer.get("measure_speed", True):
+        return {}
+    crop = cfg.dataset.get("crop_size")
+    size = (int(crop[0]), int(crop[1])) if crop is not None else (512, 512)
+    try:
+        gflops = count_gflops(run.model, size)
+        fps = measure_fps(run.model, size, run.device, str(cfg.trainer.precision))
+    except (RuntimeError, torch.OutOfMemoryError) as err:  # a cost figure never fails a finished run
+        log.warning(f"could not measure GFLOPs/FPS at {size[0]}x{size[1]}: {err}")
+        return {}
+    return {"gflops": round(gflops, 3), "fps": round(fps, 2),
+            "cost_input": f"{size[0]}x{size[1]}, batch 1, {run.device.type}, "
+                          f"precision {cfg.trainer.precision}"}
+
+
+def write_summary(run: Run, status: str, wall_time_s: float, error: str | None = None,
+                  cost: dict[str, Any] | None = None) -> dict:
     s = run.state
     summary: dict[str, Any] = {
         "status": status,
@@ -175,7 +195,8 @@ def write_summary(run: Run, status: str, wall_time_s: float, error: str | None =
         "best": {"iter": s.best_iter, **_scalars(s.best_results)},
         "final": {"iter": s.iter, **_scalars(s.last_results)},
         "best_per_class": _per_class(s.best_results, run.class_names),
-        "params": sum(p.numel() for p in run.model.parameters()),
+        "params": count_params(run.model),
+        **(cost or {}),
         "wall_time_s": round(wall_time_s, 2),
         "train_time_s": round(s.train_time_s, 2),
         "iters": s.iter,
@@ -210,7 +231,7 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> float:
     # The run folder's log is always kept; the `logger` group adds one more (a no-op for none).
     run.loggers = [JsonlLogger()] + ([instantiate(cfg.logger)] if cfg.get("logger") else [])
     info = hydra_run_info(cfg, run_dir)
-    info.config["params"] = sum(p.numel() for p in run.model.parameters())
+    info.config["params"] = count_params(run.model)
     failed = True
     try:
         for logger in run.loggers:
@@ -225,11 +246,13 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> float:
             for logger in run.loggers:
                 logger.finish(failed=True)
     stopped_early = run.state.iter < plan(run)[1]
+    cost = measure_cost(run, cfg)
     summary = write_summary(run, "early_stopped" if stopped_early else "completed",
-                            time.perf_counter() - start)
+                            time.perf_counter() - start, cost=cost)
     for logger in run.loggers:
         logger.log_summary({f"best/{k}": v for k, v in summary["best"].items()} |
-                           {"params": summary["params"], "wall_time_s": summary["wall_time_s"]})
+                           {"params": summary["params"], "wall_time_s": summary["wall_time_s"],
+                            **cost})
         best = run_dir / "checkpoints" / "best.pt"
         if best.exists():
             logger.log_checkpoint(best, aliases=["best", f"iter-{run.state.best_iter}"])
@@ -244,5 +267,8 @@ def print_final_table(run: Run, summary: dict) -> None:
     log.info(f"Final validation (iteration {s.iter}):\n"
              f"{format_table(s.last_results, run.class_names)}\n"
              f"Best {run.metric}: {100 * s.best_metric:.2f} % at iteration {s.best_iter}. "
-             f"Params: {summary['params'] / 1e6:.2f} M. Wall time: {summary['wall_time_s']:.0f} s. "
+             f"Params: {summary['params'] / 1e6:.2f} M. "
+             + (f"GFLOPs: {summary['gflops']:.2f}, FPS: {summary['fps']:.1f} ({summary['cost_input']}). "
+                if "gflops" in summary else "")
+             + f"Wall time: {summary['wall_time_s']:.0f} s. "
              f"Run folder: {run.run_dir}")

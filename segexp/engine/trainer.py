@@ -26,6 +26,7 @@ from segexp.engine.checkpoint import publish_copy, rng_state, save_checkpoint
 from segexp.errors import ConfigError, TrainingError
 from segexp.loggers import Logger, VisSample
 from segexp.metrics import ConfusionMatrix
+from segexp.reports import save_confusion_matrix
 from segexp.visualize import denormalise, prediction_grid, save_png
 
 log = logging.getLogger(__name__)
@@ -132,8 +133,9 @@ def predict(model: nn.Module, images: torch.Tensor, precision: str = "32") -> to
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: torch.device,
              precision: str = "32", ignore_index: int = 255, max_batches: int | None = None,
-             num_vis: int = 0, progress: bool = False) -> tuple[dict[str, Any], list[VisSample]]:
-    """Confusion-matrix metrics over ``loader`` and up to ``num_vis`` samples for pictures."""
+             num_vis: int = 0, progress: bool = False) -> tuple[ConfusionMatrix, list[VisSample]]:
+    """The confusion matrix over ``loader`` (``.compute()`` gives the metrics) and up to
+    ``num_vis`` samples for pictures."""
     was_training = model.training
     model.eval()
     matrix = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=device)
@@ -151,17 +153,19 @@ def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: tor
             samples.append(VisSample(denormalise(images[j]), masks[j].cpu().numpy(),
                                      prediction[j].cpu().numpy()))
     model.train(was_training)
-    return matrix.compute(), samples
+    return matrix, samples
 
 
 def validate(run: Run) -> bool:
     """Evaluate, log, write checkpoints and a prediction picture. Returns True to stop early."""
     t, s = run.trainer, run.state
-    results, samples = evaluate(run.model, run.val_loader, len(run.class_names), run.device,
-                                t.precision, run.ignore_index, t.max_val_batches,
-                                t.num_vis_images, progress=t.progress_bar)
+    matrix, samples = evaluate(run.model, run.val_loader, len(run.class_names), run.device,
+                               t.precision, run.ignore_index, t.max_val_batches,
+                               t.num_vis_images, progress=t.progress_bar)
+    results = matrix.compute()
+    confusion = matrix.mat.cpu().numpy()
     for logger in run.loggers:
-        logger.log_validation(results, s.iter, run.class_names, run.palette, samples)
+        logger.log_validation(results, s.iter, run.class_names, run.palette, samples, confusion)
     if samples:
         save_png(prediction_grid(samples, run.palette, run.class_names),
                  run.run_dir / "predictions" / f"iter_{s.iter:07d}.png")
@@ -179,6 +183,8 @@ def validate(run: Run) -> bool:
     last = save_checkpoint(checkpoint_state(run), run.run_dir / "checkpoints" / "last.pt")
     if improved:  # last.pt replaces its file on every save, so a link keeps this version
         publish_copy(last, run.run_dir / "checkpoints" / "best.pt")
+        save_confusion_matrix(confusion, run.class_names, run.run_dir / "confusion_matrix.png",
+                              f"confusion matrix, best validation (iteration {s.iter})")
     log.info(f"[iter {s.iter}] val {run.metric} {100 * score:.2f} (best "
              f"{100 * s.best_metric:.2f} at iter {s.best_iter}); saved {last}")
     patience = t.early_stopping_patience

@@ -44,8 +44,9 @@ class Logger:
         pass
 
     def log_validation(self, results: dict[str, Any], step: int, class_names: list[str],
-                       palette: list[tuple[int, int, int]], samples: list[VisSample]) -> None:
-        pass
+                       palette: list[tuple[int, int, int]], samples: list[VisSample],
+                       confusion: np.ndarray | None = None) -> None:
+        """``confusion``: the (C, C) count matrix, rows ground truth, columns prediction."""
 
     def log_summary(self, summary: dict[str, Any]) -> None:
         pass
@@ -93,7 +94,7 @@ class JsonlLogger(Logger):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self._write({"step": step, **metrics})
 
-    def log_validation(self, results, step, class_names, palette, samples) -> None:
+    def log_validation(self, results, step, class_names, palette, samples, confusion=None) -> None:
         self._write({"step": step, **flatten_validation(results, class_names)})
 
 
@@ -109,7 +110,7 @@ class CSVLogger(Logger):
         self.rows.append({"step": step, **metrics})
         self._flush()
 
-    def log_validation(self, results, step, class_names, palette, samples) -> None:
+    def log_validation(self, results, step, class_names, palette, samples, confusion=None) -> None:
         self.rows.append({"step": step, **flatten_validation(results, class_names)})
         self._flush()
 

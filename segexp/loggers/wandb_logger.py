@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from segexp.loggers.base import Logger, RunInfo, VisSample
 
 
@@ -62,8 +64,11 @@ class WandbLogger(Logger):
         self.run.log({**metrics, "trainer/iter": step})
 
     def log_validation(self, results: dict[str, Any], step: int, class_names: list[str],
-                       palette: list[tuple[int, int, int]], samples: list[VisSample]) -> None:
+                       palette: list[tuple[int, int, int]], samples: list[VisSample],
+                       confusion: np.ndarray | None = None) -> None:
         import wandb
+
+        from segexp.reports import confusion_matrix_image
 
         record: dict[str, Any] = {"trainer/iter": step}
         record.update({f"val/{k}": v for k, v in results.items() if not isinstance(v, list)})
@@ -77,6 +82,10 @@ class WandbLogger(Logger):
                 "prediction": {"mask_data": s.prediction, "class_labels": labels},
                 "ground_truth": {"mask_data": s.target, "class_labels": labels}})
             for i, s in enumerate(samples)]
+        if confusion is not None:
+            record["val/confusion_matrix"] = wandb.Image(
+                confusion_matrix_image(confusion, class_names, f"confusion matrix, iteration {step}"),
+                caption=f"rows: ground truth, columns: prediction (iteration {step})")
         self.run.log(record)
 
     def log_summary(self, summary: dict[str, Any]) -> None:
