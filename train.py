@@ -4,6 +4,7 @@
     python train.py model=upernet backbone=convnext_tiny dataset=stanford_background
     python train.py -m model=fcn,unet,pspnet,deeplabv3,upernet trainer=debug
     python train.py --help                            # config groups and options
+    torchrun --nproc_per_node=4 train.py ...          # distributed data parallel, one folder
 """
 
 import json
@@ -16,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from segexp.engine import distributed
 from segexp.engine.experiment import run_training
 from segexp.errors import SegexpError
 
@@ -69,5 +71,17 @@ def failed_job(err: Exception, known: SegexpError | None) -> float:
     return float("-inf")
 
 
+def dist_backend_override(argv: list[str]) -> str:
+    """``trainer.dist_backend=...`` from the command line: the group is joined before Hydra runs."""
+    values = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("trainer.dist_backend=")]
+    return values[-1] if values else "auto"
+
+
 if __name__ == "__main__":
-    main()
+    info = distributed.share_start_time(dist_backend_override(sys.argv[1:]))
+    if info.rank > 0:  # rank 0 writes .hydra/ and the log; the others only report problems
+        sys.argv += ["hydra.output_subdir=null", "hydra.job_logging.root.level=WARNING"]
+    try:
+        main()
+    finally:
+        distributed.cleanup()

@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import os
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import hydra.utils
 from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segexp.errors import SegexpError
+
+_START = datetime.now()
+
+
+def _run_time(pattern: str) -> str:
+    """``${run_time:%Y-%m-%d}``: Hydra's ``${now:...}``, except that the processes of one
+    distributed run (torchrun, SLURM) share rank 0's start time, so they share one run folder
+    (``segexp.engine.distributed.shared_start_time`` puts it in ``SEGEXP_RUN_TIME``)."""
+    shared = os.environ.get("SEGEXP_RUN_TIME")
+    return (datetime.fromisoformat(shared) if shared else _START).strftime(pattern)
+
+
+OmegaConf.register_new_resolver("run_time", _run_time, use_cache=True, replace=True)
 
 
 def instantiate(node: Any, **kwargs: Any) -> Any:

@@ -123,6 +123,10 @@ def build_optimizer(model: nn.Module, *, type: str = "torch.optim.SGD", lr: floa
                       "starts with 'backbone.', so every parameter gets the head lr.", stacklevel=2)
     param_groups = sorted(groups.values(), key=lambda g: (g["name"].startswith("head"), g["name"]))
     kwargs = {k: _plain(v) for k, v in kwargs.items()}
+    if kwargs.get("fused") == "auto":
+        kwargs["fused"] = _fused_choice(cls, [p for g in param_groups for p in g["params"]])
+        if kwargs["fused"] is None:
+            del kwargs["fused"]
     try:
         return cls(param_groups, lr=float(lr), weight_decay=float(weight_decay), **kwargs)
     except TypeError as err:
@@ -130,6 +134,16 @@ def build_optimizer(model: nn.Module, *, type: str = "torch.optim.SGD", lr: floa
         raise ConfigError(f"{cls.__module__}.{cls.__name__} does not accept the options given "
                           f"({given}): {err}. Remove the options it does not take (e.g. "
                           "momentum for Adam, betas for SGD).") from err
+
+
+def _fused_choice(cls: type, params: list[torch.Tensor]) -> bool | None:
+    """``fused=auto``: the fused (one kernel for all parameters) implementation where the class
+    has one and every parameter is on a GPU, else the default (``foreach``) implementation."""
+    import inspect
+
+    takes_fused = "fused" in inspect.signature(cls.__init__).parameters
+    on_gpu = bool(params) and all(p.device.type == "cuda" for p in params)
+    return True if takes_fused and on_gpu else None
 
 
 def _layer_decay_rule(model: nn.Module, layer_decay: float | None):

@@ -284,3 +284,15 @@ def test_layer_decay_needs_a_backbone_with_layers():
     model.backbone = nn.Conv2d(3, 4, 1)
     with pytest.raises(ConfigError, match="layer_decay=0.9: backbone"):
         build_optimizer(model, lr=0.1, layer_decay=0.9)
+
+
+@pytest.mark.parametrize("kind", ["torch.optim.SGD", "torch.optim.AdamW"])
+def test_fused_auto_picks_the_fused_kernel_only_on_gpus(kind, monkeypatch):
+    from segexp import optim
+
+    opt = build_optimizer(TinySegmentor(), type=kind, lr=0.01, fused="auto")
+    assert not opt.defaults.get("fused")  # CPU parameters: torch's default implementation
+    params = list(TinySegmentor().parameters())
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda")))
+    assert optim._fused_choice(getattr(torch.optim, kind.rsplit(".", 1)[1]), params) is True
+    assert optim._fused_choice(torch.optim.LBFGS, params) is None  # no fused implementation

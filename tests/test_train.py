@@ -248,3 +248,39 @@ def test_training_with_the_mmseg_and_mixing_pipelines(tmp_path, transforms):
     assert isinstance(train_set, MixedDataset) == (transforms == "strong")
     run_training(cfg, tmp_path)
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "completed"
+
+
+def test_compiled_training_step_matches_the_plain_one(tmp_path):
+    """trainer.compile wraps what the step calls; the eager backend traces the model with
+    TorchDynamo without generating kernels, so the weights must come out the same."""
+    overrides = ["trainer.max_iters=2", "trainer.val_interval=2", "head.dropout=0"]
+    run_training(tiny_config(*overrides), tmp_path / "plain")
+    run_training(tiny_config(*overrides, "trainer.compile=true", "trainer.compile_backend=eager"),
+                 tmp_path / "compiled")
+    plain, compiled = _weights(tmp_path / "plain"), _weights(tmp_path / "compiled")
+    assert set(plain) == set(compiled)  # checkpoints hold the plain module's names
+    for name in plain:
+        torch.testing.assert_close(compiled[name], plain[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_training_runs(tmp_path):
+    """The real thing: inductor generates C++ kernels on the CPU (a minute or two)."""
+    run_training(tiny_config("trainer.max_iters=2", "trainer.val_interval=2", "trainer.compile=true"),
+                 tmp_path)
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["state"]["iter"] == 2
+
+
+def test_channels_last_training_matches_the_default_layout(tmp_path):
+    # Other convolution kernels run on NHWC tensors: the same losses up to rounding (the weights
+    # of this tiny model, whose deepest BatchNorm sees two values, drift apart faster).
+    overrides = ["trainer.max_iters=3", "trainer.val_interval=3", "trainer.log_interval=1",
+                 "head.dropout=0"]
+    run_training(tiny_config(*overrides), tmp_path / "plain")
+    run_training(tiny_config(*overrides, "trainer.channels_last=true"), tmp_path / "nhwc")
+    losses = [[json.loads(line)["train/loss"] for line in (tmp_path / d / "metrics.jsonl").read_text()
+               .splitlines() if "train/loss" in line] for d in ("plain", "nhwc")]
+    assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-3)
+    checkpoint = load_checkpoint(tmp_path / "nhwc" / "checkpoints" / "last.pt")
+    assert checkpoint["model"]["backbone.body.conv1.weight"].is_contiguous(
+        memory_format=torch.channels_last)

@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader
 
 from segexp.config import instantiate
 from segexp.data.base import pad_collate
-from segexp.data.sampler import ResumableSampler
+from segexp.data.sampler import ContiguousShardSampler, ResumableSampler
+from segexp.engine import distributed
 from segexp.engine.checkpoint import load_checkpoint, resolve_resume, set_rng_state
 from segexp.engine.trainer import Run, autocast, fit, plan
 from segexp.errors import ConfigError, DataError
@@ -40,14 +41,44 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(spec: str) -> torch.device:
+def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
+    """``auto`` -> CUDA if available; in a distributed run each process takes GPU ``local_rank``."""
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"trainer.device={spec} but no CUDA device is available here; use "
                           "trainer.device=cpu (or trainer=cpu).")
+    if device.type == "cuda" and local_rank is not None and device.index is None:
+        device = torch.device("cuda", local_rank)
     return device
+
+
+def _worker_init(_worker_id: int) -> None:
+    """Loader workers are the parallelism: OpenCV's and torch's own threads in each of them
+    would only compete for the same cores."""
+    import cv2
+
+    cv2.setNumThreads(0)
+    torch.set_num_threads(1)
+
+
+def wrap_for_training(model: torch.nn.Module, t: DictConfig, device: torch.device,
+                      dist: distributed.DistInfo) -> torch.nn.Module:
+    """What the training step calls: DistributedDataParallel across processes, then
+    ``torch.compile`` if asked. Evaluation and checkpoints keep using the plain module."""
+    train_model = model
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=bool(t.get("find_unused_parameters", False)))
+    if t.get("compile"):
+        mode = None if t.compile is True else str(t.compile)
+        train_model = torch.compile(train_model, mode=mode,
+                                    backend=str(t.get("compile_backend", "inductor")))
+    return train_model
 
 
 def build_datasets(cfg: DictConfig):
@@ -117,26 +148,38 @@ def hydra_run_info(cfg: DictConfig, run_dir: Path) -> RunInfo:
 
 
 def build_run(cfg: DictConfig, run_dir: Path) -> Run:
-    seed_everything(cfg.seed)
     t = cfg.trainer
-    device = resolve_device(t.device)
+    dist = distributed.init_distributed(t.get("dist_backend", "auto"))
+    seed_everything(cfg.seed)  # the same initial weights on every rank
+    device = resolve_device(t.device, dist.local_rank if dist.enabled else None)
     autocast(device, t.precision)  # refuses a precision this device cannot run, before any work
     torch.backends.cudnn.benchmark = bool(t.cudnn_benchmark)
     train_set, val_set = build_datasets(cfg)
     model = build_model(cfg)
     check_compatible(cfg, model, train_set)
+    if t.get("sync_bn") and dist.enabled:  # BatchNorm statistics over the global batch
+        model = distributed.convert_sync_batchnorm(model, device)
     model.to(device)
+    if t.get("channels_last"):
+        model.to(memory_format=torch.channels_last)
+    if dist.rank:  # dropout / drop-path masks differ between ranks; rank 0 draws as one process
+        torch.manual_seed(cfg.seed + dist.rank)
 
-    sampler = ResumableSampler(len(train_set), seed=cfg.seed)
+    sampler = ResumableSampler(len(train_set), seed=cfg.seed, rank=dist.rank,
+                               num_replicas=dist.world_size)
+    pin_memory = device.type == "cuda" if t.pin_memory == "auto" else bool(t.pin_memory)
+    workers = {"num_workers": t.num_workers, "pin_memory": pin_memory}
+    if t.num_workers > 0:
+        workers.update(worker_init_fn=_worker_init, prefetch_factor=t.get("prefetch_factor", 2))
     # Own generators, so creating a loader iterator never draws from the global RNG (exact resume).
     # Workers persist across epochs: the sampler runs in this process, so set_epoch still applies,
     # and augmentation is seeded per sample, not per worker.
     train_loader = DataLoader(train_set, batch_size=t.batch_size, sampler=sampler, drop_last=True,
-                              num_workers=t.num_workers, pin_memory=t.pin_memory,
-                              persistent_workers=t.num_workers > 0, generator=torch.Generator())
-    val_loader = DataLoader(val_set, batch_size=t.val_batch_size, shuffle=False,
-                            num_workers=t.num_workers, pin_memory=t.pin_memory,
-                            collate_fn=pad_collate, generator=torch.Generator())
+                              persistent_workers=t.num_workers > 0, generator=torch.Generator(),
+                              **workers)
+    val_loader = DataLoader(val_set, batch_size=t.val_batch_size,
+                            sampler=ContiguousShardSampler(len(val_set), dist.rank, dist.world_size),
+                            collate_fn=pad_collate, generator=torch.Generator(), **workers)
     optimizer = instantiate(cfg.optimizer)(model)
     run = Run(model=model, criterion=instantiate(cfg.loss).to(device), optimizer=optimizer,
               scheduler=None, scaler=torch.amp.GradScaler(device.type, enabled=str(t.precision) == "16"),
@@ -144,7 +187,8 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
               trainer=t, run_dir=run_dir, class_names=list(train_set.class_names),
               palette=list(train_set.colours), loggers=[], metric=cfg.metric,
               ignore_index=train_set.ignore_index,
-              config_yaml=OmegaConf.to_yaml(cfg, resolve=True))
+              config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+              train_model=wrap_for_training(model, t, device, dist), dist=dist)
     _, total_iters = plan(run)
     interval = cfg.scheduler.get("interval", "iter")
     iters_per_epoch = plan(run)[0] // t.accumulate_grad_batches
@@ -164,7 +208,9 @@ def resume_run(run: Run, checkpoint_path: Path) -> None:
     run.scheduler.load_state_dict(checkpoint["scheduler"])
     run.scaler.load_state_dict(checkpoint["scaler"])
     run.state.load_state_dict(checkpoint["state"])
-    set_rng_state(checkpoint["rng"])
+    per_rank = checkpoint.get("rng_per_rank") or []
+    set_rng_state(per_rank[run.dist.rank] if len(per_rank) == run.dist.world_size
+                  else checkpoint["rng"])
     log.info(f"Resumed from {checkpoint_path} at iteration {run.state.iter} (epoch {run.state.epoch}).")
 
 
@@ -188,6 +234,7 @@ def measure_cost(run: Run, cfg: DictConfig) -> dict[str, Any]:
 
 def write_summary(run: Run, status: str, wall_time_s: float, error: str | None = None,
                   cost: dict[str, Any] | None = None) -> dict:
+    """``metrics.json`` (rank 0 writes it; every rank gets the dict)."""
     s = run.state
     summary: dict[str, Any] = {
         "status": status,
@@ -204,6 +251,10 @@ def write_summary(run: Run, status: str, wall_time_s: float, error: str | None =
     }
     if error:
         summary["error"] = error
+    if run.dist.enabled:
+        summary["world_size"] = run.dist.world_size
+    if not run.dist.is_main:
+        return summary
     with open(run.run_dir / "metrics.json", "w") as f:
         json.dump(json_safe(summary), f, indent=2, allow_nan=False, default=str)
     return summary
@@ -229,7 +280,9 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> float:
     if checkpoint_path is not None:
         resume_run(run, checkpoint_path)
     # The run folder's log is always kept; the `logger` group adds one more (a no-op for none).
-    run.loggers = [JsonlLogger()] + ([instantiate(cfg.logger)] if cfg.get("logger") else [])
+    # Other ranks log nothing: rank 0 reports the reduced figures of all.
+    if run.dist.is_main:
+        run.loggers = [JsonlLogger()] + ([instantiate(cfg.logger)] if cfg.get("logger") else [])
     info = hydra_run_info(cfg, run_dir)
     info.config["params"] = count_params(run.model)
     failed = True
@@ -246,7 +299,7 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> float:
             for logger in run.loggers:
                 logger.finish(failed=True)
     stopped_early = run.state.iter < plan(run)[1]
-    cost = measure_cost(run, cfg)
+    cost = measure_cost(run, cfg) if run.dist.is_main else {}
     summary = write_summary(run, "early_stopped" if stopped_early else "completed",
                             time.perf_counter() - start, cost=cost)
     for logger in run.loggers:
@@ -257,8 +310,9 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> float:
         if best.exists():
             logger.log_checkpoint(best, aliases=["best", f"iter-{run.state.best_iter}"])
         logger.finish()
-    print_final_table(run, summary)
-    write_run_pictures(run_dir)
+    if run.dist.is_main:
+        print_final_table(run, summary)
+        write_run_pictures(run_dir)
     return float(run.state.best_metric)
 
 

@@ -3,6 +3,12 @@
 Counting: an *iteration* is one optimizer step (``accumulate_grad_batches`` batches). The loop
 stops after ``max_iters`` iterations or ``max_epochs`` epochs; each epoch uses the same number of
 whole iterations, so a resumed run restarts on an iteration boundary with nothing half-done.
+
+Distributed (``torchrun``, SLURM): every rank runs these functions on its share of the data;
+``run.train_model`` is the DistributedDataParallel wrapper that averages gradients, ``run.model``
+the plain module for evaluation and checkpoints. Values that decide what happens next (the
+validation metrics, a non-finite loss) are reduced over ranks so all ranks decide alike; only
+rank 0 has loggers and writes files.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from segexp.data.sampler import ResumableSampler
+from segexp.engine import distributed
 from segexp.engine.checkpoint import publish_copy, rng_state, save_checkpoint
 from segexp.errors import ConfigError, TrainingError
 from segexp.loggers import Logger, VisSample
@@ -58,7 +65,7 @@ class TrainState:
 class Run:
     """Everything the loop works with, built by :func:`segexp.engine.experiment.build_run`."""
 
-    model: nn.Module
+    model: nn.Module  # the plain module: evaluation, checkpoints, attributes
     criterion: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any
@@ -76,6 +83,12 @@ class Run:
     ignore_index: int = 255
     state: TrainState = field(default_factory=TrainState)
     config_yaml: str = ""
+    train_model: nn.Module | None = None  # what training calls: DDP and/or torch.compile wrappers
+    dist: distributed.DistInfo = field(default_factory=distributed.DistInfo)
+
+    def __post_init__(self) -> None:
+        if self.train_model is None:
+            self.train_model = self.model
 
 
 # -- precision ----------------------------------------------------------------------------------
@@ -93,10 +106,18 @@ def autocast(device: torch.device, precision: str):
 
 
 # -- one step -----------------------------------------------------------------------------------
-def train_step(run: Run, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Forward and backward for one batch; returns the (unscaled) loss. Gradients accumulate."""
+def train_step(run: Run, images: torch.Tensor, masks: torch.Tensor,
+               sync_gradients: bool = True) -> torch.Tensor:
+    """Forward and backward for one batch; returns the (unscaled) loss. Gradients accumulate;
+    ``sync_gradients=False`` skips DDP's all-reduce on batches that only accumulate."""
+    skip_sync = not sync_gradients and hasattr(run.train_model, "no_sync")
+    with run.train_model.no_sync() if skip_sync else contextlib.nullcontext():
+        return _forward_backward(run, images, masks)
+
+
+def _forward_backward(run: Run, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     with autocast(run.device, run.trainer.precision):
-        logits, aux_logits = run.model(images, return_aux=True)
+        logits, aux_logits = run.train_model(images, return_aux=True)
         loss = run.criterion(logits.float(), masks)
         if aux_logits is not None:
             # An auxiliary module may stack several heads' logits along the batch axis (SETR's
@@ -161,12 +182,14 @@ def validate(run: Run) -> bool:
     t, s = run.trainer, run.state
     matrix, samples = evaluate(run.model, run.val_loader, len(run.class_names), run.device,
                                t.precision, run.ignore_index, t.max_val_batches,
-                               t.num_vis_images, progress=t.progress_bar)
+                               t.num_vis_images if run.dist.is_main else 0,
+                               progress=t.progress_bar and run.dist.is_main)
+    matrix.all_reduce()  # each rank saw its share of the split: sum to the whole split
     results = matrix.compute()
     confusion = matrix.mat.cpu().numpy()
     for logger in run.loggers:
         logger.log_validation(results, s.iter, run.class_names, run.palette, samples, confusion)
-    if samples:
+    if samples and run.dist.is_main:
         save_png(prediction_grid(samples, run.palette, run.class_names),
                  run.run_dir / "predictions" / f"iter_{s.iter:07d}.png")
     score = results[run.metric]
@@ -180,11 +203,14 @@ def validate(run: Run) -> bool:
     monitor = getattr(run.scheduler, "monitor", None)
     if monitor:  # ReduceLROnPlateau-style schedulers step on the validation metric
         run.scheduler.step(results[monitor])
-    last = save_checkpoint(checkpoint_state(run), run.run_dir / "checkpoints" / "last.pt")
-    if improved:  # last.pt replaces its file on every save, so a link keeps this version
-        publish_copy(last, run.run_dir / "checkpoints" / "best.pt")
-        save_confusion_matrix(confusion, run.class_names, run.run_dir / "confusion_matrix.png",
-                              f"confusion matrix, best validation (iteration {s.iter})")
+    state = checkpoint_state(run)  # on every rank: it gathers their random generators
+    last = run.run_dir / "checkpoints" / "last.pt"
+    if run.dist.is_main:
+        save_checkpoint(state, last)
+        if improved:  # last.pt replaces its file on every save, so a link keeps this version
+            publish_copy(last, run.run_dir / "checkpoints" / "best.pt")
+            save_confusion_matrix(confusion, run.class_names, run.run_dir / "confusion_matrix.png",
+                                  f"confusion matrix, best validation (iteration {s.iter})")
     log.info(f"[iter {s.iter}] val {run.metric} {100 * score:.2f} (best "
              f"{100 * s.best_metric:.2f} at iter {s.best_iter}); saved {last}")
     patience = t.early_stopping_patience
@@ -199,6 +225,8 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
         "scaler": run.scaler.state_dict(),
         "state": run.state.state_dict(),
         "rng": rng_state(),
+        # Each rank's generators (dropout, drop-path differ per rank), for an exact resume.
+        "rng_per_rank": distributed.all_gather_object(rng_state()) if run.dist.enabled else [],
         "class_names": list(run.class_names),
         "config": run.config_yaml,
     }
@@ -208,7 +236,7 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
 def plan(run: Run) -> tuple[int, int]:
     """(batches used per epoch, total iterations) from the trainer config and the data."""
     t = run.trainer
-    batches = run.sampler.length // t.batch_size
+    batches = run.sampler.samples_per_replica // t.batch_size
     if t.max_train_batches:
         batches = min(batches, t.max_train_batches)
     batches -= batches % t.accumulate_grad_batches
@@ -216,7 +244,8 @@ def plan(run: Run) -> tuple[int, int]:
         raise ConfigError(
             f"the training split has {len(run.train_loader.dataset)} samples, fewer than one "
             f"iteration needs (trainer.batch_size={t.batch_size} x "
-            f"trainer.accumulate_grad_batches={t.accumulate_grad_batches}). Lower them.")
+            f"trainer.accumulate_grad_batches={t.accumulate_grad_batches}"
+            + (f" x {run.dist.world_size} processes" if run.dist.enabled else "") + "). Lower them.")
     if (t.max_iters is None) == (t.max_epochs is None):
         raise ConfigError("set exactly one of trainer.max_iters and trainer.max_epochs "
                           f"(got max_iters={t.max_iters}, max_epochs={t.max_epochs}).")
@@ -237,14 +266,16 @@ def fit(run: Run) -> TrainState:
     loss_sum = torch.zeros((), device=run.device)
     window_start, window_images, window_iters = time.perf_counter(), 0, 0
     bar = tqdm(total=total_iters, initial=s.iter, desc="train", dynamic_ncols=True,
-               disable=not t.progress_bar)
+               disable=not (t.progress_bar and run.dist.is_main))
+    memory_format = torch.channels_last if t.get("channels_last") else torch.contiguous_format
     stop = s.iter >= total_iters
     while not stop:
         run.sampler.set_epoch(s.epoch, start=s.batch_in_epoch * t.batch_size)
         for images, masks in run.train_loader:
-            images = images.to(run.device, non_blocking=True)
+            images = images.to(run.device, non_blocking=True, memory_format=memory_format)
             masks = masks.to(run.device, non_blocking=True)
-            loss = train_step(run, images, masks)
+            last_of_step = (s.batch_in_epoch + 1) % t.accumulate_grad_batches == 0
+            loss = train_step(run, images, masks, sync_gradients=last_of_step)
             s.batch_in_epoch += 1
             window_images += len(images)
             if s.batch_in_epoch % t.accumulate_grad_batches:
@@ -267,13 +298,17 @@ def fit(run: Run) -> TrainState:
             if s.iter % t.log_interval == 0 or last_iter or epoch_done:
                 check_finite(run, bad_step)
                 elapsed = time.perf_counter() - window_start
+                distributed.all_reduce_(loss_sum, "mean")  # the loss over the global batch
                 metrics = {"train/loss": loss_sum.item() / window_iters,
                            "train/lr": run.optimizer.param_groups[0]["lr"],
-                           "train/images_per_s": window_images / max(elapsed, 1e-9),
+                           "train/images_per_s": window_images * run.dist.world_size
+                           / max(elapsed, 1e-9),
                            "train/epoch": s.epoch}
                 for logger in run.loggers:
                     logger.log_metrics(metrics, s.iter)
-                if t.progress_bar:
+                if not run.dist.is_main:
+                    pass
+                elif t.progress_bar:
                     bar.set_postfix(loss=f"{metrics['train/loss']:.4f}",
                                     lr=f"{metrics['train/lr']:.2e}",
                                     img_s=f"{metrics['train/images_per_s']:.1f}")
@@ -297,7 +332,8 @@ def fit(run: Run) -> TrainState:
 
 
 def check_finite(run: Run, bad_step: torch.Tensor) -> None:
-    step = int(bad_step.item())
+    # Any rank's non-finite loss stops every rank (one alone would leave the others waiting).
+    step = int(distributed.all_reduce_(bad_step.clone(), "max").item())
     if step >= 0:
         last = run.run_dir / "checkpoints" / "last.pt"
         kept = f"The last good checkpoint is {last}." if last.exists() else \
