@@ -7,10 +7,16 @@ import csv
 import importlib.util
 import json
 import math
+import os
+import re
+import shutil
+import subprocess
 import sys
 
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from tests.conftest import ROOT
 from tests.test_train import train_py
@@ -59,8 +65,9 @@ def test_compare_models_sweep_with_a_failing_job_into_the_comparison(tmp_path):
     assert "| fcn | resnet18 |" in (tmp_path / "cmp" / "comparison.md").read_text()
 
 
-def test_compare_runs_reads_folders_without_training(tmp_path):
-    """Run folders as written by train.py, one of them killed before metrics.json."""
+def write_run_folders(root):
+    """Run folders as written by train.py: two completed, one failed, one killed before
+    metrics.json."""
     for name, summary in {
         "a": {"status": "completed", "best": {"mIoU": 0.5, "aAcc": 0.9}, "params": 2_000_000,
               "gflops": 4.0, "fps": 30.0, "best_per_class": {"x": {"IoU": 0.4}, "y": {"IoU": 0.6}}},
@@ -69,7 +76,7 @@ def test_compare_runs_reads_folders_without_training(tmp_path):
         "c": {"status": "failed", "error": "ConfigError: no | way"},
         "d": None,
     }.items():
-        run = tmp_path / name
+        run = root / name
         (run / ".hydra").mkdir(parents=True)
         (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"dataset": {"crop_size": [8, 8]}}))
         (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(
@@ -78,6 +85,10 @@ def test_compare_runs_reads_folders_without_training(tmp_path):
         if summary:
             (run / "metrics.json").write_text(json.dumps(summary))
         (run / "metrics.jsonl").write_text('{"step": 1, "train/loss": 1.0}\n{"step": 2, "val/m')
+
+
+def test_compare_runs_reads_folders_without_training(tmp_path):
+    write_run_folders(tmp_path)
     runs = compare([tmp_path], tmp_path / "out")
     assert [(r.path.name, r.status) for r in runs] == [
         ("b", "completed"), ("a", "completed"), ("c", "failed"), ("d", "no metrics.json")]
@@ -85,6 +96,46 @@ def test_compare_runs_reads_folders_without_training(tmp_path):
     table = (tmp_path / "out" / "comparison.md").read_text()
     assert "| b | mb | r18 | toy | 1.00 | 2.00 |  |  | 70.00 | 95.00 | 70.00 |  | completed |" in table
     assert "no \\| way" in table
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def _coloured_pixels(png) -> int:
+    """Pixels of a clear hue (plot lines, bubbles, bars): text, grid lines and table shading
+    are grey or pale."""
+    image = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    return int(((image.max(-1) - image.min(-1)) > 60).sum())
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no headless Chromium (Debian package: chromium)")
+def test_report_html_renders_in_headless_chromium(tmp_path):
+    write_run_folders(tmp_path / "runs")
+    compare([tmp_path / "runs"], tmp_path / "out")
+    page = tmp_path / "out" / "report.html"
+    # The same page without its pictures: what a page whose images failed to decode looks like.
+    bare = tmp_path / "out" / "bare.html"
+    bare.write_text(re.sub(r"src='data:image/png;base64,[^']*'", "src=''", page.read_text()))
+
+    def chromium(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu",
+                               "--hide-scrollbars", "--window-size=1400,4000", *args],
+                              capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "HOME": str(tmp_path)})
+
+    dom = chromium("--dump-dom", page.as_uri()).stdout
+    assert "<title>segexp run comparison</title>" in dom
+    body = dom.split("<tbody>", 1)[1].split("</tbody>", 1)[0]
+    assert body.count("<tr") == 4 and body.count("class=\"failed\"") == 2
+    assert dom.count("<img") == 3 and "Run folders" in dom
+    shots = {}
+    for name, html_file in (("page", page), ("bare", bare)):
+        shots[name] = tmp_path / f"{name}.png"
+        chromium(f"--screenshot={shots[name]}", html_file.as_uri())
+        assert shots[name].read_bytes()[:4] == b"\x89PNG", name
+    # The three embedded plots decoded and drew: thousands of coloured pixels the bare page lacks.
+    assert _coloured_pixels(shots["page"]) > 5000 > 20 * max(1, _coloured_pixels(shots["bare"]))
 
 
 @pytest.mark.skipif(not has_plugin("hydra_plugins.hydra_optuna_sweeper"),
