@@ -161,15 +161,19 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write(rows: list[dict], out: Path, meta: dict) -> tuple[Path, Path]:
+def write(rows: list[dict], out: Path, meta: dict, columns: list[str] = COLUMNS) -> tuple[Path, Path]:
+    """``columns`` of the rows as CSV at ``out``; all of them, with ``meta``, as JSON beside it."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
-            writer.writerow({k: r.get(k, "") for k in COLUMNS})
+            writer.writerow({k: r.get(k, "") for k in columns})
     json_path = out.with_suffix(".json")
-    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    # NaN is not JSON: a missing figure is null.
+    clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+             for r in rows]
+    json_path.write_text(json.dumps({"meta": meta, "rows": clean}, indent=2) + "\n")
     return out, json_path
 
 
