@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from benchmark_data import Cycled, machine_info  # noqa: E402
 
 from segexp.config import compose_train_config, instantiate  # noqa: E402
-from segexp.engine.experiment import _worker_init, resolve_device  # noqa: E402
+from segexp.engine.experiment import quiet_worker_init, resolve_device  # noqa: E402
 from segexp.engine.trainer import Run, optimizer_step, train_step  # noqa: E402
 from segexp.errors import SegexpError  # noqa: E402
 from segexp.models import build_model  # noqa: E402
@@ -79,7 +79,7 @@ def build(cfg, split: str, device: torch.device, iters: int, warmup: int):
     needed = t.batch_size * (iters + warmup) * 2  # the loader is run twice (alone, end to end)
     workers = {"num_workers": t.num_workers, "pin_memory": device.type == "cuda"}
     if t.num_workers > 0:
-        workers.update(worker_init_fn=_worker_init, prefetch_factor=t.get("prefetch_factor", 2),
+        workers.update(worker_init_fn=quiet_worker_init, prefetch_factor=t.get("prefetch_factor", 2),
                        persistent_workers=True)
     loader = DataLoader(Cycled(dataset, needed, cfg.seed), batch_size=t.batch_size, drop_last=True,
                         **workers)
@@ -153,11 +153,16 @@ def measure(overrides: list[str], split: str, device: torch.device, iters: int, 
     return {"model": f"{model_name} {backbone}".strip(), "dataset": dataset_name,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "precision": str(t.precision), "batch_size": int(t.batch_size),
-            "num_workers": int(t.num_workers), "loader_img_s": round(loader_rate, 2),
-            "model_img_s": round(model_rate, 2), "end_to_end_img_s": round(end_to_end, 2),
+            "num_workers": int(t.num_workers), "loader_img_s": _sig(loader_rate),
+            "model_img_s": _sig(model_rate), "end_to_end_img_s": _sig(end_to_end),
             "loader_bound": end_to_end < 0.9 * model_rate,
-            "train_gflop_per_image": float(f"{flops:.4g}"), "achieved_tflops": float(f"{achieved:.4g}"),
-            "peak_tflops": peak, "mfu": float(f"{achieved / peak:.4g}") if peak else None}
+            "train_gflop_per_image": _sig(flops), "achieved_tflops": _sig(achieved),
+            "peak_tflops": peak, "mfu": _sig(achieved / peak) if peak else None}
+
+
+def _sig(value: float) -> float:
+    """Four significant digits: CPU rates can be 0.06 images/s, GPU rates hundreds."""
+    return float(f"{value:.4g}")
 
 
 def format_table(rows: list[dict]) -> str:

@@ -54,7 +54,7 @@ def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
     return device
 
 
-def _worker_init(_worker_id: int) -> None:
+def quiet_worker_init(_worker_id: int) -> None:
     """Loader workers are the parallelism: OpenCV's and torch's own threads in each of them
     would only compete for the same cores."""
     import cv2
@@ -170,7 +170,7 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     pin_memory = device.type == "cuda" if t.pin_memory == "auto" else bool(t.pin_memory)
     workers = {"num_workers": t.num_workers, "pin_memory": pin_memory}
     if t.num_workers > 0:
-        workers.update(worker_init_fn=_worker_init, prefetch_factor=t.get("prefetch_factor", 2))
+        workers.update(worker_init_fn=quiet_worker_init, prefetch_factor=t.get("prefetch_factor", 2))
     # Own generators, so creating a loader iterator never draws from the global RNG (exact resume).
     # Workers persist across epochs: the sampler runs in this process, so set_epoch still applies,
     # and augmentation is seeded per sample, not per worker.
