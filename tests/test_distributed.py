@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import yaml
 from torch import nn
 
 from segexp.data.sampler import ContiguousShardSampler, ResumableSampler
@@ -257,3 +258,25 @@ def test_run_folder_name_uses_the_shared_start_time(monkeypatch):
     node = OmegaConf.create({"dir": "outputs/${run_time:%Y-%m-%d}/${run_time:%H-%M-%S}_x"})
     assert node.dir == "outputs/2031-02-03/04-05-06_x"
     assert Path(node.dir).name == "04-05-06_x"
+
+
+def test_every_model_trains_under_distributed_data_parallel(tmp_path):
+    """DDP fails on the second step when a step leaves a trainable parameter without a gradient
+    (a head branch that is not used): every model, two processes with SyncBN, two steps."""
+    models = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
+    sweep = tmp_path / "sweep"
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+         str(_free_port()), str(ROOT / "train.py"), "-m", f"model={','.join(models)}",
+         "trainer=debug", "trainer.sync_bn=true", "trainer.measure_speed=false",
+         "trainer.num_vis_images=0", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summaries = {}
+    for job in sweep.glob("*/metrics.json"):
+        hydra = yaml.safe_load((job.parent / ".hydra" / "hydra.yaml").read_text())["hydra"]
+        summaries[hydra["runtime"]["choices"]["model"]] = json.loads(job.read_text())
+    assert sorted(summaries) == models
+    for model, summary in summaries.items():
+        assert (summary["status"], summary.get("world_size"), summary["iters"]) == ("completed", 2, 2), \
+            (model, summary.get("error"))
