@@ -57,13 +57,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from benchmark import AMP, _fmt, _timed, pick_device, write  # noqa: E402
+from benchmark import AMP, _fmt, pick_device, write  # noqa: E402
 
 from segexp.config import compose_train_config  # noqa: E402
 from segexp.engine.trainer import autocast  # noqa: E402
 from segexp.errors import SegexpError  # noqa: E402
 from segexp.models import build_model  # noqa: E402
-from segexp.profiling import count_gflops, count_params  # noqa: E402
+from segexp.profiling import count_gflops, count_params, median_time  # noqa: E402
 
 DEFAULT_OUT = ROOT / "outputs" / "benchmark" / "peers.csv"
 # What to install for each peer (the versions these pairs were written against).
@@ -270,7 +270,7 @@ def alternate(fns: dict[str, Callable[[], None]], device: torch.device, iters: i
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(iters):
         for name in names if round_index % 2 == 0 else names[::-1]:
-            times[name].append(_timed(fns[name], device, iters=1, warmup=0))
+            times[name].append(median_time(fns[name], device, iters=1, warmup=0))
     return times
 
 

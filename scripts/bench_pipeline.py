@@ -46,7 +46,7 @@ from benchmark_data import Cycled, machine_info  # noqa: E402
 
 from segexp.config import compose_train_config, instantiate  # noqa: E402
 from segexp.engine.experiment import quiet_worker_init, resolve_device  # noqa: E402
-from segexp.engine.trainer import Run, optimizer_step, train_step  # noqa: E402
+from segexp.engine.trainer import Run, optimizer_step, to_device, train_step  # noqa: E402
 from segexp.errors import SegexpError  # noqa: E402
 from segexp.models import build_model  # noqa: E402
 from segexp.profiling import synchronize  # noqa: E402
@@ -94,12 +94,6 @@ def build(cfg, split: str, device: torch.device, iters: int, warmup: int):
               train_loader=loader, sampler=None, val_loader=None, device=device, trainer=t,
               run_dir=Path("."), class_names=list(dataset.class_names), palette=[], loggers=[])
     return run
-
-
-def to_device(run: Run, images: torch.Tensor, masks: torch.Tensor):
-    memory_format = torch.channels_last if run.trainer.get("channels_last") else torch.contiguous_format
-    return (images.to(run.device, non_blocking=True, memory_format=memory_format),
-            masks.to(run.device, non_blocking=True))
 
 
 def step(run: Run, images: torch.Tensor, masks: torch.Tensor) -> None:

@@ -52,7 +52,7 @@ from segexp.config import compose_train_config, instantiate  # noqa: E402
 from segexp.engine.trainer import autocast  # noqa: E402
 from segexp.errors import SegexpError  # noqa: E402
 from segexp.models import build_model  # noqa: E402
-from segexp.profiling import median_time as _timed  # noqa: E402
+from segexp.profiling import measure_fps, median_time  # noqa: E402
 
 DEFAULT_OUT = ROOT / "outputs" / "benchmark" / "benchmark.csv"
 AMP = {"none": "32", "bf16": "bf16", "fp16": "16"}
@@ -101,14 +101,7 @@ def benchmark(overrides: list[str], size: tuple[int, int], batch: int, train_bat
     height, width = size
 
     # -- inference
-    model.eval()
-    images = torch.randn(batch, 3, height, width, device=device)
-
-    def infer():
-        with torch.no_grad(), autocast(device, precision):
-            model(images)
-
-    latency = _timed(infer, device, iters, warmup)
+    latency = batch / measure_fps(model, size, device, precision, batch, iters, warmup)
 
     # -- training
     model.train()
@@ -130,7 +123,7 @@ def benchmark(overrides: list[str], size: tuple[int, int], batch: int, train_bat
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
-    iter_time = _timed(train_iter, device, iters, warmup)
+    iter_time = median_time(train_iter, device, iters, warmup)
 
     if device.type == "cuda":
         memory, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"

@@ -17,6 +17,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from segexp.engine.trainer import autocast
+
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
@@ -60,8 +62,6 @@ def median_time(fn: Callable[[], object], device: torch.device, iters: int, warm
 def measure_fps(model: nn.Module, size: tuple[int, int], device: torch.device, precision: str = "32",
                 batch: int = 1, iters: int = 5, warmup: int = 2) -> float:
     """Images per second of eval-mode inference at ``size``, median of ``iters`` timed batches."""
-    from segexp.engine.trainer import autocast  # the trainer imports this module's users
-
     was_training = model.training
     model.eval()
     images = torch.randn(batch, 3, *size, device=device)

@@ -114,15 +114,6 @@ def current() -> DistInfo:
                     local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def is_main() -> bool:
-    return current().is_main
-
-
-def barrier() -> None:
-    if current().enabled:
-        dist.barrier()
-
-
 def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In-place sum / max / mean over ranks; a no-op in a single process."""
     info = current()

@@ -106,6 +106,14 @@ def autocast(device: torch.device, precision: str):
 
 
 # -- one step -----------------------------------------------------------------------------------
+def to_device(run: Run, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training batch on the run's device (asynchronous from pinned memory), images in the
+    model's memory format."""
+    memory_format = torch.channels_last if run.trainer.get("channels_last") else torch.contiguous_format
+    return (images.to(run.device, non_blocking=True, memory_format=memory_format),
+            masks.to(run.device, non_blocking=True))
+
+
 def train_step(run: Run, images: torch.Tensor, masks: torch.Tensor,
                sync_gradients: bool = True) -> torch.Tensor:
     """Forward and backward for one batch; returns the (unscaled) loss. Gradients accumulate;
@@ -211,22 +219,24 @@ def validate(run: Run) -> bool:
             publish_copy(last, run.run_dir / "checkpoints" / "best.pt")
             save_confusion_matrix(confusion, run.class_names, run.run_dir / "confusion_matrix.png",
                                   f"confusion matrix, best validation (iteration {s.iter})")
-    log.info(f"[iter {s.iter}] val {run.metric} {100 * score:.2f} (best "
-             f"{100 * s.best_metric:.2f} at iter {s.best_iter}); saved {last}")
+    if run.dist.is_main:
+        log.info(f"[iter {s.iter}] val {run.metric} {100 * score:.2f} (best "
+                 f"{100 * s.best_metric:.2f} at iter {s.best_iter}); saved {last}")
     patience = t.early_stopping_patience
     return bool(patience) and s.validations_since_best >= patience
 
 
 def checkpoint_state(run: Run) -> dict[str, Any]:
+    rng = rng_state()
     return {
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict(),
         "state": run.state.state_dict(),
-        "rng": rng_state(),
+        "rng": rng,
         # Each rank's generators (dropout, drop-path differ per rank), for an exact resume.
-        "rng_per_rank": distributed.all_gather_object(rng_state()) if run.dist.enabled else [],
+        "rng_per_rank": distributed.all_gather_object(rng) if run.dist.enabled else [],
         "class_names": list(run.class_names),
         "config": run.config_yaml,
     }
@@ -267,13 +277,11 @@ def fit(run: Run) -> TrainState:
     window_start, window_images, window_iters = time.perf_counter(), 0, 0
     bar = tqdm(total=total_iters, initial=s.iter, desc="train", dynamic_ncols=True,
                disable=not (t.progress_bar and run.dist.is_main))
-    memory_format = torch.channels_last if t.get("channels_last") else torch.contiguous_format
     stop = s.iter >= total_iters
     while not stop:
         run.sampler.set_epoch(s.epoch, start=s.batch_in_epoch * t.batch_size)
         for images, masks in run.train_loader:
-            images = images.to(run.device, non_blocking=True, memory_format=memory_format)
-            masks = masks.to(run.device, non_blocking=True)
+            images, masks = to_device(run, images, masks)
             last_of_step = (s.batch_in_epoch + 1) % t.accumulate_grad_batches == 0
             loss = train_step(run, images, masks, sync_gradients=last_of_step)
             s.batch_in_epoch += 1
@@ -306,13 +314,11 @@ def fit(run: Run) -> TrainState:
                            "train/epoch": s.epoch}
                 for logger in run.loggers:
                     logger.log_metrics(metrics, s.iter)
-                if not run.dist.is_main:
-                    pass
-                elif t.progress_bar:
+                if run.dist.is_main and t.progress_bar:
                     bar.set_postfix(loss=f"{metrics['train/loss']:.4f}",
                                     lr=f"{metrics['train/lr']:.2e}",
                                     img_s=f"{metrics['train/images_per_s']:.1f}")
-                else:  # plain lines for log files and clusters
+                elif run.dist.is_main:  # plain lines for log files and clusters
                     log.info(f"[iter {s.iter}/{total_iters}] loss {metrics['train/loss']:.4f} "
                              f"lr {metrics['train/lr']:.2e} {metrics['train/images_per_s']:.1f} img/s")
                 s.train_time_s += elapsed
