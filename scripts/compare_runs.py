@@ -5,8 +5,9 @@
     python scripts/compare_runs.py <sweep> --flops                          # + GFLOPs, measured
 
 Each run folder's ``.hydra/`` (model, backbone, dataset, crop size), ``metrics.json`` (status,
-best validation metrics, per-class IoU, parameters, times, error) and ``metrics.jsonl`` (learning
-curves) are read; a folder is any one holding ``.hydra/config.yaml`` or ``metrics.json`` under
+best validation metrics, per-class IoU, parameters, times, the time budget with the iterations
+and images it gave, error) and ``metrics.jsonl`` (learning curves) are read; a sweep at one
+``trainer.max_time`` compares models at equal wall-clock, and the table says how far each got; a folder is any one holding ``.hydra/config.yaml`` or ``metrics.json`` under
 the given paths. Rows are sorted by best mIoU; failed runs come last with their error.
 Writes to --out (default: <the one folder given>/comparison, else ./comparison):
 ``comparison.md``, ``comparison.csv``, ``miou_vs_cost.png`` (mIoU vs GFLOPs, bubble area =
@@ -55,6 +56,8 @@ class RunRecord:
     train_time_s: float | None = None
     wall_time_s: float | None = None
     iters: int | None = None
+    images_seen: int | None = None
+    budget: str = ""  # trainer.max_time of a run at a time budget
     best: dict[str, Any] = field(default_factory=dict)
     per_class_iou: dict[str, float | None] = field(default_factory=dict)
     val_curve: list[tuple[int, float]] = field(default_factory=list)
@@ -127,6 +130,8 @@ def read_run(path: Path) -> RunRecord:
         run.train_time_s = summary.get("train_time_s")
         run.wall_time_s = summary.get("wall_time_s")
         run.iters = summary.get("iters")
+        run.images_seen = summary.get("images_seen")
+        run.budget = str((summary.get("budget") or {}).get("max_time") or "")
         run.best = summary.get("best") or {}
         run.per_class_iou = {name: values.get("IoU")
                              for name, values in (summary.get("best_per_class") or {}).items()}
@@ -186,12 +191,14 @@ def _num(value: Any, digits: int) -> str:
 def table(runs: list[RunRecord]) -> tuple[list[str], list[list[str]]]:
     names = class_names(runs)
     header = (["run", "model", "backbone", "dataset", "params (M)", "GFLOPs", "FPS",
-               "train time (s)", "mIoU (%)", "aAcc (%)"] + [f"IoU {n} (%)" for n in names]
+               "budget", "iterations", "images seen", "train time (s)", "mIoU (%)",
+               "aAcc (%)"] + [f"IoU {n} (%)" for n in names]
               + ["status", "error"])
     rows = []
     for r in runs:
         rows.append([r.path.name, r.model, r.backbone, r.dataset, _num(r.params_m, 2),
-                     _num(r.gflops, 2), _num(r.fps, 1), _num(r.train_time_s, 1), _pct(r.miou),
+                     _num(r.gflops, 2), _num(r.fps, 1), r.budget, _num(r.iters, 0),
+                     _num(r.images_seen, 0), _num(r.train_time_s, 1), _pct(r.miou),
                      _pct(r.best.get("aAcc"))] + [_pct(r.per_class_iou.get(n)) for n in names]
                     + [r.status, r.error.splitlines()[0] if r.error else ""])
     return header, rows

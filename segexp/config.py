@@ -28,6 +28,15 @@ def _run_time(pattern: str) -> str:
 OmegaConf.register_new_resolver("run_time", _run_time, use_cache=True, replace=True)
 
 
+def _untimed(max_time: Any, value: Any) -> Any:
+    """``${untimed:${.max_time},400}``: a default iteration limit that gives way to a time
+    budget (``trainer.max_time``), while an explicit ``trainer.max_iters=N`` still caps it."""
+    return value if max_time is None else None
+
+
+OmegaConf.register_new_resolver("untimed", _untimed, replace=True)
+
+
 def instantiate(node: Any, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate``, but an error of ours raised inside a target comes out as
     itself: Hydra wraps it, and our messages already say what is wrong and what to do."""

@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader
 from segexp.config import instantiate
 from segexp.data.base import pad_collate
 from segexp.data.sampler import ContiguousShardSampler, ResumableSampler
-from segexp.engine import distributed
+from segexp.engine import budget, distributed
+from segexp.engine.budget import parse_duration
 from segexp.engine.checkpoint import load_checkpoint, resolve_resume, set_rng_state
 from segexp.engine.trainer import Run, autocast, fit, plan
 from segexp.errors import ConfigError, DataError
@@ -189,16 +190,63 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
               ignore_index=train_set.ignore_index,
               config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
               train_model=wrap_for_training(model, t, device, dist), dist=dist)
-    _, total_iters = plan(run)
-    interval = cfg.scheduler.get("interval", "iter")
-    iters_per_epoch = plan(run)[0] // t.accumulate_grad_batches
-    total_steps = total_iters if interval == "iter" else -(-total_iters // iters_per_epoch)
-    run.scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=total_steps)
+    run.budget_s = parse_duration(t.get("max_time"))
     return run
 
 
-def resume_run(run: Run, checkpoint_path: Path) -> None:
-    checkpoint = load_checkpoint(checkpoint_path, map_location=run.device)
+def build_scheduler(cfg: DictConfig, run: Run) -> None:
+    """The lr schedule over ``run.state.total_iters`` (in epochs for ``interval: epoch``)."""
+    batches_per_epoch, _ = plan(run)
+    iters_per_epoch = batches_per_epoch // run.trainer.accumulate_grad_batches
+    total_iters = run.state.total_iters
+    interval = cfg.scheduler.get("interval", "iter")
+    total_steps = total_iters if interval == "iter" else -(-total_iters // iters_per_epoch)
+    run.scheduler = instantiate(cfg.scheduler)(run.optimizer, total_steps=total_steps)
+
+
+def settle_length(run: Run, resumed: bool, elapsed_s: float) -> None:
+    """Fix ``run.state.total_iters`` once: the config's limit, or for ``trainer.max_time`` the
+    count that fills what is left of the budget (measured by :func:`budget.calibrate`). A
+    resumed budget run keeps the count it recorded, so its schedule continues unchanged."""
+    s, t = run.state, run.trainer
+    _, limit = plan(run)
+    if run.budget_s is None:
+        s.total_iters = limit
+        return
+    if resumed and s.total_iters:
+        s.budget_used_s += elapsed_s
+        log.info(f"Time budget {budget.format_duration(run.budget_s)}: "
+                 f"{budget.format_duration(s.budget_used_s)} used so far; continuing the "
+                 f"recorded {s.total_iters} iterations.")
+        return
+    calibration = budget.calibrate(run, run.budget_s)
+    s.calibration_s += calibration.seconds
+    s.budget_used_s += elapsed_s + calibration.seconds
+    batches_per_epoch, _ = plan(run)
+    iters_per_epoch = batches_per_epoch // t.accumulate_grad_batches
+    val_every = None if t.val_interval is None else \
+        t.val_interval * (iters_per_epoch if t.max_epochs is not None else 1)
+    count = budget.fit_iterations(run.budget_s - s.budget_used_s, calibration.iter_s,
+                                  calibration.val_s, val_every, cap=limit)
+    s.total_iters = int(distributed.broadcast_object(count))  # rank 0 decides for every rank
+    if s.total_iters == 1 and run.budget_s - s.budget_used_s < calibration.iter_s:
+        log.warning(f"trainer.max_time={t.max_time} leaves no time for training after set-up and "
+                    f"speed measurement ({budget.format_duration(s.budget_used_s)}); training for "
+                    "one iteration. Give a longer budget.")
+    images = s.total_iters * t.batch_size * t.accumulate_grad_batches * run.dist.world_size
+    log.info(f"Time budget {budget.format_duration(run.budget_s)}: "
+             f"{calibration.iter_s:.3g} s per iteration, about "
+             f"{budget.format_duration(calibration.val_s)} per validation (measured in "
+             f"{budget.format_duration(calibration.seconds)}); training for {s.total_iters} "
+             f"iterations ({images} images)"
+             + (f", capped by trainer.max_iters / max_epochs" if limit == s.total_iters else "")
+             + f". To repeat this run exactly: trainer.max_time=null trainer.max_iters={s.total_iters}"
+             + (" trainer.max_epochs=null" if t.max_epochs is not None else "") + ".")
+
+
+def resume_run(run: Run, checkpoint: dict[str, Any], checkpoint_path: Path) -> None:
+    """Model, optimizer, scheduler, scaler and random state from a checkpoint (its counters,
+    ``run.state``, are loaded first: the schedule's length comes from them)."""
     try:
         run.model.load_state_dict(checkpoint["model"])
     except RuntimeError as err:
@@ -207,7 +255,6 @@ def resume_run(run: Run, checkpoint_path: Path) -> None:
     run.optimizer.load_state_dict(checkpoint["optimizer"])
     run.scheduler.load_state_dict(checkpoint["scheduler"])
     run.scaler.load_state_dict(checkpoint["scaler"])
-    run.state.load_state_dict(checkpoint["state"])
     per_rank = checkpoint.get("rng_per_rank") or []
     set_rng_state(per_rank[run.dist.rank] if len(per_rank) == run.dist.world_size
                   else checkpoint["rng"])
@@ -246,9 +293,17 @@ def write_summary(run: Run, status: str, wall_time_s: float, error: str | None =
         **(cost or {}),
         "wall_time_s": round(wall_time_s, 2),
         "train_time_s": round(s.train_time_s, 2),
+        "val_time_s": round(s.val_time_s, 2),
         "iters": s.iter,
+        "planned_iters": s.total_iters,
         "epochs": s.epoch,
+        "images_seen": s.iter * run.trainer.batch_size * run.trainer.accumulate_grad_batches
+        * run.dist.world_size,
     }
+    if run.budget_s is not None:
+        summary["budget"] = {"max_time": str(run.trainer.max_time), "seconds": run.budget_s,
+                             "used_s": round(s.budget_used_s, 2),
+                             "calibration_s": round(s.calibration_s, 2)}
     if error:
         summary["error"] = error
     if run.dist.enabled:
@@ -277,8 +332,15 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> float:
     start = time.perf_counter()
     run = build_run(cfg, run_dir)
     checkpoint_path = resolve_resume(cfg.get("resume"), run_dir)
+    checkpoint = None
     if checkpoint_path is not None:
-        resume_run(run, checkpoint_path)
+        checkpoint = load_checkpoint(checkpoint_path, map_location=run.device)
+        run.state.load_state_dict(checkpoint["state"])  # the recorded length, before the schedule
+    settle_length(run, resumed=checkpoint is not None, elapsed_s=time.perf_counter() - start)
+    build_scheduler(cfg, run)
+    if checkpoint is not None:  # after the scheduler, whose construction resets the lr
+        resume_run(run, checkpoint, checkpoint_path)
+        del checkpoint
     # The run folder's log is always kept; the `logger` group adds one more (a no-op for none).
     # Other ranks log nothing: rank 0 reports the reduced figures of all.
     if run.dist.is_main:
@@ -298,14 +360,16 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> float:
         if failed:
             for logger in run.loggers:
                 logger.finish(failed=True)
-    stopped_early = run.state.iter < plan(run)[1]
+    status = {"early_stopping": "early_stopped", "time_limit": "time_limit"}.get(
+        run.state.stopped_by, "completed")
     cost = measure_cost(run, cfg) if run.dist.is_main else {}
-    summary = write_summary(run, "early_stopped" if stopped_early else "completed",
-                            time.perf_counter() - start, cost=cost)
+    summary = write_summary(run, status, time.perf_counter() - start, cost=cost)
     for logger in run.loggers:
         logger.log_summary({f"best/{k}": v for k, v in summary["best"].items()} |
-                           {"params": summary["params"], "wall_time_s": summary["wall_time_s"],
-                            **cost})
+                           {k: summary[k] for k in ("params", "wall_time_s", "train_time_s",
+                                                    "val_time_s", "iters", "images_seen")}
+                           | {f"budget/{k}": v for k, v in summary.get("budget", {}).items()}
+                           | cost)
         best = run_dir / "checkpoints" / "best.pt"
         if best.exists():
             logger.log_checkpoint(best, aliases=["best", f"iter-{run.state.best_iter}"])

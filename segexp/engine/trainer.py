@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from segexp.data.sampler import ResumableSampler
-from segexp.engine import distributed
+from segexp.engine import budget, distributed
 from segexp.engine.checkpoint import publish_copy, rng_state, save_checkpoint
 from segexp.errors import ConfigError, TrainingError
 from segexp.loggers import Logger, VisSample
@@ -49,7 +49,12 @@ class TrainState:
     best_metric: float = -math.inf
     best_iter: int = -1
     validations_since_best: int = 0
-    train_time_s: float = 0.0
+    total_iters: int = 0  # the run's length, fixed before training (from the budget or the config)
+    train_time_s: float = 0.0  # in training steps (data loading included), validations excluded
+    val_time_s: float = 0.0
+    calibration_s: float = 0.0  # measuring the speed for trainer.max_time
+    budget_used_s: float = 0.0  # wall-clock counted against trainer.max_time (kept on resume)
+    stopped_by: str = ""  # why training ended before total_iters: early_stopping | time_limit
     last_results: dict[str, Any] = field(default_factory=dict)
     best_results: dict[str, Any] = field(default_factory=dict)
 
@@ -83,6 +88,7 @@ class Run:
     ignore_index: int = 255
     state: TrainState = field(default_factory=TrainState)
     config_yaml: str = ""
+    budget_s: float | None = None  # trainer.max_time in seconds
     train_model: nn.Module | None = None  # what training calls: DDP and/or torch.compile wrappers
     dist: distributed.DistInfo = field(default_factory=distributed.DistInfo)
 
@@ -186,8 +192,10 @@ def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: tor
 
 
 def validate(run: Run) -> bool:
-    """Evaluate, log, write checkpoints and a prediction picture. Returns True to stop early."""
+    """Evaluate, log, write checkpoints and a prediction picture. Returns True to stop early.
+    Its own time goes to ``val_time_s`` and ``budget_used_s``."""
     t, s = run.trainer, run.state
+    started = time.perf_counter()
     matrix, samples = evaluate(run.model, run.val_loader, len(run.class_names), run.device,
                                t.precision, run.ignore_index, t.max_val_batches,
                                t.num_vis_images if run.dist.is_main else 0,
@@ -211,6 +219,8 @@ def validate(run: Run) -> bool:
     monitor = getattr(run.scheduler, "monitor", None)
     if monitor:  # ReduceLROnPlateau-style schedulers step on the validation metric
         run.scheduler.step(results[monitor])
+    charge(s, time.perf_counter() - started)  # so the checkpoint holds the time so far
+    started = time.perf_counter()
     state = checkpoint_state(run)  # on every rank: it gathers their random generators
     last = run.run_dir / "checkpoints" / "last.pt"
     if run.dist.is_main:
@@ -222,8 +232,15 @@ def validate(run: Run) -> bool:
     if run.dist.is_main:
         log.info(f"[iter {s.iter}] val {run.metric} {100 * score:.2f} (best "
                  f"{100 * s.best_metric:.2f} at iter {s.best_iter}); saved {last}")
+    charge(s, time.perf_counter() - started)
     patience = t.early_stopping_patience
     return bool(patience) and s.validations_since_best >= patience
+
+
+def charge(s: TrainState, seconds: float) -> None:
+    """Count validation time (it also counts against a time budget)."""
+    s.val_time_s += seconds
+    s.budget_used_s += seconds
 
 
 def checkpoint_state(run: Run) -> dict[str, Any]:
@@ -243,8 +260,10 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
 
 
 # -- the loop -----------------------------------------------------------------------------------
-def plan(run: Run) -> tuple[int, int]:
-    """(batches used per epoch, total iterations) from the trainer config and the data."""
+def plan(run: Run) -> tuple[int, int | None]:
+    """(batches used per epoch, the iteration limit the config sets) from the trainer config and
+    the data. The limit is ``None`` for a time budget (``trainer.max_time``) with no iteration
+    or epoch cap: the budget then decides (:mod:`segexp.engine.budget`)."""
     t = run.trainer
     batches = run.sampler.samples_per_replica // t.batch_size
     if t.max_train_batches:
@@ -256,19 +275,42 @@ def plan(run: Run) -> tuple[int, int]:
             f"iteration needs (trainer.batch_size={t.batch_size} x "
             f"trainer.accumulate_grad_batches={t.accumulate_grad_batches}"
             + (f" x {run.dist.world_size} processes" if run.dist.enabled else "") + "). Lower them.")
-    if (t.max_iters is None) == (t.max_epochs is None):
-        raise ConfigError("set exactly one of trainer.max_iters and trainer.max_epochs "
+    timed = t.get("max_time") is not None
+    if t.max_iters is not None and t.max_epochs is not None:
+        raise ConfigError("set one of trainer.max_iters and trainer.max_epochs, not both "
                           f"(got max_iters={t.max_iters}, max_epochs={t.max_epochs}).")
+    if t.max_iters is None and t.max_epochs is None and not timed:
+        raise ConfigError("set how long to train: trainer.max_time (e.g. 20m), "
+                          "trainer.max_iters or trainer.max_epochs.")
     iters_per_epoch = batches // t.accumulate_grad_batches
-    total = t.max_iters if t.max_iters is not None else t.max_epochs * iters_per_epoch
-    return batches, total
+    if t.max_iters is not None:
+        limit = int(t.max_iters)
+    elif t.max_epochs is not None:
+        limit = int(t.max_epochs) * iters_per_epoch
+    else:
+        limit = None
+    return batches, limit
 
 
 def fit(run: Run) -> TrainState:
-    """Train until the iteration/epoch budget is used or early stopping triggers."""
+    """Train for ``run.state.total_iters`` iterations, unless early stopping triggers or the
+    time budget is overrun (see :mod:`segexp.engine.budget`)."""
     t, s = run.trainer, run.state
-    batches_per_epoch, total_iters = plan(run)
+    batches_per_epoch, _ = plan(run)
+    total_iters = s.total_iters
     by_epoch = t.max_epochs is not None
+    iters_per_epoch = batches_per_epoch // t.accumulate_grad_batches
+    val_every = budget.validation_every(
+        t.val_interval, -(-total_iters // iters_per_epoch) if by_epoch else total_iters)
+    # Wall-clock counted against trainer.max_time: what earlier segments used, plus this one's.
+    budget_mark = time.perf_counter()
+
+    def charge_budget() -> None:
+        nonlocal budget_mark
+        now = time.perf_counter()
+        s.budget_used_s += now - budget_mark
+        budget_mark = now
+
     run.model.train()
     run.optimizer.zero_grad(set_to_none=True)
     # A device-side record of the first non-finite loss: no host sync on every step.
@@ -303,6 +345,17 @@ def fit(run: Run) -> TrainState:
                 if run.scheduler.interval == "epoch":
                     run.scheduler.step()
             last_iter = s.iter >= total_iters
+            if s.iter % t.log_interval == 0 and run.budget_s is not None and not last_iter:
+                charge_budget()
+                # The estimate was far off (the machine slowed down): stop at the limit. Rank 0's
+                # clock decides, so every rank stops at the same iteration.
+                if distributed.broadcast_object(
+                        s.budget_used_s > run.budget_s * (1 + budget.OVERRUN_GRACE)):
+                    last_iter, s.stopped_by = True, "time_limit"
+                    log.warning(f"[iter {s.iter}/{total_iters}] the time budget "
+                                f"(trainer.max_time={t.max_time}) is overrun by more than "
+                                f"{budget.OVERRUN_GRACE:.0%}: stopping here, before the schedule "
+                                "ends.")
             if s.iter % t.log_interval == 0 or last_iter or epoch_done:
                 check_finite(run, bad_step)
                 elapsed = time.perf_counter() - window_start
@@ -324,12 +377,15 @@ def fit(run: Run) -> TrainState:
                 s.train_time_s += elapsed
                 loss_sum.zero_()
                 window_start, window_images, window_iters = time.perf_counter(), 0, 0
-            due = (s.epoch % t.val_interval == 0 and epoch_done) if by_epoch else \
-                (s.iter % t.val_interval == 0)
+            due = (s.epoch % val_every == 0 and epoch_done) if by_epoch else \
+                (s.iter % val_every == 0)
             if due or last_iter:
                 check_finite(run, bad_step)
-                stop = validate(run)
-                window_start = time.perf_counter()  # validation time is not training time
+                charge_budget()  # the training time so far, so the checkpoint holds it
+                stop = validate(run)  # charges its own time
+                if stop:
+                    s.stopped_by = "early_stopping"
+                window_start = budget_mark = time.perf_counter()  # validation is not training
             if stop or last_iter or epoch_done:
                 stop = stop or last_iter
                 break
