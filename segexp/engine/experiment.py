@@ -239,7 +239,7 @@ def settle_length(run: Run, resumed: bool, elapsed_s: float) -> None:
              f"{budget.format_duration(calibration.val_s)} per validation (measured in "
              f"{budget.format_duration(calibration.seconds)}); training for {s.total_iters} "
              f"iterations ({images} images)"
-             + (f", capped by trainer.max_iters / max_epochs" if limit == s.total_iters else "")
+             + (", capped by trainer.max_iters / max_epochs" if limit == s.total_iters else "")
              + f". To repeat this run exactly: trainer.max_time=null trainer.max_iters={s.total_iters}"
              + (" trainer.max_epochs=null" if t.max_epochs is not None else "") + ".")
 
