@@ -17,6 +17,8 @@ with the same overrides as train.py, and prints
     ``f_c`` = pixels of class c / labelled pixels of the images that contain c, the median over
     the classes present.
   Classes absent from the split get weight 0 in both (with a warning).
+  The counts and weights are :mod:`segexp.data.scan`'s, the same that ``loss.class_weights=auto``
+  trains with (median frequency).
 
 Writes ``outputs/stats_<dataset>_<split>.yaml``, a snippet for the ``loss`` group
 (``loss.class_weights``, the ``--weights`` method; the other method is in a comment), and
@@ -28,89 +30,43 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from hydra.errors import HydraException
-from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from segexp.config import compose_train_config, instantiate  # noqa: E402
+from segexp.data.scan import MaskScan, class_weights, scan_masks  # noqa: E402
 from segexp.errors import SegexpError  # noqa: E402
 
 MAX_SIZES_LISTED = 10  # list the count per image size when there are at most this many sizes
 
 
-
-
-# -- counting -----------------------------------------------------------------------------------
-def count_pixels(dataset, max_images: int | None = None, progress: bool = True) -> dict:
-    """Per-image class pixel counts (``images x classes``), ignored pixels and sizes (h, w)."""
-    n = len(dataset) if max_images is None else min(len(dataset), max_images)
-    num_classes, ignore = dataset.num_classes, dataset.ignore_index
-    per_image = np.zeros((n, num_classes), dtype=np.int64)
-    ignored = np.zeros(n, dtype=np.int64)
-    sizes = []
-    for i in tqdm(range(n), desc=f"{dataset.split} split", unit="img", disable=not progress):
-        sample = dataset.load(i)
-        dataset.check_sample(sample)  # sizes agree, labels in 0..C-1 or ignore (else DataError)
-        mask = np.asarray(sample.mask).astype(np.int64).ravel()
-        valid = mask != ignore
-        per_image[i] = np.bincount(mask[valid], minlength=num_classes)[:num_classes]
-        ignored[i] = mask.size - int(valid.sum())
-        sizes.append(tuple(int(s) for s in sample.image.shape[:2]))
-    return {"per_image": per_image, "ignored": ignored, "sizes": sizes}
-
-
-def class_weights(per_image: np.ndarray) -> dict[str, np.ndarray]:
-    """Inverse-frequency and median-frequency weights from per-image class pixel counts; absent
-    classes weigh 0."""
-    pixels = per_image.sum(axis=0).astype(np.float64)
-    present = pixels > 0
-    freq = pixels / max(pixels.sum(), 1.0)
-    inverse = np.zeros_like(freq)
-    inverse[present] = 1.0 / freq[present]
-    if present.any():
-        inverse[present] /= inverse[present].mean()
-    # SegNet's frequency: class pixels over the labelled pixels of the images containing the class.
-    image_pixels = per_image.sum(axis=1).astype(np.float64)
-    seen_in = per_image > 0
-    denominators = (seen_in * image_pixels[:, None]).sum(axis=0)
-    median_freq = np.zeros_like(freq)
-    median_freq[present] = pixels[present] / denominators[present]
-    median = np.zeros_like(freq)
-    if present.any():
-        median[present] = np.median(median_freq[present]) / median_freq[present]
-    return {"frequency": freq, "inverse": inverse, "median": median}
-
-
-def summarise(counts: dict, class_names, ignore_index: int) -> dict:
-    per_image = counts["per_image"]
-    pixels = per_image.sum(axis=0)
-    heights = np.array([h for h, _ in counts["sizes"]])
-    widths = np.array([w for _, w in counts["sizes"]])
-    total = int(pixels.sum() + counts["ignored"].sum())
-    weights = class_weights(per_image)
+# -- counting (one pass over the masks: segexp.data.scan) ---------------------------------------
+def summarise(scan: MaskScan) -> dict:
+    heights = np.repeat([h for h, _ in scan.sizes], list(scan.sizes.values()))
+    widths = np.repeat([w for _, w in scan.sizes], list(scan.sizes.values()))
+    total = sum(scan.pixels) + scan.ignored_pixels
     return {
-        "num_images": len(counts["sizes"]),
-        "class_names": list(class_names),
-        "pixels": [int(p) for p in pixels],
-        "frequency": [float(f) for f in weights["frequency"]],
-        "images_with_class": [int(c) for c in (per_image > 0).sum(axis=0)],
-        "absent_classes": [name for name, p in zip(class_names, pixels) if p == 0],
-        "ignored_pixels": int(counts["ignored"].sum()),
-        "ignored_fraction": float(counts["ignored"].sum() / total) if total else 0.0,
-        "ignore_index": int(ignore_index),
+        "num_images": scan.num_images,
+        "class_names": list(scan.class_names),
+        "pixels": list(scan.pixels),
+        "frequency": [float(f) for f in scan.frequency()],
+        "images_with_class": list(scan.images_with_class),
+        "absent_classes": scan.absent_classes(),
+        "ignored_pixels": scan.ignored_pixels,
+        "ignored_fraction": scan.ignored_pixels / total if total else 0.0,
+        "ignore_index": scan.ignore_index,
         "height": {"min": int(heights.min()), "median": float(np.median(heights)),
                    "max": int(heights.max())},
         "width": {"min": int(widths.min()), "median": float(np.median(widths)),
                   "max": int(widths.max())},
-        "sizes": dict(Counter(counts["sizes"]).most_common()),
-        "inverse_frequency_weights": [float(w) for w in weights["inverse"]],
-        "median_frequency_weights": [float(w) for w in weights["median"]],
+        "sizes": dict(sorted(scan.sizes.items(), key=lambda item: -item[1])),
+        "inverse_frequency_weights": [float(w) for w in class_weights(scan, "inverse")],
+        "median_frequency_weights": [float(w) for w in class_weights(scan, "median")],
     }
 
 
@@ -222,8 +178,9 @@ def main(argv: list[str] | None = None) -> dict:
     if len(dataset) == 0:
         raise SegexpError(f"the {args.split} split of dataset '{type(dataset).__name__}' is empty "
                           f"(dataset.root={cfg.dataset.get('root')}). Check the folder layout.")
-    counts = count_pixels(dataset, args.max_images, progress=not args.no_progress)
-    stats = summarise(counts, dataset.class_names, dataset.ignore_index)
+    scan = scan_masks(dataset, max_images=args.max_images, progress=not args.no_progress)
+    scan.check_values(args.split)
+    stats = summarise(scan)
     if stats["absent_classes"]:
         absent = stats["absent_classes"]
         shown = ", ".join(absent[:12]) + (f" and {len(absent) - 12} more" if len(absent) > 12 else "")

@@ -2,21 +2,33 @@
 
 Pixels whose target is ``ignore_index`` (255) count nowhere. A batch in which every pixel is
 ignored gives a loss of exactly 0 that still has a gradient (of zeros), never NaN, so a training
-step on such a batch is a harmless no-op. Dice and focal terms are computed in float32 even under
-autocast (softmax of half-precision logits loses too much).
+step on such a batch is a harmless no-op. Dice, focal and Lovász terms are computed in float32
+even under autocast (softmax of half-precision logits loses too much).
+
+For thin and rare classes: cross entropy's ``ohem`` option (online hard example mining),
+:class:`LovaszSoftmaxLoss` (a surrogate of the IoU itself), and ``class_weights: auto``, which
+:func:`resolve_auto_class_weights` turns into weights from the training masks' class
+frequencies before the loss is built.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 
 from segexp.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 IGNORE_INDEX = 255
+# ``class_weights`` values computed from the training masks (segexp.data.scan.class_weights).
+AUTO_WEIGHTS = ("auto", "median", "inverse", "enet")
 
 
 def _check_shapes(logits: torch.Tensor, target: torch.Tensor, name: str) -> None:
@@ -31,6 +43,11 @@ def _as_weights(values, option: str) -> torch.Tensor | None:
     """A YAML list (ListConfig) of per-class numbers -> float tensor, checked."""
     if values is None:
         return None
+    if isinstance(values, str) and values in AUTO_WEIGHTS:
+        raise ConfigError(f"{option}={values} is computed from the training set's masks before the "
+                          "loss is built (train.py does this); here nothing resolved it. Call "
+                          "segexp.losses.resolve_auto_class_weights on the loss config first, or "
+                          "give a list of numbers, one per class.")
     try:
         weights = torch.as_tensor([float(v) for v in values], dtype=torch.float32)
     except (TypeError, ValueError) as err:
@@ -48,19 +65,85 @@ def _check_num_classes(weights: torch.Tensor | None, num_classes: int, option: s
                           f"{num_classes} classes; give one value per class.")
 
 
+def _ohem_options(ohem: Mapping | None) -> tuple[float | None, int] | None:
+    """``loss.ohem`` -> (thresh, min_kept), checked; None when OHEM is off."""
+    if ohem is None:
+        return None
+    if not isinstance(ohem, Mapping) or set(ohem) - {"thresh", "min_kept"}:
+        raise ConfigError(f"loss.ohem={ohem!r} must be null or a mapping with thresh and min_kept, "
+                          "e.g. {thresh: 0.7, min_kept: 100000} (see conf/loss/ohem.yaml).")
+    thresh = ohem.get("thresh", 0.7)
+    min_kept = ohem.get("min_kept", 100000)
+    if thresh is not None and not (isinstance(thresh, (int, float)) and 0 < thresh <= 1):
+        raise ConfigError(f"loss.ohem.thresh={thresh} must be a probability in (0, 1] (0.7 is "
+                          "usual) or null to keep only the min_kept highest losses.")
+    if isinstance(min_kept, bool) or not isinstance(min_kept, int) or min_kept < 1:
+        raise ConfigError(f"loss.ohem.min_kept={min_kept} must be a whole number >= 1 (pixels per "
+                          "image; MMSegmentation uses 100000 on 512x1024 crops).")
+    return (None if thresh is None else float(thresh)), int(min_kept)
+
+
+@torch.no_grad()
+def hard_pixel_mask(logits: torch.Tensor, target: torch.Tensor, pixel_losses: torch.Tensor,
+                    thresh: float | None, min_kept: int,
+                    ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """The pixels online hard example mining keeps, as MMSegmentation's ``OHEMPixelSampler``:
+    a bool ``(N,H,W)`` mask, False wherever the target is ``ignore_index``.
+
+    The selection runs over the whole batch, with a budget of ``min_kept`` pixels per image
+    (``min_kept * N``). With ``thresh``, hardness is the softmax probability of the true class:
+    every pixel below ``thresh`` is kept, and so are the ``min_kept * N`` lowest-probability
+    pixels however confident they are. With ``thresh=None`` the ``min_kept * N`` pixels of highest
+    ``pixel_losses`` are kept. With fewer valid pixels than the budget all are kept (MMSeg's index
+    ``min(budget, n - 1)`` drops the single easiest pixel there; a budget is a minimum, so it is
+    kept here). Ties at the budget's edge are broken arbitrarily. No host synchronisation.
+    """
+    valid = target != ignore_index
+    budget = min_kept * target.shape[0]
+    p_true = None
+    if thresh is None:
+        hardness = pixel_losses.float()
+    else:
+        safe = torch.where(valid, target, 0).unsqueeze(1)
+        p_true = logits.float().softmax(dim=1).gather(1, safe).squeeze(1)
+        hardness = -p_true
+    if budget >= valid.numel():
+        hardest = valid
+    else:
+        ranked = torch.where(valid, hardness, float("-inf")).flatten()
+        chosen = ranked.topk(budget, sorted=False).indices  # ignored pixels rank last
+        hardest = torch.zeros_like(ranked, dtype=torch.bool).index_fill_(0, chosen, True)
+        hardest = hardest.view_as(valid) & valid
+    if p_true is None:
+        return hardest
+    return hardest | (valid & (p_true < thresh))
+
+
 class CrossEntropyLoss(nn.Module):
     """Pixel-wise cross entropy, mean over non-ignored pixels (weighted by ``class_weights``,
-    like ``F.cross_entropy``)."""
+    like ``F.cross_entropy``).
+
+    ``ohem``: online hard example mining (MMSegmentation's ``OHEMPixelSampler``, Shrivastava et
+    al. 2016), ``{thresh: 0.7, min_kept: 100000}``: only the pixels :func:`hard_pixel_mask` keeps
+    contribute. The denominator stays that of plain cross entropy (the valid pixels' summed
+    class weights), so a kept pixel's gradient is what it would be without OHEM and the easy
+    pixels' gradients are dropped, so the learning rate needs no retuning. MMSeg does the same
+    (its sampler zeroes the easy pixels' weights; ``avg_non_ignore=True`` divides by the valid
+    pixel count, which is this denominator without class weights); mean-over-kept variants
+    would scale every gradient up by the inverse of the kept fraction.
+    """
 
     def __init__(self, ignore_index: int = IGNORE_INDEX,
                  class_weights: Sequence[float] | None = None,
-                 label_smoothing: float = 0.0) -> None:
+                 label_smoothing: float = 0.0, ohem: Mapping | None = None) -> None:
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"loss.label_smoothing={label_smoothing} must be in [0, 1); "
                               "0 disables smoothing, 0.1 is a common value.")
         self.ignore_index = int(ignore_index)
         self.label_smoothing = float(label_smoothing)
+        self.ohem = _ohem_options(ohem)
+        self._warned_keeps_all = False
         # A buffer, so .to(device) moves it with the model; not saved (it comes from the config).
         self.register_buffer("class_weights", _as_weights(class_weights, "loss.class_weights"),
                              persistent=False)
@@ -71,8 +154,17 @@ class CrossEntropyLoss(nn.Module):
         _check_num_classes(weight, logits.shape[1], "loss.class_weights")
         if weight is not None:
             weight = weight.to(logits.dtype)
-        total = F.cross_entropy(logits, target, weight=weight, ignore_index=self.ignore_index,
-                                reduction="sum", label_smoothing=self.label_smoothing)
+        if self.ohem is None:
+            total = F.cross_entropy(logits, target, weight=weight, ignore_index=self.ignore_index,
+                                    reduction="sum", label_smoothing=self.label_smoothing)
+        else:
+            pixel = F.cross_entropy(logits, target, weight=weight, ignore_index=self.ignore_index,
+                                    reduction="none", label_smoothing=self.label_smoothing)
+            thresh, min_kept = self.ohem
+            self._warn_if_keeps_all(min_kept, target)
+            keep = hard_pixel_mask(logits.detach(), target, pixel.detach(), thresh, min_kept,
+                                   self.ignore_index)
+            total = (pixel * keep).sum()
         # Same denominator as reduction="mean" but 0/0 -> 0 (all ignored) without a host sync.
         valid = target != self.ignore_index
         if weight is None:
@@ -80,6 +172,16 @@ class CrossEntropyLoss(nn.Module):
         else:
             denom = (weight[torch.where(valid, target, 0)] * valid).sum().to(total.dtype)
         return total / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+    def _warn_if_keeps_all(self, min_kept: int, target: torch.Tensor) -> None:
+        pixels = target.shape[1] * target.shape[2]
+        if min_kept >= pixels and not self._warned_keeps_all:
+            self._warned_keeps_all = True
+            log.warning(f"loss.ohem.min_kept={min_kept} is not below the {pixels} pixels of each "
+                        f"{target.shape[1]}x{target.shape[2]} image, so OHEM keeps every pixel "
+                        "(plain cross entropy). Lower it, e.g. to a fifth of the crop "
+                        f"(loss.ohem.min_kept={max(1, pixels // 5)}); MMSegmentation's 100000 is "
+                        "for 512x1024 crops.")
 
 
 class DiceLoss(nn.Module):
@@ -167,6 +269,108 @@ class FocalLoss(nn.Module):
         return loss / valid.sum().clamp_min(1)
 
 
+LOVASZ_CHUNK_ELEMENTS = 1 << 24  # (class x pixel) errors sorted at once: bounds the temporaries
+
+
+def lovasz_jaccard_gradient(fg_sorted: torch.Tensor) -> torch.Tensor:
+    """Rows of the Lovász extension's gradient of the Jaccard loss ``1 - |I| / |U|`` with
+    respect to errors sorted in decreasing order (Berman et al. 2018, Alg. 1).
+
+    ``fg_sorted``: bool ``(R, P)``, whether each sorted pixel belongs to the row's class. Entry
+    ``i`` is ``Delta(first i+1 pixels mispredicted) - Delta(first i)``; written in closed form
+    (``1/U_i`` for a class pixel, ``I_i / (U_i (U_i - 1))`` otherwise) rather than as the
+    difference of two nearly equal Jaccard values, which loses most float32 digits once a row
+    holds millions of pixels.
+    """
+    fg_cum = fg_sorted.int().cumsum(dim=1)  # exact counts, whatever the size
+    position = torch.arange(1, fg_sorted.shape[1] + 1, device=fg_sorted.device)
+    gts = fg_cum[:, -1:]
+    intersection = (gts - fg_cum).float()
+    union = (gts + position - fg_cum).float()  # |class pixels| + |others among the first i+1|
+    grad = torch.where(fg_sorted, 1.0 / union, intersection / (union * (union - 1)).clamp_min(1))
+    grad[:, 0] = 1.0 - intersection[:, 0] / union[:, 0]  # Delta of the empty set is 0
+    return grad
+
+
+class LovaszSoftmaxLoss(nn.Module):
+    """Lovász-Softmax loss (Berman, Rannen Triki & Blaschko, CVPR 2018): a convex surrogate of
+    ``1 - IoU`` per class, on softmax probabilities, averaged over classes.
+
+    For class ``c`` the pixel errors are ``1 - p_c`` on its pixels and ``p_c`` elsewhere; sorted
+    in decreasing order, they are weighted by the gradient of the Jaccard loss's Lovász extension
+    (:func:`lovasz_jaccard_gradient`). With hard 0/1 probabilities the loss is exactly
+    ``1 - IoU_c``. ``classes``: ``present`` (the classes in the target, the reference default),
+    ``all``, or a list of class indices. ``per_image``: the loss of each image, averaged over the
+    images, instead of over the whole batch. Ignored pixels count nowhere; an image (or batch)
+    whose pixels are all ignored counts nowhere.
+
+    Finding the present classes costs one host synchronisation per call; sorting the errors of
+    every absent class instead would cost far more on datasets with many classes.
+    """
+
+    def __init__(self, ignore_index: int = IGNORE_INDEX, classes: str | Sequence[int] = "present",
+                 per_image: bool = False) -> None:
+        super().__init__()
+        if isinstance(classes, str):
+            if classes not in ("present", "all"):
+                raise ConfigError(f"loss.classes={classes!r} must be 'present', 'all' or a list "
+                                  "of class indices.")
+            self.classes: str | list[int] = classes
+        else:
+            try:
+                self.classes = sorted({int(c) for c in classes})
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"loss.classes={classes!r} must be 'present', 'all' or a list "
+                                  "of class indices.") from err
+            if not self.classes or self.classes[0] < 0:
+                raise ConfigError(f"loss.classes={classes!r}: give at least one class index >= 0.")
+        self.ignore_index = int(ignore_index)
+        self.per_image = bool(per_image)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        _check_shapes(logits, target, type(self).__name__)
+        n, c = logits.shape[:2]
+        if isinstance(self.classes, list) and self.classes[-1] >= c:
+            raise ConfigError(f"loss.classes names class {self.classes[-1]} but the model predicts "
+                              f"{c} classes (0..{c - 1}).")
+        groups = n if self.per_image else 1
+        probs = logits.float().softmax(dim=1).permute(0, 2, 3, 1).reshape(groups, -1, c)
+        valid = (target != self.ignore_index).reshape(groups, -1)
+        labels = torch.where(valid, target.reshape(groups, -1), 0)
+        class_pixels = torch.zeros(groups, c, dtype=torch.long, device=labels.device)
+        class_pixels.scatter_add_(1, labels, valid.long())
+        if self.classes == "present":
+            chosen = class_pixels > 0
+        else:
+            chosen = valid.any(dim=1, keepdim=True).expand(groups, c).clone()
+            if isinstance(self.classes, list):
+                listed = torch.zeros(c, dtype=torch.bool, device=chosen.device)
+                listed[self.classes] = True
+                chosen &= listed
+        group_of, class_of = chosen.nonzero(as_tuple=True)
+        total = probs.sum() * 0.0  # stays 0, with a gradient, when nothing is chosen
+        if group_of.numel() == 0:
+            return total
+        row_losses = []
+        rows_per_chunk = max(1, LOVASZ_CHUNK_ELEMENTS // probs.shape[1])
+        for start in range(0, group_of.numel(), rows_per_chunk):
+            g, k = group_of[start:start + rows_per_chunk], class_of[start:start + rows_per_chunk]
+            fg = (labels[g] == k[:, None]) & valid[g]
+            p = probs[g, :, k]  # (rows, pixels)
+            # Ignored pixels get error 0: they sort last, where every term is 0 whatever its
+            # weight, and receive no gradient.
+            errors = torch.where(valid[g], (fg.float() - p).abs(), 0.0)
+            errors_sorted, order = errors.sort(dim=1, descending=True)
+            with torch.no_grad():
+                grad = lovasz_jaccard_gradient(fg.gather(1, order))
+            row_losses.append((errors_sorted * grad).sum(dim=1))
+        losses = torch.cat(row_losses)
+        per_group = torch.zeros(groups, device=losses.device).index_add_(0, group_of, losses)
+        counted = torch.bincount(group_of, minlength=groups)
+        per_group = per_group / counted.clamp_min(1)
+        return total + per_group.sum() / (counted > 0).sum()
+
+
 class CombinedLoss(nn.Module):
     """Weighted sum of losses, e.g. cross entropy + Dice.
 
@@ -215,3 +419,58 @@ class CombinedLoss(nn.Module):
             total = term if total is None else total + term
         self.last_values = values
         return total
+
+
+# -- class_weights: auto ------------------------------------------------------------------------
+def _weight_requests(node, path: str):
+    """(option path, the mapping holding it, value) of every ``class_weights`` given as a method
+    name in a loss config (nested losses included)."""
+    if isinstance(node, dict):
+        value = node.get("class_weights")
+        if isinstance(value, str):
+            if value not in AUTO_WEIGHTS:
+                raise ConfigError(f"{path}.class_weights={value!r} must be a list of numbers (one "
+                                  f"per class), null, or one of {', '.join(AUTO_WEIGHTS)} to compute "
+                                  "them from the training masks.")
+            yield f"{path}.class_weights", node, value
+        for key, child in node.items():
+            yield from _weight_requests(child, f"{path}.{key}")
+    elif isinstance(node, list):
+        for i, child in enumerate(node):
+            yield from _weight_requests(child, f"{path}.{i}")
+
+
+def resolve_auto_class_weights(loss_cfg, train_set, cache_dir: str | Path | None,
+                               progress: bool = True):
+    """``loss_cfg`` with every ``class_weights: auto`` (or ``median``, ``inverse``, ``enet``),
+    at any depth (``loss.losses.ce.class_weights`` of a combined loss too), replaced by weights
+    from the class pixel frequencies of ``train_set``'s masks: see
+    :func:`segexp.data.scan.class_weights` (``auto`` is median frequency balancing). The masks are
+    scanned once and the scan cached in ``cache_dir`` (None: not cached). Logs one INFO line of
+    weights per option. Returns ``loss_cfg`` itself when no option asks for computed weights.
+
+    Classes absent from the split weigh 0 (with a warning); masks holding values that are neither
+    a class nor the ignore index raise :class:`~segexp.errors.DataError` here, before training.
+    """
+    container = OmegaConf.to_container(loss_cfg, resolve=True)
+    requests = list(_weight_requests(container, "loss"))
+    if not requests:
+        return loss_cfg
+    from segexp.data.scan import AUTO_METHOD, base_dataset, class_weights, scan_masks
+
+    dataset = base_dataset(train_set)
+    scan = scan_masks(dataset, cache_dir=cache_dir, progress=progress)
+    scan.check_values(dataset.split)
+    absent = scan.absent_classes()
+    if absent:
+        log.warning(f"{len(absent)} class(es) never occur in the {scan.num_images} "
+                    f"{dataset.split} masks: {', '.join(absent)}; their class weight is 0.")
+    for option, node, value in requests:
+        method = AUTO_METHOD if value == "auto" else value
+        weights = [float(w) for w in class_weights(scan, method)]
+        node["class_weights"] = weights
+        log.info(f"{option}={value}: {method} frequency weights from the {scan.num_images} "
+                 f"{dataset.split} masks: "
+                 + ", ".join(f"{name} {w:.4g}" for name, w in zip(scan.class_names, weights,
+                                                                  strict=True)))
+    return OmegaConf.create(container)

@@ -109,6 +109,18 @@ class SegmentationDataset(Dataset):
         """Read sample ``index`` from disk (or generate it), before any transform."""
         raise NotImplementedError
 
+    def files(self) -> list[Path] | None:
+        """Every file this split's samples are read from, so that anything derived from the data
+        (the mask scan of :mod:`segexp.data.scan`) notices when one changes; ``[]`` for data that
+        is generated, None when unknown (then nothing derived is cached). By default the paths in
+        ``self.samples`` (a list of path tuples, as most datasets keep); override otherwise."""
+        samples = getattr(self, "samples", None)
+        if samples is None:
+            return None
+        return [item for entry in samples
+                for item in (entry if isinstance(entry, (tuple, list)) else (entry,))
+                if isinstance(item, Path)]
+
     # -- shared behaviour ---------------------------------------------------------------------
     @property
     def num_classes(self) -> int:

@@ -117,6 +117,9 @@ class KITTIDataset(SegmentationDataset):
     def __len__(self) -> int:
         return len(self.names)
 
+    def files(self) -> list[Path]:
+        return [folder / name for name in self.names for folder in (self.images, self.labels)]
+
     def load(self, index: int) -> Sample:
         name = self.names[index]
         label_path = self.labels / name

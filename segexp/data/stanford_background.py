@@ -109,6 +109,10 @@ class StanfordBackgroundDataset(SegmentationDataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def files(self) -> list[Path]:
+        return [path for i in self.ids for path in (self.root / "images" / f"{i}.jpg",
+                                                    self.root / "labels" / f"{i}.regions.txt")]
+
     def load(self, index: int) -> Sample:
         sample_id = self.ids[index]
         label_path = self.root / "labels" / f"{sample_id}.regions.txt"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -109,6 +110,9 @@ class SyntheticDataset(SegmentationDataset):
 
     def __len__(self) -> int:
         return self.length
+
+    def files(self) -> list[Path]:
+        return []  # generated: the parameters alone determine every sample
 
     def load(self, index: int) -> Sample:
         if not 0 <= index < self.length:

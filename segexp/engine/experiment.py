@@ -28,6 +28,7 @@ from segexp.engine.trainer import Run, autocast, fit, plan
 from segexp.errors import ConfigError, DataError
 from segexp.loggers import JsonlLogger, RunInfo
 from segexp.loggers.base import json_safe
+from segexp.losses import resolve_auto_class_weights
 from segexp.metrics import format_table
 from segexp.models import build_model
 from segexp.profiling import count_gflops, count_params, measure_fps
@@ -182,7 +183,10 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
                             sampler=ContiguousShardSampler(len(val_set), dist.rank, dist.world_size),
                             collate_fn=pad_collate, generator=torch.Generator(), **workers)
     optimizer = instantiate(cfg.optimizer)(model)
-    run = Run(model=model, criterion=instantiate(cfg.loss).to(device), optimizer=optimizer,
+    # class_weights: auto -> from the training masks, scanned once (cached in the run folder).
+    loss_cfg = resolve_auto_class_weights(cfg.loss, train_set, run_dir,
+                                          progress=dist.is_main and bool(t.progress_bar))
+    run = Run(model=model, criterion=instantiate(loss_cfg).to(device), optimizer=optimizer,
               scheduler=None, scaler=torch.amp.GradScaler(device.type, enabled=str(t.precision) == "16"),
               train_loader=train_loader, sampler=sampler, val_loader=val_loader, device=device,
               trainer=t, run_dir=run_dir, class_names=list(train_set.class_names),
