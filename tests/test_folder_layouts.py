@@ -397,6 +397,10 @@ def test_missing_root_and_file_as_root(tmp_path):
         FolderDataset(root=afile, num_classes=2)
     message = str(info.value)
     assert "is a file, not a folder" in message and "does not exist" not in message
+    write_flat(tmp_path / "unzipped" / "Kvasir-SEG", ["a"])  # the archive's own top folder
+    with pytest.raises(DataError) as info:
+        FolderDataset(root=tmp_path / "unzipped", num_classes=2)
+    assert f"dataset.root={tmp_path / 'unzipped' / 'Kvasir-SEG'}" in str(info.value)
 
 
 def test_train_py_without_a_root_says_how_to_lay_data_out(tmp_path):
@@ -666,3 +670,27 @@ def test_dataset_stats_check_reports_a_good_and_a_broken_layout(tmp_path, capsys
     assert "3 mask(s) without an image: 21_manual1.gif, 23_manual1.gif, 24_manual1.gif" in out
     assert any("dataset.img_suffix=_training dataset.mask_suffix=_manual1" in problem
                for problem in unpaired["problems"])
+
+
+def test_a_model_built_without_the_data_asks_for_the_class_count():
+    from segexp.models import build_model
+
+    cfg = compose_config("dataset=folder")
+    assert cfg.dataset.num_classes is None
+    with pytest.raises(ConfigError, match="dataset.num_classes=<N>"):
+        build_model(cfg)
+
+
+def test_jpeg_mask_warning_is_given_once_while_the_dataset_is_built(tmp_path, monkeypatch, caplog):
+    """Given in the main process at construction (loader workers fork later and inherit that it
+    was given), naming the first JPEG mask; reading the samples adds none."""
+    monkeypatch.setattr(base, "_warned_lossy_masks", False)
+    write_kvasir(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="segexp.data.base"):
+        ds = FolderDataset(root=tmp_path, mask_map={255: 1}, class_names=["bg", "polyp"],
+                           val_fraction=0)
+        assert len([r for r in caplog.records if "is a JPEG" in r.getMessage()]) == 1
+        for i in range(len(ds)):
+            ds[i]
+    warnings = [r.getMessage() for r in caplog.records if "is a JPEG" in r.getMessage()]
+    assert len(warnings) == 1 and ds.samples[0][1].name in warnings[0]

@@ -296,7 +296,8 @@ class SegmentationDataset(Dataset):
     def mask_dtype(self) -> type:
         """The narrowest integer type that holds every valid mask value (classes and ignore):
         ``uint8`` as a rule, ``int32`` when there are more classes than 8 bits can number."""
-        return np.uint8 if max(self.num_classes - 1, self.ignore_index) <= 255 else np.int32
+        fits = self.num_classes <= 256 and 0 <= self.ignore_index <= 255
+        return np.uint8 if fits else np.int32
 
     def check_sample(self, sample: Sample) -> None:
         """Size agreement and label range: errors that name the file and say what to do."""

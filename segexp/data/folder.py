@@ -17,7 +17,14 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from segexp.data.base import IGNORE_INDEX, Sample, SegmentationDataset, read_image, read_mask
+from segexp.data.base import (
+    IGNORE_INDEX,
+    JPEG_EXTENSIONS,
+    Sample,
+    SegmentationDataset,
+    read_image,
+    read_mask,
+)
 from segexp.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -155,7 +162,6 @@ def read_colour_mask(path: str | Path) -> np.ndarray:
     return cv2.cvtColor(mask, cv2.COLOR_BGR2RGB)
 
 
-
 # -- file names -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class NameRule:
@@ -178,7 +184,7 @@ class NameRule:
             return cls(option)
         values = [value] if isinstance(value, str) else value
         try:
-            values = [v for v in values]
+            values = list(values)
         except TypeError:
             values = None
         if not values or not all(isinstance(v, str) for v in values):
@@ -199,7 +205,7 @@ class NameRule:
 
     @property
     def is_open(self) -> bool:
-        """Whether every image file matches (some suffix names neither an ending nor a type)."""
+        """Whether the rule takes any image file (one of its suffixes is empty)."""
         return ("", "") in self.suffixes
 
     @property
@@ -417,8 +423,10 @@ class FolderLayout:
                             and not p.name.startswith(".") and p.name not in configured)
         nested = [name for name in subfolders if (self.root / name / self.image_dir).is_dir()
                   and (self.root / name / self.mask_dir).is_dir()]
-        if len(nested) == 1 and not self._split_folders_found()[1]:
-            return f" Did you mean dataset.root={self.root / nested[0]}?"
+        if len(nested) == 1:
+            return (f" {nested[0]}/ holds {self.image_dir}/ and {self.mask_dir}/: did you mean "
+                    f"dataset.root={self.root / nested[0]} (or, if it is a split folder, "
+                    f"dataset.train_split={nested[0]})?")
         hint = self._split_hint()
         if hint:
             return hint
@@ -664,6 +672,14 @@ class FolderDataset(SegmentationDataset):
         self.check_num_classes()
         if not binary_checked and self.mask_map is None and self._colour_table is None:
             self._check_binary_masks()
+        if self._colour_table is None:
+            # Read one JPEG mask now: the lossy-mask warning is then given here, once, before
+            # loader workers fork (they inherit that it was given), and a JPEG mask that cannot
+            # be repaired stops construction instead of a worker.
+            jpeg = next((mask for _, mask in self.samples
+                         if mask.suffix.lower() in JPEG_EXTENSIONS), None)
+            if jpeg is not None:
+                self._read_index_mask(jpeg)
 
     def __len__(self) -> int:
         return len(self.samples)
