@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 from hydra.errors import HydraException
+from omegaconf import open_dict
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
@@ -76,6 +77,9 @@ def build(cfg, split: str, device: torch.device, iters: int, warmup: int):
     if len(dataset) == 0:
         raise SegexpError(f"the {split} split of dataset.root={cfg.dataset.get('root')} is empty; "
                           "pass --split with a split that has images.")
+    if cfg.dataset.get("num_classes", 0) is None:  # counted from the masks: the model takes it
+        with open_dict(cfg):
+            cfg.dataset.num_classes = dataset.num_classes
     needed = t.batch_size * (iters + warmup) * 2  # the loader is run twice (alone, end to end)
     workers = {"num_workers": t.num_workers, "pin_memory": device.type == "cuda"}
     if t.num_workers > 0:

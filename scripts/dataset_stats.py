@@ -23,26 +23,43 @@ with the same overrides as train.py, and prints
 Writes ``outputs/stats_<dataset>_<split>.yaml``, a snippet for the ``loss`` group
 (``loss.class_weights``, the ``--weights`` method; the other method is in a comment), and
 ``outputs/stats_<dataset>_<split>.png``, a bar chart of the class frequencies.
+
+``--check`` scans a layout before training instead (the train and val splits, and ``--split``
+if it names another): pairs found per split and the folders they come from; for
+``dataset=folder`` the unpaired files on either side (the first few named, with counts, and the
+suffix options that would pair them); the mask value histogram (values as loaded, after
+``mask_map`` / the palette: pixels and images per value); image sizes; every unreadable file,
+size mismatch or out-of-range value. It writes nothing and exits 1 when the layout is broken:
+
+    python scripts/dataset_stats.py dataset=folder dataset.root=data/DRIVE ... --check
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import warnings
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from hydra.errors import HydraException
+from omegaconf import open_dict
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from segexp.config import compose_train_config, instantiate  # noqa: E402
+from segexp.data.folder import FolderLayout  # noqa: E402
 from segexp.data.scan import MaskScan, class_weights, scan_masks  # noqa: E402
 from segexp.errors import SegexpError  # noqa: E402
 
 MAX_SIZES_LISTED = 10  # list the count per image size when there are at most this many sizes
+FOLDER_TARGET = "segexp.data.folder.FolderDataset"
+NAMES_SHOWN = 5  # unpaired files and sample errors named in the --check report
 
 
 # -- counting (one pass over the masks: segexp.data.scan) ---------------------------------------
@@ -154,6 +171,107 @@ def bar_chart(stats: dict, colours, title: str, path: Path) -> Path:
     return path
 
 
+# -- checking a layout (--check) ------------------------------------------------------------------
+def _named(items: list[str]) -> str:
+    more = f" ... ({len(items)} in all)" if len(items) > NAMES_SHOWN else ""
+    return ", ".join(items[:NAMES_SHOWN]) + more
+
+
+def check_split(cfg, split: str, max_images: int | None, progress: bool) -> tuple[list, list, Any]:
+    """Report lines and problems for one split, and its dataset (None if it cannot be built)."""
+    lines, problems, options = [], [], {}
+    if cfg.dataset.get("_target_") == FOLDER_TARGET:
+        layout = FolderLayout.from_options(cfg.dataset)
+        try:
+            scan = layout.scan(split)
+        except SegexpError as err:
+            return [f"{split}: the layout cannot be read."], [f"{split}: {err}"], None
+        lines.append(scan.describe())
+        for label, files in (("image(s) without a mask", [p.name for p in scan.unpaired_images]),
+                             ("mask(s) without an image", [p.name for p in scan.unpaired_masks]),
+                             ("image file(s) no suffix option accepts",
+                              [str(p.relative_to(layout.root)) for p in scan.rejected]),
+                             (f"entr(ies) of {scan.list_file} naming no file",
+                              scan.missing_entries)):
+            if files:
+                lines.append(f"  {len(files)} {label}: {_named(files)}")
+        if scan.problems:
+            problems.append(f"{split}: {layout.describe_unpaired(scan)}")
+        if scan.missing_entries:
+            problems.append(f"{split}: {scan.list_file} names {len(scan.missing_entries)} entries "
+                            f"with no file: {_named(scan.missing_entries)}")
+        if not scan.pairs:
+            if not problems:
+                problems.append(f"{split}: no image in {scan.image_dir} has a mask in "
+                                f"{scan.mask_dir}.")
+            return lines, problems, None
+        options["allow_unpaired"] = True  # read the pairs there are; the unpaired are reported
+    folder_log = logging.getLogger("segexp.data.folder")
+    level = folder_log.level
+    folder_log.setLevel(logging.ERROR)  # its warnings repeat what the report says
+    try:
+        dataset = instantiate(cfg.dataset, split=split, transforms=None, **options)
+    except SegexpError as err:
+        return lines + [f"{split}: the dataset cannot be built."], problems + [f"{split}: {err}"], None
+    finally:
+        folder_log.setLevel(level)
+    if not lines:
+        lines.append(f"{split} split: {len(dataset)} samples ({type(dataset).__name__})")
+    inferred = (" (inferred from the masks: largest value + 1; set dataset.class_names to name "
+                "them)" if cfg.dataset.get("num_classes", 0) is None
+                and cfg.dataset.get("class_names") is None
+                and cfg.dataset.get("classes_file") is None else "")
+    lines.append(f"  {dataset.num_classes} classes: {_named(list(dataset.class_names))}{inferred}")
+    n = len(dataset) if max_images is None else min(len(dataset), max_images)
+    pixels, images, sizes, errors = Counter(), Counter(), Counter(), []
+    for i in tqdm(range(n), desc=f"{split} split", unit="img", disable=not progress):
+        try:
+            sample = dataset.load(i)
+            dataset.check_sample(sample)
+        except SegexpError as err:
+            errors.append(str(err))
+            continue
+        values, counts = np.unique(np.asarray(sample.mask), return_counts=True)
+        for value, count in zip(values.tolist(), counts.tolist()):
+            pixels[value] += count
+            images[value] += 1
+        sizes[(int(sample.image.shape[1]), int(sample.image.shape[0]))] += 1
+    read = f"{n} of {len(dataset)}" if n < len(dataset) else f"all {n}"
+    lines.append(f"  read {read} samples; mask values (after mask_map / palette; "
+                 f"{dataset.ignore_index} = ignore), pixels in images:")
+    for value in sorted(pixels):
+        name = ("ignore" if value == dataset.ignore_index else
+                dataset.class_names[value] if 0 <= value < dataset.num_classes else "OUT OF RANGE")
+        lines.append(f"    {value:>5} {name:<16} {pixels[value]:>12} px in {images[value]} image(s)")
+    if sizes:
+        common = sizes.most_common(MAX_SIZES_LISTED)
+        more = f" ({len(sizes)} sizes in all)" if len(sizes) > MAX_SIZES_LISTED else ""
+        lines.append("  image sizes (w x h: images): "
+                     + ", ".join(f"{w}x{h}: {c}" for (w, h), c in common) + more)
+    if errors:
+        lines.append(f"  {len(errors)} sample(s) cannot be used; the first: {errors[0]}")
+        problems += [f"{split}: {error}" for error in errors[:NAMES_SHOWN]]
+        if len(errors) > NAMES_SHOWN:
+            problems.append(f"{split}: ... and {len(errors) - NAMES_SHOWN} more unusable samples")
+    return lines, problems, dataset
+
+
+def check_layout(cfg, splits: list[str], max_images: int | None = None,
+                 progress: bool = True) -> dict:
+    """``--check``: every split's report; ``ok`` is False when any split has a problem."""
+    lines, problems = [], []
+    for split in splits:
+        split_lines, split_problems, dataset = check_split(cfg, split, max_images, progress)
+        lines += split_lines
+        problems += split_problems
+        if split == "train" and dataset is not None and cfg.dataset.get("num_classes", 0) is None:
+            with open_dict(cfg):  # as in training: val takes the count the train split inferred
+                cfg.dataset.num_classes = dataset.num_classes
+    if not problems:
+        lines.append("check: OK, the " + ", ".join(splits) + " splits are readable and paired.")
+    return {"ok": not problems, "report": "\n".join(lines), "problems": problems}
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -169,11 +287,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out-dir", type=Path, default=ROOT / "outputs",
                         help="folder for stats_<dataset>_<split>.yaml/.png (default: outputs)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--check", action="store_true",
+                        help="scan the layout (train and val) and report pairs, unpaired files, "
+                             "mask values and sizes; exit 1 when it is broken; writes nothing")
     args = parser.parse_intermixed_args(argv)
     if args.max_images is not None and args.max_images < 1:
         parser.error("--max-images must be at least 1")
 
     cfg, dataset_name = compose_train_config(args.overrides)
+    if args.check:
+        splits = ["train", "val"] + ([args.split] if args.split not in ("train", "val") else [])
+        result = check_layout(cfg, splits, args.max_images, progress=not args.no_progress)
+        print(f"dataset={dataset_name}, dataset.root={cfg.dataset.get('root')}:")
+        print(result["report"])
+        if result["problems"]:
+            print(f"dataset_stats: error: the layout is broken ({len(result['problems'])} "
+                  "problem(s)):\n" + "\n".join(f"  - {p}" for p in result["problems"]),
+                  file=sys.stderr)
+        return result
     dataset = instantiate(cfg.dataset, split=args.split, transforms=None)
     if len(dataset) == 0:
         raise SegexpError(f"the {args.split} split of dataset '{type(dataset).__name__}' is empty "
@@ -211,7 +342,9 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     warnings.formatwarning = lambda message, *args, **kwargs: f"dataset_stats: warning: {message}\n"
     try:
-        main()
+        outcome = main()
+        if not outcome.get("ok", True):
+            sys.exit(1)
     except (SegexpError, HydraException) as err:
         print(f"dataset_stats: error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 from torchvision import tv_tensors
 from tqdm.auto import tqdm
@@ -193,11 +193,28 @@ def checkpoint_path(run_dir: str | Path, checkpoint: str | Path = "best") -> Pat
 
 
 def load_run_config(run_dir: str | Path) -> DictConfig:
+    """The run's composed config. A class count the run inferred from its data
+    (``dataset.num_classes: null``) is filled in from the class names its checkpoint records."""
     path = Path(run_dir) / ".hydra" / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{path} not found: {run_dir} is not a train.py run folder (it needs "
                           ".hydra/config.yaml and checkpoints/).")
-    return OmegaConf.load(path)
+    config = OmegaConf.load(path)
+    if "dataset" in config and config.dataset.get("num_classes", 0) is None:
+        for name in ("best", "last"):
+            checkpoint = checkpoint_path(run_dir, name)
+            if checkpoint.is_file():
+                _fill_num_classes(config, load_checkpoint(checkpoint))
+                break
+    return config
+
+
+def _fill_num_classes(config: DictConfig, state: dict) -> None:
+    """``dataset.num_classes`` from a checkpoint's class names, where the config leaves it null."""
+    names = state.get("class_names")
+    if names and "dataset" in config and config.dataset.get("num_classes", 0) is None:
+        with open_dict(config):
+            config.dataset.num_classes = len(names)
 
 
 def _find_normalize(transforms: Any):
@@ -276,6 +293,7 @@ class Segmenter:
         state = load_checkpoint(path)
         if "model" not in state:
             raise ConfigError(f"{path} is not a segexp checkpoint (no 'model' entry).")
+        _fill_num_classes(config, state)
         model = build_model(config)
         try:
             model.load_state_dict(state["model"])

@@ -9,6 +9,7 @@ transforms, usually normalised), ``mask`` an int64 tensor ``HxW`` of class indic
 
 from __future__ import annotations
 
+import logging
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from segexp.errors import DataError
 
 IGNORE_INDEX = 255
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Sample:
@@ -32,6 +35,8 @@ class Sample:
     image: np.ndarray
     mask: np.ndarray
     source: str  # a file path or name, used in error messages
+    image_path: Path | None = None  # the image file, when there is one: its EXIF tag explains
+    # some size mismatches
 
 
 def default_palette(num_classes: int, seed: int = 0) -> list[tuple[int, int, int]]:
@@ -41,39 +46,199 @@ def default_palette(num_classes: int, seed: int = 0) -> list[tuple[int, int, int
     return [tuple(int(c) for c in colour) for colour in colours]
 
 
+# Mask files read with Pillow: it keeps the indices of palette images (OpenCV expands them to
+# colours), reads GIF (which OpenCV builds may lack) and never applies EXIF orientation.
+PILLOW_MASK_EXTENSIONS = (".png", ".gif", ".bmp", ".tif", ".tiff")
+JPEG_EXTENSIONS = (".jpg", ".jpeg")
+EXIF_ORIENTATION_TAG = 0x0112
+_ORIENTATIONS = {2: "mirrored", 3: "rotated 180 degrees", 4: "flipped upside down",
+                 5: "mirrored and rotated 90 degrees", 6: "rotated 90 degrees clockwise",
+                 7: "mirrored and rotated 90 degrees", 8: "rotated 90 degrees counter-clockwise"}
+# A JPEG mask is two-level (binary) when at least this share of its pixels lies within
+# JPEG_LEVEL_MARGIN of 0 or of 255; the rest are compression artefacts at edges.
+JPEG_TWO_LEVEL_SHARE = 0.95
+JPEG_LEVEL_MARGIN = 63
+# A JPEG mask whose values stay at or below this is a 0/1 mask (compression moves values by a few).
+JPEG_ZERO_ONE_MAX = 15
+# Loader workers are forked after the dataset has been built, so a warning given while the
+# dataset was built (which reads masks) is not repeated by every worker.
+_warned_lossy_masks = False
+
+
+def exif_orientation(path: str | Path) -> int | None:
+    """The EXIF orientation tag (1..8) of an image file, or None when it has none (or cannot be
+    read). Only the header is read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            value = im.getexif().get(EXIF_ORIENTATION_TAG)
+    except (OSError, ValueError, SyntaxError):
+        return None
+    return int(value) if isinstance(value, int) else None
+
+
+def _to_uint8(image: np.ndarray, path: str | Path) -> np.ndarray:
+    if image.dtype == np.uint8:
+        return image
+    if image.dtype == np.uint16:  # the full 16-bit range onto 0..255
+        return np.round(image.astype(np.float32) * (255.0 / 65535.0)).astype(np.uint8)
+    raise DataError(f"image file {path} holds {image.dtype} pixels; segexp reads 8-bit and 16-bit "
+                    "images. Convert it to an 8-bit (or 16-bit) PNG or TIFF.")
+
+
 def read_image(path: str | Path) -> np.ndarray:
-    """Read an image file as RGB ``uint8``; a clear :class:`DataError` if it cannot be read."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise DataError(f"cannot read image file {path}: it is missing, empty or not an image. "
-                        "Remove it from the dataset or replace it with a valid file.")
+    """Read an image file as RGB ``uint8`` ``HxWx3``; a clear :class:`DataError` if it cannot be
+    read. Grayscale becomes three equal channels, an alpha channel is dropped, 16-bit pixels are
+    scaled to 8 bits. The EXIF orientation tag is ignored: pixels come as stored, because masks
+    are drawn on the stored pixels (rotating only the image would misalign the pair)."""
+    path = Path(path)
+    image = None
+    if path.suffix.lower() != ".gif":
+        image = cv2.imread(str(path), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
+                           | cv2.IMREAD_IGNORE_ORIENTATION)
+    if image is None:  # GIF, or a format this OpenCV build does not decode
+        image = _read_with_pillow(path, "RGB")
+        if image is None:
+            raise DataError(f"cannot read image file {path}: it is missing, empty or not an "
+                            "image. Remove it from the dataset or replace it with a valid file.")
+        return image
+    image = _to_uint8(image, path)
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def read_mask(path: str | Path) -> np.ndarray:
-    """Read a single-channel class-index mask (palette PNGs give their indices, not colours)."""
-    path = Path(path)
-    mask = None
-    if path.suffix.lower() == ".png":
-        # Pillow keeps the indices of palette ("P" mode) PNGs; OpenCV would expand them to colours.
-        from PIL import Image
+def _read_with_pillow(path: Path, mode: str) -> np.ndarray | None:
+    from PIL import Image
 
-        try:
-            with Image.open(path) as im:
-                if im.mode in ("P", "L", "I", "I;16"):
-                    mask = np.array(im)
-        except OSError:
-            mask = None
+    try:
+        with Image.open(path) as im:
+            return np.array(im.convert(mode))
+    except (OSError, ValueError, SyntaxError):
+        return None
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Read a single-channel class-index mask as stored (no EXIF rotation, like the images).
+
+    * PNG / GIF / BMP / TIFF through Pillow: palette images give their indices, not colours,
+      except a GIF whose colours are all greys, which gives the grey levels (GIF has no grey mode,
+      so binary 0/255 masks are stored with a grey palette); 16-bit masks keep values above 255.
+    * JPEG (lossy): a two-level mask (values near 0 and near 255, or near 0 and 1) is
+      thresholded back to 0/255 (0/1), with one warning naming the first such file; a JPEG mask
+      with more levels is refused (compression has changed its class indices at every edge).
+    * A colour image whose channels are all equal is read as one channel; other colour images are
+      refused (colour-coded masks need the dataset's palette).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    mask = None
+    if suffix in PILLOW_MASK_EXTENSIONS:
+        mask = _read_mask_with_pillow(path)
     if mask is None:
-        mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        flags = (cv2.IMREAD_ANYCOLOR | cv2.IMREAD_IGNORE_ORIENTATION if suffix in JPEG_EXTENSIONS
+                 else cv2.IMREAD_UNCHANGED)  # IMREAD_UNCHANGED ignores EXIF orientation too
+        mask = cv2.imread(str(path), flags)
     if mask is None:
         raise DataError(f"cannot read mask file {path}: it is missing, empty or not an image. "
                         "Remove the sample or replace the mask with a class-index PNG.")
-    if mask.ndim == 3:
-        raise DataError(f"mask file {path} has {mask.shape[2]} channels; segexp expects a "
-                        "single-channel image of class indices. For colour-coded masks give the "
-                        "dataset a palette so colours can be mapped to classes.")
+    mask = _single_channel(mask, path)
+    if suffix in JPEG_EXTENSIONS:
+        mask = _repair_jpeg_mask(mask, path)
+    elif mask.dtype.kind == "f":
+        if not np.array_equal(mask, np.round(mask)):
+            raise DataError(f"mask file {path} holds fractional values (dtype {mask.dtype}); "
+                            "class-index masks hold whole numbers. Save it as an integer image.")
+        mask = mask.astype(np.int32)
     return mask
+
+
+def _read_mask_with_pillow(path: Path) -> np.ndarray | None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if im.mode == "P" and path.suffix.lower() == ".gif" and _grey_palette(im):
+                return np.array(im.convert("L"))
+            if im.mode in ("P", "L", "I", "I;16", "I;16B", "I;16L", "F"):
+                return np.array(im)
+            if im.mode == "1":  # bilevel: 0/255, as OpenCV reads it
+                return np.array(im.convert("L"))
+    except (OSError, ValueError, SyntaxError):
+        return None
+    return None  # colour modes: OpenCV reads them, channels are checked after
+
+
+def _grey_palette(im) -> bool:
+    """Whether every palette entry the image uses is a grey (r = g = b)."""
+    palette = np.frombuffer(bytes(im.getpalette() or []), np.uint8).reshape(-1, 3)
+    used = np.unique(np.array(im))
+    used = used[used < len(palette)]
+    colours = palette[used]
+    return bool((colours[:, 0] == colours[:, 1]).all() and (colours[:, 1] == colours[:, 2]).all())
+
+
+def _single_channel(mask: np.ndarray, path: Path) -> np.ndarray:
+    if mask.ndim == 2:
+        return mask
+    colour = mask[..., :3] if mask.shape[2] >= 3 else mask[..., :1]
+    first = colour[..., :1]
+    # JPEG moves grey pixels' channels apart by a few levels; stored greys elsewhere are exact.
+    tolerance = 32 if path.suffix.lower() in JPEG_EXTENSIONS else 0
+    spread = np.abs(colour.astype(np.int32) - first.astype(np.int32)).max() if colour.size else 0
+    if spread <= tolerance:
+        if tolerance:
+            return cv2.cvtColor(np.ascontiguousarray(colour), cv2.COLOR_BGR2GRAY)
+        return np.ascontiguousarray(first[..., 0])
+    raise DataError(f"mask file {path} has {mask.shape[2]} channels with differing colours; segexp "
+                    "expects a single-channel image of class indices. For colour-coded masks give "
+                    "the dataset a palette so colours can be mapped to classes.")
+
+
+def _repair_jpeg_mask(mask: np.ndarray, path: Path) -> np.ndarray:
+    global _warned_lossy_masks
+    if mask.size == 0:
+        return mask
+    if int(mask.max()) <= JPEG_ZERO_ONE_MAX:
+        repaired, levels = (mask >= 1).astype(np.uint8), "0/1 (values >= 1 become 1)"
+    else:
+        near = (mask <= JPEG_LEVEL_MARGIN) | (mask >= 255 - JPEG_LEVEL_MARGIN)
+        if near.mean() < JPEG_TWO_LEVEL_SHARE:
+            values = np.unique(mask)
+            raise DataError(
+                f"mask file {path} is a JPEG with {len(values)} distinct values spread over "
+                f"{int(values[0])}..{int(values[-1])}: JPEG compression changes class indices at "
+                "every edge, and only two-level (binary 0/255 or 0/1) JPEG masks can be repaired "
+                "by thresholding. Save the masks losslessly (PNG) from their source.")
+        repaired, levels = np.where(mask >= 128, 255, 0).astype(np.uint8), "0/255 at 128"
+    if not _warned_lossy_masks:
+        _warned_lossy_masks = True
+        log.warning(f"mask {path} is a JPEG (lossy compression blurs its edges): binary JPEG "
+                    f"masks are thresholded to {levels}. Warned once, for the first such file; "
+                    "PNG masks avoid this.")
+    return repaired
+
+
+def _orientation_hint(sample: Sample) -> str:
+    """What EXIF orientation may have to do with an image/mask size mismatch."""
+    image, mask = sample.image, sample.mask
+    swapped = image.shape[:2] == mask.shape[1::-1]
+    orientation = exif_orientation(sample.image_path) if sample.image_path is not None else None
+    if orientation is not None and orientation != 1:
+        return (f" The image file {sample.image_path} carries the EXIF orientation tag "
+                f"{orientation} ({_ORIENTATIONS.get(orientation, 'unknown')}): viewers show it "
+                "turned, but segexp reads images and masks as stored (EXIF ignored for both, since "
+                "masks are drawn on the stored pixels). If this mask was drawn on the turned view, "
+                "save the image with the rotation applied and the tag removed (e.g. Pillow's "
+                "ImageOps.exif_transpose) so the pair agrees.")
+    if swapped:
+        return (" Width and height are swapped: a mask drawn on an EXIF-rotated view of the image "
+                "(phone photos carry an orientation tag that viewers apply) looks like this; "
+                "segexp ignores EXIF orientation and reads the pixels as stored.")
+    return ""
 
 
 def seed_for(base_seed: int, index: int) -> int:
@@ -139,13 +304,21 @@ class SegmentationDataset(Dataset):
                 f"{self.num_classes} classes ({', '.join(self.class_names)}). Set "
                 f"dataset.num_classes={self.num_classes} or give matching class names.")
 
+    @property
+    def mask_dtype(self) -> type:
+        """The narrowest integer type that holds every valid mask value (classes and ignore):
+        ``uint8`` as a rule, ``int32`` when there are more classes than 8 bits can number."""
+        fits = self.num_classes <= 256 and 0 <= self.ignore_index <= 255
+        return np.uint8 if fits else np.int32
+
     def check_sample(self, sample: Sample) -> None:
         """Size agreement and label range: errors that name the file and say what to do."""
         image, mask = sample.image, sample.mask
         if image.shape[:2] != mask.shape[:2]:
             raise DataError(f"image and mask sizes differ for {sample.source}: image "
                             f"{image.shape[1]}x{image.shape[0]}, mask {mask.shape[1]}x{mask.shape[0]} "
-                            "(width x height). Each mask must match its image pixel for pixel.")
+                            "(width x height). Each mask must match its image pixel for pixel."
+                            + _orientation_hint(sample))
         if mask.size and (int(mask.max()) >= self.num_classes or int(mask.min()) < 0):
             values = np.unique(mask)
             bad = [int(v) for v in values
@@ -163,7 +336,8 @@ class SegmentationDataset(Dataset):
         sample = self.load(index)
         self.check_sample(sample)
         image = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(sample.image)).permute(2, 0, 1))
-        mask = tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(sample.mask).astype(np.uint8)))
+        mask = tv_tensors.Mask(torch.from_numpy(
+            np.ascontiguousarray(sample.mask).astype(self.mask_dtype, copy=False)))
         if self.transforms is not None:
             if seed is None:
                 image, mask = self.transforms(image, mask)

@@ -33,7 +33,7 @@ def binarize(gt: np.ndarray, threshold: int = THRESHOLD) -> np.ndarray:
 
 def read_gt(path: str | Path) -> np.ndarray:
     """Read a DIS5K ground-truth PNG as one grey channel (a colour PNG is converted)."""
-    gt = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    gt = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_IGNORE_ORIENTATION)
     if gt is None:
         raise DataError(f"cannot read ground-truth mask {path}: it is missing, empty or not an "
                         f"image. Re-extract {ARCHIVE} ({URL}).")

@@ -227,7 +227,7 @@ class Stanford2D3DSDataset(SegmentationDataset):
     def load(self, index: int) -> Sample:
         image_path, label_path = self.samples[index]
         image = read_image(image_path)
-        encoded = cv2.imread(str(label_path), cv2.IMREAD_COLOR)
+        encoded = cv2.imread(str(label_path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
         if encoded is None:
             raise DataError(f"cannot read semantic image {label_path}: it is missing, empty or "
                             "not an image. Re-extract the area's archive.")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader
 
 from segexp.config import instantiate
@@ -84,7 +84,13 @@ def wrap_for_training(model: torch.nn.Module, t: DictConfig, device: torch.devic
 
 
 def build_datasets(cfg: DictConfig):
+    """The train and val sets. A dataset that infers its class count (``dataset.num_classes:
+    null``, e.g. ``dataset=folder`` without class names) writes it into ``cfg.dataset``, so the
+    val set and the model (``model.num_classes: ${dataset.num_classes}``) are built with it."""
     train_set = instantiate(cfg.dataset, split="train", transforms=instantiate(cfg.transforms.train))
+    if cfg.dataset.get("num_classes", 0) is None:
+        with open_dict(cfg):
+            cfg.dataset.num_classes = train_set.num_classes
     if cfg.transforms.get("mix"):  # CutMix / ClassMix: pairs of augmented training samples
         train_set = instantiate(cfg.transforms.mix)(train_set)
     val_set = instantiate(cfg.dataset, split="val", transforms=instantiate(cfg.transforms.val))
