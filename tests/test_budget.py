@@ -157,3 +157,4 @@ def test_distributed_ranks_stop_at_rank_0s_count(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]  # a disagreement would hang DDP, not pass
     summary = _summary(tmp_path)
     assert summary["world_size"] == 2 and summary["iters"] == summary["planned_iters"] >= 1
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["state"]["iter"] == summary["iters"]

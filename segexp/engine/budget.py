@@ -12,7 +12,7 @@ What counts against the budget: everything from the start of the run's set-up to
 last validation, validations included (a user who says ``20m`` expects the run to be done after
 20 minutes; validations are part of that). Not counted: the cost measurement (GFLOPs / FPS) and
 the pictures written after training, a few seconds. If the machine slows down so much that the run
-passes its budget by more than ``OVERRUN_GRACE``, training stops there, validates and says so.
+passes its budget by more than :func:`overrun_limit` allows, training stops there, validates and says so.
 """
 
 from __future__ import annotations
@@ -32,8 +32,15 @@ from segexp.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# Stop hard once the budget is passed by this fraction (the estimate was badly off).
+# Stop hard once the budget is passed by this fraction, and at least OVERRUN_MIN_S (the estimate
+# was badly off: the machine slowed down; short budgets have noisy fixed costs).
 OVERRUN_GRACE = 0.10
+OVERRUN_MIN_S = 30.0
+
+
+def overrun_limit(budget_s: float) -> float:
+    """Seconds after which a run with this budget stops, whatever its plan."""
+    return budget_s + max(OVERRUN_GRACE * budget_s, OVERRUN_MIN_S)
 # Calibration: untimed warm-up steps (first-call costs: kernels, loader workers), then timed steps
 # until this fraction of the budget is spent, at least MIN_TIMED_STEPS and at most MAX_TIMED_STEPS.
 WARMUP_STEPS = 2

@@ -349,13 +349,12 @@ def fit(run: Run) -> TrainState:
                 charge_budget()
                 # The estimate was far off (the machine slowed down): stop at the limit. Rank 0's
                 # clock decides, so every rank stops at the same iteration.
-                if distributed.broadcast_object(
-                        s.budget_used_s > run.budget_s * (1 + budget.OVERRUN_GRACE)):
+                if distributed.broadcast_object(s.budget_used_s > budget.overrun_limit(run.budget_s)):
                     last_iter, s.stopped_by = True, "time_limit"
                     log.warning(f"[iter {s.iter}/{total_iters}] the time budget "
-                                f"(trainer.max_time={t.max_time}) is overrun by more than "
-                                f"{budget.OVERRUN_GRACE:.0%}: stopping here, before the schedule "
-                                "ends.")
+                                f"(trainer.max_time={t.max_time}) is overrun: "
+                                f"{budget.format_duration(s.budget_used_s)} used; stopping here, "
+                                "before the schedule ends (the machine ran slower than measured).")
             if s.iter % t.log_interval == 0 or last_iter or epoch_done:
                 check_finite(run, bad_step)
                 elapsed = time.perf_counter() - window_start
