@@ -276,7 +276,7 @@ class Segmenter:
         state = load_checkpoint(path)
         if "model" not in state:
             raise ConfigError(f"{path} is not a segexp checkpoint (no 'model' entry).")
-        model = build_model(config)
+        model = build_model(config, pretrained=False)  # the checkpoint holds every weight
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as err:

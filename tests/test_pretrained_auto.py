@@ -25,12 +25,13 @@ from segexp.backbones import pretrained as pretrained_module
 from segexp.backbones.litehrnet import LiteHRNet
 from segexp.backbones.mit import MixVisionTransformer
 from segexp.backbones.mscan import MSCAN
-from segexp.backbones.pretrained import PretrainedSource, pretrained_mode
+from segexp.backbones.pretrained import PretrainedSource, no_pretrained_weights, pretrained_mode
 from segexp.backbones.vit import ViTBackbone
 from segexp.engine import experiment
 from segexp.engine.experiment import run_training
 from segexp.errors import ConfigError
 from segexp.loggers import JsonlLogger
+from segexp.models import build_model
 from tests.conftest import CONF, compose_config
 from tests.test_train import tiny_config
 
@@ -221,6 +222,20 @@ def test_pretrained_values():
         pretrained_mode("maybe")
     with pytest.raises(ConfigError, match="backbone.pretrained="):
         TimmBackbone("resnet18", pretrained="yes please")
+
+
+def test_models_for_trained_weights_fetch_nothing_and_say_nothing(caplog, no_probe):
+    """Evaluation, export and inference load a run's checkpoint over the model they build."""
+    with caplog.at_level(logging.WARNING):
+        model = build_model(compose_config("model=fcn", "backbone.pretrained=true"), pretrained=False)
+        with no_pretrained_weights():
+            vit = ViTBackbone("vit_tiny_patch16_224", pretrained=True, freeze=True, img_size=32,
+                              depth=2)
+    assert not _warnings(caplog)
+    assert model.backbone.pretrained_source == vit.pretrained_source == PretrainedSource(
+        "none", "pretrained=false")
+    with pytest.raises(ConfigError):  # outside, pretrained=true insists again
+        build_model(compose_config("model=fcn", "backbone.pretrained=true"))
 
 
 def test_every_backbone_config_defaults_to_auto():

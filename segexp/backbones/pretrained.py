@@ -24,6 +24,9 @@ import re
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,15 +61,38 @@ class PretrainedSource:
         return {"pretrained": self.kind, "pretrained_source": str(self)}
 
 
+_SKIPPED: ContextVar[bool] = ContextVar("segexp_pretrained_skipped", default=False)
+
+
+@contextmanager
+def no_pretrained_weights() -> Iterator[None]:
+    """Backbones built inside take ``pretrained=false`` whatever their config says, and warn about
+    nothing: for models whose trained weights are loaded next (evaluation, export, inference) or
+    that need none (benchmarks, meta-device counts), so nothing is fetched for nothing."""
+    token = _SKIPPED.set(True)
+    try:
+        yield
+    finally:
+        _SKIPPED.reset(token)
+
+
+def pretrained_skipped() -> bool:
+    """Inside :func:`no_pretrained_weights`."""
+    return _SKIPPED.get()
+
+
 def pretrained_mode(value: Any) -> str:
-    """``backbone.pretrained`` as ``"auto"``, ``"true"`` or ``"false"`` (YAML booleans or strings)."""
+    """``backbone.pretrained`` as ``"auto"``, ``"true"`` or ``"false"`` (YAML booleans or strings);
+    ``"false"`` inside :func:`no_pretrained_weights`."""
     if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str) and value.strip().lower() in PRETRAINED_MODES:
-        return value.strip().lower()
-    raise ConfigError(f"backbone.pretrained={value!r}: choose auto (the published pretrained "
-                      "weights when they can be had, else from scratch with a warning), true (the "
-                      "weights or stop) or false (from scratch).")
+        mode = "true" if value else "false"
+    elif isinstance(value, str) and value.strip().lower() in PRETRAINED_MODES:
+        mode = value.strip().lower()
+    else:
+        raise ConfigError(f"backbone.pretrained={value!r}: choose auto (the published pretrained "
+                          "weights when they can be had, else from scratch with a warning), true "
+                          "(the weights or stop) or false (from scratch).")
+    return "false" if pretrained_skipped() else mode
 
 
 def checkpoint_source(path: str | Path) -> PretrainedSource:
@@ -98,7 +124,7 @@ def create_timm_model(name: str, mode: str, kwargs: dict[str, Any], *,
                       frozen: bool = False) -> tuple[nn.Module, PretrainedSource]:
     """``timm.create_model(name, **kwargs)`` with ``backbone.pretrained=mode`` (no checkpoint
     given). Cached weights are loaded from their file, so nothing waits on the network."""
-    if mode == "false":
+    if mode == "false" or not timm.is_model(name):  # (timm says what is wrong with a name)
         return timm.create_model(name, pretrained=False, **kwargs), scratch_source(mode, "")
     weights = _TimmWeights(name, kwargs)
     if weights.cfg is None:
@@ -129,9 +155,10 @@ def create_timm_model(name: str, mode: str, kwargs: dict[str, Any], *,
         return model, PretrainedSource(weights.kind, f"timm: {weights.full_name}, local cache")
 
     not_cached = f"timm's {weights.full_name} is not in the local cache ({weights.cache_dirs()})"
-    remedy = (f"download them once with network (timm caches them) or pass "
-              f"backbone.checkpoint=/path/to/{weights.full_name}.safetensors (a state dict of timm's "
-              f"'{name}')")
+    remedy = (f"fetch them once where there is network (python -c \"import timm; "
+              f"timm.create_model('{weights.full_name}', pretrained=True)\" fills the cache; copy "
+              f"it here if need be) or pass backbone.checkpoint=/path/to/a/state_dict.safetensors "
+              f"of timm's '{name}'")
     if hub_offline():
         if mode == "true":
             raise _download_error(name, f"{not_cached} and HF_HUB_OFFLINE is set")

@@ -23,7 +23,12 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from segexp.backbones.pretrained import checkpoint_source, create_timm_model, pretrained_mode
+from segexp.backbones.pretrained import (
+    checkpoint_source,
+    create_timm_model,
+    pretrained_mode,
+    pretrained_skipped,
+)
 from segexp.backbones.timm_backbone import check_checkpoint_keys
 from segexp.errors import ConfigError
 
@@ -117,7 +122,7 @@ class ViTBackbone(nn.Module):
                 raise
             self.pretrained_source = checkpoint_source(path)
         else:
-            # A frozen backbone without weights is worth a warning whatever auto finds.
+            # Frozen: auto's warning says that the random backbone never trains.
             body, self.pretrained_source = create_timm_model(name, mode, kwargs,
                                                              frozen=self.freeze)
         if not isinstance(body, VisionTransformer):
@@ -158,7 +163,8 @@ class ViTBackbone(nn.Module):
         if self.freeze:
             for param in self.parameters():
                 param.requires_grad_(False)
-            if mode == "false" and not checkpoint:  # (auto has said so already when it found none)
+            # (auto has said so already when it found none)
+            if mode == "false" and not checkpoint and not pretrained_skipped():
                 log.warning(f"backbone '{name}' is frozen but has random weights "
                             "(pretrained=false, no checkpoint): only the head will learn. Set "
                             "backbone.pretrained=auto or true, or backbone.checkpoint=/path/to/weights.")

@@ -3,11 +3,18 @@ from a composed config (groups ``model``, ``backbone``, ``head``)."""
 
 from omegaconf import DictConfig
 
+from segexp.backbones.pretrained import no_pretrained_weights
 from segexp.config import instantiate
 from segexp.models.segmentor import Segmentor
 
 
-def build_model(cfg: DictConfig) -> Segmentor:
+def build_model(cfg: DictConfig, pretrained: bool = True) -> Segmentor:
+    """``pretrained=False``: no pretrained backbone weights whatever ``backbone.pretrained`` says,
+    and no warning about it (see :func:`segexp.backbones.pretrained.no_pretrained_weights`), for a
+    model whose trained weights are loaded next or that needs none."""
+    if not pretrained:
+        with no_pretrained_weights():
+            return build_model(cfg)
     return instantiate(cfg.model, backbone=instantiate(cfg.backbone),
                        decode_head=instantiate(cfg.head))
 
