@@ -300,7 +300,7 @@ def build_contenders(pair: Pair, num_classes: int, extra_overrides: list[str]
     """segexp's model and the peer's, each built from the same seed."""
     overrides = [*pair.segexp_overrides, f"model.num_classes={num_classes}", *extra_overrides]
     torch.manual_seed(0)
-    segexp_model = build_model(compose_train_config(overrides)[0])
+    segexp_model = build_model(compose_train_config(overrides)[0], pretrained=False)  # as the peer's
     torch.manual_seed(0)
     peer_model = pair.build_peer(num_classes)
 

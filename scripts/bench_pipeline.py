@@ -88,7 +88,7 @@ def build(cfg, split: str, device: torch.device, iters: int, warmup: int):
     loader = DataLoader(Cycled(dataset, needed, cfg.seed), batch_size=t.batch_size, drop_last=True,
                         **workers)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg).to(device)
+    model = build_model(cfg, pretrained=False).to(device)  # speed does not depend on weights
     if t.get("channels_last"):
         model.to(memory_format=torch.channels_last)
     model.train()

@@ -95,7 +95,7 @@ def benchmark(overrides: list[str], size: tuple[int, int], batch: int, train_bat
     rss_before = _maxrss_mb()
 
     torch.manual_seed(0)
-    model = build_model(cfg).to(device)
+    model = build_model(cfg, pretrained=False).to(device)  # speed does not depend on weights
     criterion = instantiate(cfg.loss).to(device)
     num_classes = int(cfg.model.num_classes)
     height, width = size

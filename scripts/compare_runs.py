@@ -8,7 +8,8 @@ Each run folder's ``.hydra/`` (model, backbone, dataset, crop size), ``metrics.j
 best validation metrics, per-class IoU, parameters, times, the time budget with the iterations
 and images it gave, error) and ``metrics.jsonl`` (learning curves) are read (a sweep at one
 ``trainer.max_time`` compares models at equal wall-clock, and the table says how far each got);
-a folder is any one holding ``.hydra/config.yaml`` or ``metrics.json`` under the given paths. Rows are sorted by best mIoU; failed runs come last with their error.
+a folder is any one holding ``.hydra/config.yaml`` or ``metrics.json`` under the given paths.
+Rows are sorted by best mIoU; failed runs come last with their error.
 Writes to --out (default: <the one folder given>/comparison, else ./comparison):
 ``comparison.md``, ``comparison.csv``, ``miou_vs_cost.png`` (mIoU vs GFLOPs, bubble area =
 parameters; vs parameters when GFLOPs are unknown), ``learning_curves.png`` (validation mIoU

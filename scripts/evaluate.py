@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = resolve_device(args.device)
 
     dataset = instantiate(cfg.dataset, split=args.split, transforms=instantiate(cfg.transforms.val))
-    model = build_model(cfg)
+    model = build_model(cfg, pretrained=False)  # the checkpoint holds every weight
     model.load_state_dict(load_checkpoint(checkpoint_path)["model"])
     model.to(device)
     crop = args.crop

@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = OmegaConf.merge(load_run_config(args.run_dir), OmegaConf.from_dotlist(args.overrides))
     checkpoint_path = run_checkpoint(args.run_dir, args.checkpoint)
 
-    model = build_model(cfg)
+    model = build_model(cfg, pretrained=False)  # the checkpoint holds every weight
     model.load_state_dict(load_checkpoint(checkpoint_path)["model"])
     model.eval()
     divisor = model.size_divisor

@@ -46,7 +46,7 @@ DEFAULTS = [
 def measure(overrides: list[str], size: tuple[int, int] = (512, 512)) -> tuple[float, float]:
     """(params in millions, GMACs at ``size``) of the model the overrides compose."""
     with torch.device("meta"):
-        model = build_model(compose_train_config(list(overrides))[0])
+        model = build_model(compose_train_config(list(overrides))[0], pretrained=False)
     return count_params(model) / 1e6, count_gflops(model, size, device="meta")
 
 

@@ -33,6 +33,26 @@ def shared_datasets() -> Path:
     return SHARED_DATASETS
 
 
+@pytest.fixture(scope="session")
+def empty_weight_caches(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("weight_caches")
+    return {"hub": root / "hf_hub", "torch": root / "torch"}
+
+
+@pytest.fixture(autouse=True)
+def no_network_weights(monkeypatch, empty_weight_caches):
+    """No test waits on a model hub or reads this machine's weight caches: backbones default to
+    backbone.pretrained=auto, which then finds nothing, warns and trains from scratch at once.
+    Set in the environment too, so train.py subprocesses inherit it."""
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(empty_weight_caches["hub"]))
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(empty_weight_caches["hub"]))
+    monkeypatch.setenv("TORCH_HOME", str(empty_weight_caches["torch"]))
+
+
 @pytest.fixture
 def offline_hub(monkeypatch):
     """Make every model-hub download fail the way it does on a machine without network."""

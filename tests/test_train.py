@@ -53,6 +53,9 @@ def test_run_folder_holds_config_checkpoints_metrics_and_pictures(tmp_path):
     summary = json.loads((tmp_path / "metrics.json").read_text())
     assert summary["status"] == "completed" and summary["iters"] == 2
     assert summary["params"] > 1_000_000 and summary["wall_time_s"] > 0
+    # backbone.pretrained=auto, offline, no cached weights: one warning, then from scratch.
+    assert summary["pretrained_source"] == "none (auto: offline, no cached weights)"
+    assert out.stdout.count("no pretrained weights") == 1 and "from scratch" in out.stdout
     assert 0.0 <= summary["best"]["mIoU"] <= 1.0 and "aAcc" in summary["final"]
     assert list(summary["best_per_class"]) == ["background", "circle", "rectangle", "triangle",
                                                "ellipse", "star"]

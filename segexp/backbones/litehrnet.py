@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segexp.backbones.pretrained import pretrained_mode, scratch_source
 from segexp.errors import ConfigError
 
 ARCHS: dict[str, dict] = {
@@ -264,16 +265,25 @@ class LiteHRNet(nn.Module):
 
     ``variant``: ``"18"``, ``"30"`` (the paper's), ``"s"``, ``"x"`` (OpenVINO Training
     Extensions'). Weights are initialised as the official code does without a checkpoint
-    (convs normal(0, 0.001), BN weight 1, bias 0).
+    (convs normal(0, 0.001), BN weight 1, bias 0); there are no pretrained weights to load
+    (``pretrained="auto"``: from scratch, no warning; ``True``: refused).
     """
 
     def __init__(self, variant: str = "18", in_channels: int = 3,
-                 fuse_mode: str = "reference", size_divisor: int | None = None) -> None:
+                 fuse_mode: str = "reference", size_divisor: int | None = None,
+                 pretrained: bool | str = False) -> None:
         super().__init__()
         variant = str(variant)
         if variant not in ARCHS:
             raise ConfigError(f"LiteHRNet: unknown variant '{variant}'; choose one of "
                               f"{', '.join(ARCHS)}.")
+        mode = pretrained_mode(pretrained)
+        if mode == "true":
+            raise ConfigError("backbone.pretrained=true: segexp has no Lite-HRNet weights to load "
+                              "(none are published in its layout). Use backbone.pretrained=auto or "
+                              "false, or model.checkpoint=<a segexp run's checkpoint>.")
+        # No weights segexp could load, so nothing to warn about under auto.
+        self.pretrained_source = scratch_source(mode, "segexp has no Lite-HRNet weights to load")
         if fuse_mode not in ("reference", "hrnet"):
             raise ConfigError(f"LiteHRNet: fuse_mode={fuse_mode}; choose reference or hrnet.")
         arch = ARCHS[variant]

@@ -15,7 +15,9 @@ Weights: ``checkpoint=PATH`` loads a local file: a state dict of this class (als
 ``backbone.*`` part of a segexp model or training checkpoint), or a Hugging Face SegFormer/MiT
 file (``nvidia/mit-b0`` ... ``nvidia/mit-b5``, ``pytorch_model.bin`` or ``model.safetensors``),
 converted by :func:`segexp.convert.hf_segformer.convert_hf_segformer`. Files that do not fit are
-refused with the keys listed, never loaded partially.
+refused with the keys listed, never loaded partially. segexp does not download MiT weights:
+``pretrained=true`` says where to get them, ``"auto"`` warns once and trains from scratch (without
+a warning for a custom architecture, which has no published weights).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from segexp.backbones.init import init_weights
+from segexp.backbones.pretrained import checkpoint_source, pretrained_mode, scratch_source, warn_from_scratch
 from segexp.errors import ConfigError
 
 # name -> (embed dims, depths); heads, sr ratios and MLP ratios are shared by all variants.
@@ -162,7 +165,7 @@ class MixVisionTransformer(nn.Module):
     """
 
     def __init__(self, variant: str = "b0", in_chans: int = 3, drop_path_rate: float = 0.1,
-                 pretrained: bool = False, checkpoint: str | None = None, *,
+                 pretrained: bool | str = False, checkpoint: str | None = None, *,
                  embed_dims: Sequence[int] | None = None, depths: Sequence[int] | None = None,
                  num_heads: Sequence[int] | None = None, sr_ratios: Sequence[int] | None = None,
                  mlp_ratios: Sequence[float] | None = None, qkv_bias: bool = True,
@@ -201,15 +204,26 @@ class MixVisionTransformer(nn.Module):
         self.size_divisor = size_divisor
         self.apply(init_weights)
 
+        mode = pretrained_mode(pretrained)
+        remedy = (f"download the ImageNet-pretrained encoder 'nvidia/mit-{variant}' from the "
+                  "Hugging Face Hub elsewhere (its pytorch_model.bin or model.safetensors) and pass "
+                  "backbone.checkpoint=/path/to/that/file (converted on load)")
         if checkpoint:
             load_backbone_checkpoint(self, checkpoint, convert=_convert_foreign)
-        elif pretrained:
-            raise ConfigError(
-                f"backbone.pretrained=true: segexp cannot download MiT weights. Download the "
-                f"ImageNet-pretrained encoder 'nvidia/mit-{variant}' from the Hugging Face Hub "
-                "elsewhere (its pytorch_model.bin or model.safetensors) and pass "
-                "backbone.checkpoint=/path/to/that/file (converted on load), or train from "
-                "scratch with backbone.pretrained=false.")
+            self.pretrained_source = checkpoint_source(checkpoint)
+        elif mode == "true":
+            raise ConfigError(f"backbone.pretrained=true: segexp cannot download MiT weights. "
+                              f"To use them, {remedy}, or train from scratch with "
+                              "backbone.pretrained=false.")
+        else:
+            # The published weights fit the paper's variants only: a custom MiT expects none.
+            custom = (dims, depths, heads, srs, mlps) != (
+                MIT_VARIANTS[variant][0], default_depths, NUM_HEADS, SR_RATIOS, MLP_RATIOS)
+            if mode == "auto" and not custom:
+                warn_from_scratch(self.name, "segexp cannot download MiT weights", remedy)
+            self.pretrained_source = scratch_source(
+                mode, "a custom MiT has no published weights" if custom
+                else "segexp cannot download MiT weights")
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         features = []

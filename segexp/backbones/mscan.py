@@ -29,7 +29,9 @@ L      64, 128, 320, 512      3, 5, 27, 3     0.3
 Weights: ``checkpoint=PATH`` loads a local state dict of this class (or the ``backbone.*`` part of
 a segexp checkpoint), or MMSegmentation's ImageNet-pretrained MSCAN files
 (``mscan_t_20230227-119e8c9f.pth`` etc., keys ``patch_embed1.*``, ``block1.*``, ``norm1.*``),
-converted on load. Files that do not fit are refused with the keys listed.
+converted on load. Files that do not fit are refused with the keys listed. segexp does not
+download them: ``pretrained=true`` names the file to fetch, ``"auto"`` warns once and trains from
+scratch (without a warning for a custom architecture, which has no published weights).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from torch import nn
 
 from segexp.backbones.init import init_weights
 from segexp.backbones.mit import load_backbone_checkpoint
+from segexp.backbones.pretrained import checkpoint_source, pretrained_mode, scratch_source, warn_from_scratch
 from segexp.errors import ConfigError
 
 # name -> (embed dims, depths)
@@ -173,7 +176,7 @@ class MSCAN(nn.Module):
     """
 
     def __init__(self, variant: str = "t", in_chans: int = 3, drop_path_rate: float = 0.1,
-                 pretrained: bool = False, checkpoint: str | None = None, *,
+                 pretrained: bool | str = False, checkpoint: str | None = None, *,
                  embed_dims: Sequence[int] | None = None, depths: Sequence[int] | None = None,
                  mlp_ratios: Sequence[float] | None = None, drop_rate: float = 0.0,
                  strip_sizes: Sequence[int] = (7, 11, 21), size_divisor: int = 32) -> None:
@@ -205,14 +208,26 @@ class MSCAN(nn.Module):
         self.size_divisor = size_divisor
         self.apply(init_weights)
 
+        mode = pretrained_mode(pretrained)
+        remedy = (f"download MMSegmentation's ImageNet-pretrained MSCAN-{variant.upper()} elsewhere "
+                  f"({PRETRAINED_URLS[variant]}) and pass backbone.checkpoint=/path/to/that/file "
+                  "(converted on load)")
         if checkpoint:
             load_backbone_checkpoint(self, checkpoint, convert=convert_mmseg_mscan)
-        elif pretrained:
-            raise ConfigError(
-                f"backbone.pretrained=true: segexp cannot download MSCAN weights. Download "
-                f"MMSegmentation's ImageNet-pretrained MSCAN-{variant.upper()} elsewhere "
-                f"({PRETRAINED_URLS[variant]}) and pass backbone.checkpoint=/path/to/that/file "
-                "(converted on load), or train from scratch with backbone.pretrained=false.")
+            self.pretrained_source = checkpoint_source(checkpoint)
+        elif mode == "true":
+            raise ConfigError(f"backbone.pretrained=true: segexp cannot download MSCAN weights. "
+                              f"To use them, {remedy}, or train from scratch with "
+                              "backbone.pretrained=false.")
+        else:
+            # The published weights fit the paper's variants only: a custom MSCAN expects none.
+            custom = (dims, depths, mlps, tuple(strip_sizes)) != (
+                MSCAN_VARIANTS[variant][0], default_depths, MLP_RATIOS, (7, 11, 21))
+            if mode == "auto" and not custom:
+                warn_from_scratch(self.name, "segexp cannot download MSCAN weights", remedy)
+            self.pretrained_source = scratch_source(
+                mode, "a custom MSCAN has no published weights" if custom
+                else "segexp cannot download MSCAN weights")
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         features = []

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from torch import nn
 
+from segexp.backbones.pretrained import checkpoint_source, create_timm_model, pretrained_mode
 from segexp.errors import ConfigError
 
 
@@ -22,8 +23,10 @@ class TimmBackbone(nn.Module):
     deep), so no channel count is ever written twice in a config. ``output_stride=8`` or ``16``
     dilates the last stages (the "d8"/"d16" ResNets of FCN, PSPNet and DeepLabV3).
 
-    Weights: ``pretrained=True`` downloads ImageNet weights through timm; ``checkpoint=PATH`` loads
-    a local ``.pth``/``.safetensors`` file of the same timm model instead (no network needed).
+    Weights: ``pretrained`` ``"auto"`` (the configs' default), ``True`` or ``False`` (the default
+    here), see :mod:`segexp.backbones.pretrained`: timm's ImageNet weights from the local cache or
+    the hub; ``checkpoint=PATH`` loads a local ``.pth``/``.safetensors`` file of the same timm model
+    instead (no network needed). ``pretrained_source`` says which was used.
 
     Transformers: timm's Swin returns channels-last (NHWC) maps; they come back as NCHW like every
     other backbone. Its shifted-window blocks pad each map to a whole number of windows (padding
@@ -41,7 +44,7 @@ class TimmBackbone(nn.Module):
     ``num_layers``) and Swin (one id per block, SimMIM's fine-tuning rule).
     """
 
-    def __init__(self, name: str, pretrained: bool = False, checkpoint: str | None = None,
+    def __init__(self, name: str, pretrained: bool | str = False, checkpoint: str | None = None,
                  out_indices: list[int] | None = None, output_stride: int = 32,
                  drop_path_rate: float = 0.0, size_divisor: int = 32, out_norms: bool = False,
                  out_norm_eps: float = 1e-6, lr_decay_num_layers: int | None = None,
@@ -55,6 +58,7 @@ class TimmBackbone(nn.Module):
             kwargs["output_stride"] = output_stride
         if drop_path_rate:
             kwargs["drop_path_rate"] = drop_path_rate
+        mode = pretrained_mode(pretrained)
         if checkpoint:
             path = Path(checkpoint).expanduser()
             if not path.is_file():
@@ -63,23 +67,16 @@ class TimmBackbone(nn.Module):
             check_checkpoint_keys(path, name, timm_kwargs)
             # timm reads the file (weights_only=True for .pth) and adapts it as for a download.
             kwargs["pretrained_cfg_overlay"] = dict(file=str(path))
-            pretrained = True
-        try:
-            self.body = timm.create_model(name, pretrained=pretrained, **kwargs)
-        except RuntimeError as err:
-            if checkpoint and ("state_dict" in str(err) or "size mismatch" in str(err)):
-                raise ConfigError(f"backbone.checkpoint={checkpoint} does not fit timm model "
-                                  f"'{name}': {str(err).splitlines()[0]}") from err
-            raise
-        except Exception as err:  # hub unreachable: say how to work offline
-            if pretrained and not checkpoint:
-                raise ConfigError(
-                    f"could not download ImageNet weights for backbone '{name}' "
-                    f"({type(err).__name__}: {str(err).splitlines()[0][:200]}). Without network, "
-                    f"download the timm weights for '{name}' elsewhere and pass "
-                    "backbone.checkpoint=/path/to/weights.pth (or .safetensors), or train from "
-                    "scratch with backbone.pretrained=false.") from err
-            raise
+            try:
+                self.body = timm.create_model(name, pretrained=True, **kwargs)
+            except RuntimeError as err:
+                if "state_dict" in str(err) or "size mismatch" in str(err):
+                    raise ConfigError(f"backbone.checkpoint={checkpoint} does not fit timm model "
+                                      f"'{name}': {str(err).splitlines()[0]}") from err
+                raise
+            self.pretrained_source = checkpoint_source(path)
+        else:
+            self.body, self.pretrained_source = create_timm_model(name, mode, kwargs)
         self.feature_info = self.body.feature_info
         self.channels: list[int] = list(self.feature_info.channels())
         self.reductions: list[int] = list(self.feature_info.reduction())

@@ -23,6 +23,12 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from segexp.backbones.pretrained import (
+    checkpoint_source,
+    create_timm_model,
+    pretrained_mode,
+    pretrained_skipped,
+)
 from segexp.backbones.timm_backbone import check_checkpoint_keys
 from segexp.errors import ConfigError
 
@@ -52,7 +58,9 @@ class ViTBackbone(nn.Module):
 
     Args:
         name: timm model name, e.g. ``vit_base_patch16_224`` or ``vit_small_patch14_dinov2``.
-        pretrained: download timm's weights (needs network; see ``checkpoint`` otherwise).
+        pretrained: ``"auto"`` (the configs' default: timm's weights from the local cache or the
+            hub, else random with a warning), ``True`` (the weights or a ConfigError) or ``False``
+            (random); see :mod:`segexp.backbones.pretrained`. ``pretrained_source`` records it.
         checkpoint: local ``.pth``/``.safetensors`` state dict of the same timm model; keys are
             checked strictly (a file that does not fit is refused, never loaded partly).
         out_indices: block indices to return (negative = from the last block), shallow to deep.
@@ -77,7 +85,7 @@ class ViTBackbone(nn.Module):
     and ``layer_id(param_name)`` in ``0 .. num_layers - 1``.
     """
 
-    def __init__(self, name: str, pretrained: bool = False, checkpoint: str | None = None,
+    def __init__(self, name: str, pretrained: bool | str = False, checkpoint: str | None = None,
                  out_indices: Sequence[int] = (-1,), img_size: int | Sequence[int] | None = None,
                  drop_path_rate: float = 0.0, freeze: bool = False, size_divisor: int | None = None,
                  final_norm: bool | str = "last", resize_input: bool = False,
@@ -94,6 +102,7 @@ class ViTBackbone(nn.Module):
             kwargs["img_size"] = int(img_size) if isinstance(img_size, int) else tuple(img_size)
         if drop_path_rate:
             kwargs["drop_path_rate"] = float(drop_path_rate)
+        mode = pretrained_mode(pretrained)
         if checkpoint:
             path = Path(checkpoint).expanduser()
             if not path.is_file():
@@ -104,23 +113,18 @@ class ViTBackbone(nn.Module):
             # timm reads the file (weights_only=True for .pth), drops the classifier and resamples
             # the position embeddings to img_size, as for a download.
             kwargs["pretrained_cfg_overlay"] = dict(file=str(path))
-            pretrained = True
-        try:
-            body = timm.create_model(name, pretrained=pretrained, **kwargs)
-        except Exception as err:
-            first = (str(err).splitlines() or [""])[0]
-            if checkpoint and isinstance(err, RuntimeError) and (
-                    "state_dict" in str(err) or "size mismatch" in str(err)):
-                raise ConfigError(f"backbone.checkpoint={checkpoint} does not fit timm model "
-                                  f"'{name}': {first}") from err
-            if pretrained and not checkpoint:  # hub unreachable: say how to work offline
-                raise ConfigError(
-                    f"could not download pretrained weights for backbone '{name}' "
-                    f"({type(err).__name__}: {first[:200]}). Without network, download the timm "
-                    f"weights for '{name}' elsewhere and pass "
-                    "backbone.checkpoint=/path/to/weights.pth (or .safetensors), or train from "
-                    "scratch with backbone.pretrained=false.") from err
-            raise
+            try:
+                body = timm.create_model(name, pretrained=True, **kwargs)
+            except RuntimeError as err:
+                if "state_dict" in str(err) or "size mismatch" in str(err):
+                    raise ConfigError(f"backbone.checkpoint={checkpoint} does not fit timm model "
+                                      f"'{name}': {(str(err).splitlines() or [''])[0]}") from err
+                raise
+            self.pretrained_source = checkpoint_source(path)
+        else:
+            # Frozen: auto's warning says that the random backbone never trains.
+            body, self.pretrained_source = create_timm_model(name, mode, kwargs,
+                                                             frozen=self.freeze)
         if not isinstance(body, VisionTransformer):
             raise ConfigError(f"backbone '{name}' is a {type(body).__name__}, not a plain timm "
                               "VisionTransformer; use segexp.backbones.TimmBackbone for "
@@ -159,10 +163,11 @@ class ViTBackbone(nn.Module):
         if self.freeze:
             for param in self.parameters():
                 param.requires_grad_(False)
-            if not pretrained:
+            # (auto has said so already when it found none)
+            if mode == "false" and not checkpoint and not pretrained_skipped():
                 log.warning(f"backbone '{name}' is frozen but has random weights "
                             "(pretrained=false, no checkpoint): only the head will learn. Set "
-                            "backbone.pretrained=true or backbone.checkpoint=/path/to/weights.")
+                            "backbone.pretrained=auto or true, or backbone.checkpoint=/path/to/weights.")
             self.train(False)
 
     @staticmethod

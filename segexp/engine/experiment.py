@@ -289,6 +289,16 @@ def measure_cost(run: Run, cfg: DictConfig) -> dict[str, Any]:
                           f"precision {cfg.trainer.precision}"}
 
 
+def pretrained_record(model: torch.nn.Module) -> dict[str, str]:
+    """What the backbone's weights started from (``backbone.pretrained``, see
+    :mod:`segexp.backbones.pretrained`): ``pretrained`` (``imagenet``, ``checkpoint``, ``none``...)
+    and ``pretrained_source``, for ``metrics.json``, the logger tags and W&B."""
+    source = getattr(getattr(model, "backbone", None), "pretrained_source", None)
+    if source is None:  # a backbone from outside segexp.backbones
+        return {"pretrained": "unknown", "pretrained_source": "unknown (the backbone does not say)"}
+    return source.record()
+
+
 def write_summary(run: Run, status: str, wall_time_s: float, error: str | None = None,
                   cost: dict[str, Any] | None = None) -> dict:
     """``metrics.json`` (rank 0 writes it; every rank gets the dict)."""
@@ -300,6 +310,7 @@ def write_summary(run: Run, status: str, wall_time_s: float, error: str | None =
         "final": {"iter": s.iter, **_scalars(s.last_results)},
         "best_per_class": _per_class(s.best_results, run.class_names),
         "params": count_params(run.model),
+        **pretrained_record(run.model),
         **(cost or {}),
         "wall_time_s": round(wall_time_s, 2),
         "train_time_s": round(s.train_time_s, 2),
@@ -357,6 +368,10 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> float:
         run.loggers = [JsonlLogger()] + ([instantiate(cfg.logger)] if cfg.get("logger") else [])
     info = hydra_run_info(cfg, run_dir)
     info.config["params"] = count_params(run.model)
+    weights = pretrained_record(run.model)
+    info.config.update(weights)
+    info.tags.append(f"pretrained:{weights['pretrained']}")
+    log.info(f"Backbone weights: {weights['pretrained_source']}")
     failed = True
     try:
         for logger in run.loggers:
@@ -376,10 +391,15 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> float:
     summary = write_summary(run, status, time.perf_counter() - start, cost=cost)
     for logger in run.loggers:
         logger.log_summary({f"best/{k}": v for k, v in summary["best"].items()} |
+<<<<<<< HEAD
                            {k: summary[k] for k in ("params", "wall_time_s", "train_time_s",
                                                     "val_time_s", "iters", "images_seen")}
                            | {f"budget/{k}": v for k, v in summary.get("budget", {}).items()}
                            | cost)
+=======
+                           {"params": summary["params"], "wall_time_s": summary["wall_time_s"],
+                            **pretrained_record(run.model), **cost})
+>>>>>>> wt-pretrained
         best = run_dir / "checkpoints" / "best.pt"
         if best.exists():
             logger.log_checkpoint(best, aliases=["best", f"iter-{run.state.best_iter}"])
