@@ -293,12 +293,8 @@ class Segmenter:
         state = load_checkpoint(path)
         if "model" not in state:
             raise ConfigError(f"{path} is not a segexp checkpoint (no 'model' entry).")
-<<<<<<< HEAD
         _fill_num_classes(config, state)
-        model = build_model(config)
-=======
         model = build_model(config, pretrained=False)  # the checkpoint holds every weight
->>>>>>> wt-pretrained
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as err:

@@ -391,15 +391,10 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> float:
     summary = write_summary(run, status, time.perf_counter() - start, cost=cost)
     for logger in run.loggers:
         logger.log_summary({f"best/{k}": v for k, v in summary["best"].items()} |
-<<<<<<< HEAD
                            {k: summary[k] for k in ("params", "wall_time_s", "train_time_s",
                                                     "val_time_s", "iters", "images_seen")}
                            | {f"budget/{k}": v for k, v in summary.get("budget", {}).items()}
-                           | cost)
-=======
-                           {"params": summary["params"], "wall_time_s": summary["wall_time_s"],
-                            **pretrained_record(run.model), **cost})
->>>>>>> wt-pretrained
+                           | pretrained_record(run.model) | cost)
         best = run_dir / "checkpoints" / "best.pt"
         if best.exists():
             logger.log_checkpoint(best, aliases=["best", f"iter-{run.state.best_iter}"])
