@@ -36,7 +36,9 @@ def test_compare_models_sweep_with_a_failing_job_into_the_comparison(tmp_path):
     # job fails while its model is built, and the two after it still run.
     sweep = tmp_path / "sweep"
     out = train_py("-m", "+sweep=compare_models", "+sweep/pair=pspnet_resnet18,fcn_resnet18,"
-                   "segformer_mit_b0", *FAST, "trainer.batch_size=1", f"hydra.sweep.dir={sweep}")
+                   "segformer_mit_b0", *FAST, "trainer.batch_size=1", f"hydra.sweep.dir={sweep}",
+                   # a time budget for every job, capped by FAST's iteration limit (first wins)
+                   "trainer.max_time=10m")
     assert out.returncode == 0, out.stderr[-3000:]
     jobs = {p.name: json.loads((p / "metrics.json").read_text())
             for p in sorted(sweep.iterdir()) if (p / "metrics.json").is_file()}
@@ -57,6 +59,8 @@ def test_compare_models_sweep_with_a_failing_job_into_the_comparison(tmp_path):
         assert 0 <= float(row["mIoU (%)"]) <= 100 and float(row["params (M)"]) > 1
         assert row["IoU background (%)"] and row["dataset"] == "synthetic"
         assert float(row["GFLOPs"]) > 0 and float(row["FPS"]) > 0  # from metrics.json, no --flops
+        assert row["budget"] == "10m" and int(row["iterations"]) == 2
+        assert int(row["images seen"]) == 2  # batch 1
     for name in ("miou_vs_cost.png", "learning_curves.png", "per_class_iou.png"):
         assert (tmp_path / "cmp" / name).read_bytes()[:4] == b"\x89PNG"
     page = (tmp_path / "cmp" / "report.html").read_text()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,11 +25,10 @@ def read_regions(path: str | Path, ignore_index: int = IGNORE_INDEX) -> np.ndarr
         raise DataError(f"cannot read label file {path}: {error}. Re-extract {URL}.") from error
     rows = len([line for line in text.splitlines() if line.strip()])
     try:
-        with warnings.catch_warnings():
-            # np.fromstring only warns (DeprecationWarning) and truncates on text it cannot parse.
-            warnings.simplefilter("error")
-            values = np.fromstring(text, dtype=np.int32, sep=" ")
-    except (ValueError, DeprecationWarning) as error:
+        # Each token parsed as an int: a non-integer one is an error (np.fromstring would only warn
+        # and truncate, and catching that warning is not thread-safe: the mask scan reads in threads).
+        values = np.array(text.split(), dtype=np.int32)
+    except ValueError as error:
         raise DataError(f"label file {path} holds something other than whitespace-separated "
                         f"integers ({error}). Re-extract {URL}.") from error
     if rows == 0 or values.size % rows:

@@ -153,9 +153,10 @@ class Calibration:
     seconds: float  # spent calibrating (warm-up and timed steps, validation batches)
 
 
-def calibrate(run, budget_s: float) -> Calibration:
+def calibrate(run, budget_s: float, cap: int | None = None) -> Calibration:
     """Time a few real training steps and validation batches, then restore the model, optimizer,
-    scaler and random state exactly: the run that follows is the one ``max_iters`` would give."""
+    scaler and random state exactly: the run that follows is the one ``max_iters`` would give.
+    ``cap``: the run's iteration limit, if any (no point timing more steps than it allows)."""
     from segexp.engine.trainer import optimizer_step, to_device, train_step
 
     start = time.perf_counter()
@@ -191,7 +192,8 @@ def calibrate(run, budget_s: float) -> Calibration:
             step_start = now
             enough = timed >= MIN_TIMED_STEPS and timed_s >= CALIBRATION_FRACTION * budget_s
             # Every rank must run the same number of steps (DDP): rank 0 decides.
-            done = bool(distributed.broadcast_object(enough or timed >= MAX_TIMED_STEPS))
+            most = MAX_TIMED_STEPS if cap is None else max(1, min(MAX_TIMED_STEPS, cap))
+            done = bool(distributed.broadcast_object(enough or timed >= most))
             if done:
                 break
         epoch += 1

@@ -229,7 +229,7 @@ def settle_length(run: Run, resumed: bool, elapsed_s: float) -> None:
                  f"{budget.format_duration(s.budget_used_s)} used so far; continuing the "
                  f"recorded {s.total_iters} iterations.")
         return
-    calibration = budget.calibrate(run, run.budget_s)
+    calibration = budget.calibrate(run, run.budget_s, cap=limit)
     s.calibration_s += calibration.seconds
     s.budget_used_s += elapsed_s + calibration.seconds
     batches_per_epoch, _ = plan(run)
