@@ -71,8 +71,10 @@ def test_timed_run_records_its_count_and_ends_at_the_schedule_floor(tmp_path):
     assert summary["val_time_s"] > 0
     lines = [json.loads(line) for line in (timed / "metrics.jsonl").read_text().splitlines()]
     lrs = [line["train/lr"] for line in lines if "train/lr" in line]
-    # poly from SGD's 0.01 down to its floor (min_lr_ratio 0.01) exactly at the last iteration
-    assert lrs[-1] == pytest.approx(0.01 * 0.01) and lines[-1]["step"] == n
+    # poly down to its floor (min_lr_ratio of the lr) exactly at the last iteration
+    cfg = tiny_config(*TIMED)
+    assert lrs[-1] == pytest.approx(cfg.optimizer.lr * cfg.scheduler.min_lr_ratio)
+    assert lines[-1]["step"] == n
 
     # The recorded count repeats the run exactly: calibration left no trace.
     repeat = tmp_path / "repeat"
