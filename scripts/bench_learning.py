@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="ImageNet encoders on both sides (needs the weights)")
     parser.add_argument("--work", type=Path, default=ROOT / "outputs" / "bench_learning")
     parser.add_argument("--out", type=Path, default=None, help="JSON results (default: <work>/results.json)")
+    parser.add_argument("--evaluate", type=Path, default=None, metavar="WORK_DIR",
+                        help="evaluate the runs of an earlier benchmark folder instead of training")
     parser.add_argument("--loop-only", action="store_true", help=argparse.SUPPRESS)  # the child
     args = parser.parse_args(argv)
     seconds = args.minutes * 60
@@ -168,12 +170,14 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    work = args.work / stamp
+    work = args.evaluate or args.work / stamp
     sides = [s for s in args.sides.split(",") if s]
     cores = [int(c) for c in args.cores.split(",")] if args.cores else [None, None]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     children = {}
-    if "segexp" in sides:
+    if args.evaluate:  # the runs are there already: their commands are in their folders
+        sides = [side for side in sides if (work / side).is_dir()]
+    if "segexp" in sides and not args.evaluate:
         command = [sys.executable, str(ROOT / "train.py"), "dataset=stanford_background",
                    f"dataset.root={args.root}", f"trainer.max_time={args.minutes}m",
                    f"hydra.run.dir={work / 'segexp'}", "trainer.progress_bar=false",
@@ -181,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
                    *shlex.split(args.segexp_args)]
         children["segexp"] = (command, subprocess.Popen(_pinned(cores[0], command), env=env,
                                                         cwd=ROOT, stdout=subprocess.DEVNULL))
-    if "loop" in sides:
+    if "loop" in sides and not args.evaluate:
         command = [sys.executable, __file__, "--loop-only", "--root", str(args.root),
                    "--minutes", str(args.minutes), "--work", str(work),
                    *(["--pretrained"] if args.pretrained else [])]
@@ -200,8 +204,11 @@ def main(argv: list[str] | None = None) -> dict:
         segmenter = Segmenter.from_run(run_dir, checkpoint="last", device="cpu")
         metrics = json.loads((run_dir / "metrics.json").read_text())
         scores = evaluate_full_resolution(segmenter.model, args.root)
+        overrides = (run_dir / ".hydra" / "overrides.yaml").read_text() \
+            if (run_dir / ".hydra" / "overrides.yaml").is_file() else ""
         results["sides"]["segexp"] = {
-            "command": shlex.join(children["segexp"][0]), "mIoU": scores["mIoU"],
+            "overrides": [line[2:] for line in overrides.splitlines() if line.startswith("- ")],
+            "mIoU": scores["mIoU"],
             "IoU": dict(zip(class_names, scores["IoU"], strict=True)),
             "iters": metrics["iters"], "images_seen": metrics["images_seen"],
             "budget_used_s": metrics.get("budget", {}).get("used_s")}

@@ -52,10 +52,21 @@ def save_image_outputs(segmenter: Segmenter, image: np.ndarray, prediction: np.n
 
 
 def predict_images(segmenter: Segmenter, paths: list[Path], out_dir: Path) -> list[Path]:
-    written = []
+    """Every readable image is predicted; unreadable or truncated ones are skipped and then
+    reported together (the error names the first few), so one bad file costs no good output."""
+    written, failed = [], []
     for path in tqdm(paths, desc="predict", unit="image"):
-        image = read_image(path)
+        try:
+            image = read_image(path)
+        except DataError as err:
+            failed.append(str(err))
+            continue
         written += save_image_outputs(segmenter, image, segmenter.predict(image), out_dir, path.stem)
+    if failed:
+        shown = " | ".join(failed[:3]) + (f" | ... ({len(failed)} in all)" if len(failed) > 3 else "")
+        raise DataError(f"{len(failed)} of {len(paths)} images could not be read and were skipped "
+                        f"(the outputs of the other {len(paths) - len(failed)} are in {out_dir}): "
+                        f"{shown}")
     return written
 
 

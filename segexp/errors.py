@@ -19,3 +19,12 @@ class IncompatibleBackboneError(ConfigError):
 
 class TrainingError(SegexpError, RuntimeError):
     """Training had to stop (for example a NaN loss); the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(TrainingError):
+    """A signal (SIGTERM, a cluster's pre-emption signal) stopped training at an iteration
+    boundary; ``last.pt`` holds that iteration, and ``resume=true`` continues from it."""
+
+
+class StorageError(SegexpError, OSError):
+    """A run's file could not be written: a full disk, a read-only or missing folder."""

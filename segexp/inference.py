@@ -193,20 +193,24 @@ def checkpoint_path(run_dir: str | Path, checkpoint: str | Path = "best") -> Pat
 
 
 def load_run_config(run_dir: str | Path) -> DictConfig:
-    """The run's composed config. A class count the run inferred from its data
-    (``dataset.num_classes: null``) is filled in from the class names its checkpoint records."""
+    """The config the run's weights were trained with: the one its checkpoint records (``best.pt``,
+    else ``last.pt``), which a later command in the same folder (a resume refused for a wrong
+    override, say) cannot overwrite; else ``.hydra/config.yaml``. A class count the run inferred
+    from its data (``dataset.num_classes: null``) is filled in from the checkpoint's class names."""
     path = Path(run_dir) / ".hydra" / "config.yaml"
+    for name in ("best", "last"):
+        checkpoint = checkpoint_path(run_dir, name)
+        if checkpoint.is_file():
+            state = load_checkpoint(checkpoint)
+            config = OmegaConf.create(state["config"]) if state.get("config") else \
+                OmegaConf.load(path) if path.is_file() else None
+            if config is not None:
+                _fill_num_classes(config, state)
+                return config
     if not path.is_file():
         raise ConfigError(f"{path} not found: {run_dir} is not a train.py run folder (it needs "
                           ".hydra/config.yaml and checkpoints/).")
-    config = OmegaConf.load(path)
-    if "dataset" in config and config.dataset.get("num_classes", 0) is None:
-        for name in ("best", "last"):
-            checkpoint = checkpoint_path(run_dir, name)
-            if checkpoint.is_file():
-                _fill_num_classes(config, load_checkpoint(checkpoint))
-                break
-    return config
+    return OmegaConf.load(path)
 
 
 def _fill_num_classes(config: DictConfig, state: dict) -> None:

@@ -14,6 +14,8 @@ import numpy as np
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+from segexp.atomic import write_with  # noqa: E402
+
 
 def read_metrics_log(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
@@ -49,7 +51,7 @@ def plot_learning_curves(run_dir: Path) -> Path | None:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     out = Path(run_dir) / "learning_curves.png"
-    fig.savefig(out, dpi=100)
+    write_with(out, lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)
     return out
 
@@ -76,7 +78,7 @@ def plot_per_class_iou(run_dir: Path) -> Path | None:
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     out = Path(run_dir) / "per_class_iou.png"
-    fig.savefig(out, dpi=100)
+    write_with(out, lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)
     return out
 
@@ -119,12 +121,16 @@ def save_confusion_matrix(matrix, class_names: list[str], path: Path, title: str
     """The picture at ``path`` (a PNG) and the raw counts beside it as CSV (rows: ground truth)."""
     path = Path(path)
     counts = np.asarray(matrix, dtype=np.int64)
-    with open(path.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["ground_truth\\prediction", *class_names])
-        writer.writerows([name, *row] for name, row in zip(class_names, counts.tolist()))
+    rows = [["ground_truth\\prediction", *class_names]]
+    rows += [[name, *row] for name, row in zip(class_names, counts.tolist())]
+
+    def write_csv(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows(rows)
+
+    write_with(path.with_suffix(".csv"), write_csv)
     fig = confusion_matrix_figure(counts, class_names, title)
-    fig.savefig(path, dpi=100)
+    write_with(path, lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)
     return path
 

@@ -9,6 +9,8 @@ import cv2
 import numpy as np
 import torch
 
+from segexp.atomic import write_with
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -69,7 +71,10 @@ def legend(class_names: Sequence[str], palette, width: int, swatch: int = 14) ->
 
 
 def save_png(image: np.ndarray, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-    return path
+    bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+
+    def write(tmp: Path) -> None:
+        if not cv2.imwrite(str(tmp), bgr):
+            raise OSError(f"OpenCV could not write {tmp}")
+
+    return write_with(path, write)

@@ -94,8 +94,8 @@ def test_resumed_timed_run_keeps_its_count_and_the_time_spent(tmp_path, monkeypa
 
     real_step = trainer_module.optimizer_step
 
-    def crashing_step(run):  # calibration steps run at iteration 0; crash in iteration 5
-        if run.state.iter == 4:
+    def crashing_step(run):  # calibration steps run at iteration 0; crash in iteration 6,
+        if run.state.iter == 5:  # after iteration 5 was logged but not checkpointed
             raise KeyboardInterrupt("simulated crash")
         real_step(run)
 
@@ -107,6 +107,9 @@ def test_resumed_timed_run_keeps_its_count_and_the_time_spent(tmp_path, monkeypa
     monkeypatch.setattr(trainer_module, "optimizer_step", real_step)
 
     run_training(tiny_config(*overrides, "resume=true"), broken)
+    steps = [json.loads(line)["step"] for line in (broken / "metrics.jsonl").read_text().splitlines()
+             if "train/loss" in line]
+    assert steps == sorted(set(steps)) and 5 in steps  # iteration 5 logged once, not twice
     summary = _summary(broken)
     assert summary["iters"] == summary["planned_iters"] == 6
     assert summary["budget"]["used_s"] > saved["budget_used_s"]  # the first part still counts

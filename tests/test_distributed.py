@@ -155,8 +155,14 @@ def one_process_run(tmp_path_factory) -> Path:
 def assert_same_training(one_dir: Path, two_dir: Path) -> None:
     summaries = [json.loads((d / "metrics.json").read_text()) for d in (one_dir, two_dir)]
     assert summaries[1]["world_size"] == 2 and summaries[1]["iters"] == 3
+    # Two SyncBN processes and one process sum in different orders, so on another CPU's kernels
+    # a few pixels' argmax can flip: compare the predictions within a few pixels, not exactly.
+    matrices = [np.array([[int(v) for v in r[1:]]
+                          for r in list(csv.reader(open(d / "confusion_matrix.csv")))[1:]])
+                for d in (one_dir, two_dir)]
+    assert np.abs(matrices[1] - matrices[0]).sum() <= 2 * 8  # at most 8 of 5120 pixels moved
     for key in ("mIoU", "aAcc", "mAcc"):
-        assert summaries[1]["best"][key] == pytest.approx(summaries[0]["best"][key], abs=1e-6)
+        assert summaries[1]["best"][key] == pytest.approx(summaries[0]["best"][key], abs=5e-3)
 
     # Validation covered the whole split once: 5 images of 32x32 pixels, split 2 + 3.
     for d in (one_dir, two_dir):
@@ -175,7 +181,7 @@ def assert_same_training(one_dir: Path, two_dir: Path) -> None:
 
     losses = [[json.loads(line)["train/loss"] for line in (d / "metrics.jsonl").read_text().splitlines()
                if "train/loss" in line] for d in (one_dir, two_dir)]
-    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
 
 
 def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp_path, one_process_run):

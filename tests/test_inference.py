@@ -189,3 +189,38 @@ def test_evaluate_script_slide_tta_and_show_dir(run_dir, tmp_path):
     assert sorted(p.name for p in show.glob("*_pred.png")) == [f"{i:05d}_pred.png"
                                                                for i in range(4)]
     assert cv2.imread(str(show / "00000_pred.png")).shape == (32, 32, 3)
+
+
+def _truncated_jpeg(path, seed: int = 0) -> None:
+    ok, data = cv2.imencode(".jpg", _rgb(seed, (64, 64)))
+    assert ok
+    path.write_bytes(data.tobytes()[: len(data) * 2 // 3])
+
+
+def test_truncated_jpeg_is_named_not_decoded_grey(tmp_path):
+    from segexp.data.base import read_image
+
+    good = tmp_path / "good.jpg"
+    ok, data = cv2.imencode(".jpg", _rgb(1, (64, 64)))
+    good.write_bytes(data.tobytes() + b"\x00\x00trailing bytes after the end marker")
+    assert read_image(good).shape == (64, 64, 3)
+    cut = tmp_path / "cut.jpg"
+    _truncated_jpeg(cut)
+    assert cv2.imread(str(cut)) is not None  # what OpenCV alone does: a half-grey image
+    with pytest.raises(SegexpError, match="cut.jpg is truncated"):
+        read_image(cut)
+
+
+def test_predict_on_a_folder_skips_bad_files_and_keeps_the_good_outputs(run_dir, tmp_path):
+    predict = _script("predict")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a_good.png"), _rgb(2, (40, 60)))
+    _truncated_jpeg(folder / "b_cut.jpg")
+    (folder / "c_broken.png").write_bytes(b"not a png")
+    cv2.imwrite(str(folder / "d_good.png"), _rgb(3, (33, 31)))
+    with pytest.raises(SegexpError, match="2 of 4 images could not be read") as info:
+        predict.main([str(run_dir), str(folder), "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert "b_cut.jpg is truncated" in str(info.value) and "c_broken.png" in str(info.value)
+    _check_image_outputs(tmp_path / "out", "a_good", (40, 60))
+    _check_image_outputs(tmp_path / "out", "d_good", (33, 31))

@@ -81,6 +81,11 @@ def test_failed_job_still_finishes_its_wandb_run(tmp_path, monkeypatch, no_wandb
     cfg = tiny_config("trainer.max_iters=2", "trainer.val_interval=2", "logger=wandb")
     with pytest.raises(RuntimeError, match="validation exploded"):
         run_training(cfg, tmp_path)
+    # run.finish() has handed the exit record to W&B's service; teardown waits until the service
+    # has written everything and stopped, so the file is complete on any machine, under any load.
+    import wandb
+
+    wandb.teardown()
     run_file = find_run_file(tmp_path)
     exits = [r.exit for r in read_records(run_file) if r.WhichOneof("record_type") == "exit"]
     assert exits and exits[-1].exit_code == 1

@@ -233,9 +233,15 @@ def _file_keys(path: Path) -> set[str]:
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            return set(f.keys())
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return set(f.keys())
+        except Exception as err:
+            raise ConfigError(f"backbone.checkpoint {path} cannot be read: it is damaged or not a "
+                              f"safetensors file ({type(err).__name__}: {err}). Copy it again.") from err
+    from segexp.engine.checkpoint import read_weights_file
+
+    state = read_weights_file(path, option="backbone.checkpoint")
     for wrapper in ("state_dict", "model", "state_dict_ema"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]

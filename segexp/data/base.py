@@ -94,6 +94,8 @@ def read_image(path: str | Path) -> np.ndarray:
     are drawn on the stored pixels (rotating only the image would misalign the pair)."""
     path = Path(path)
     image = None
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        check_complete_jpeg(path)
     if path.suffix.lower() != ".gif":
         image = cv2.imread(str(path), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
                            | cv2.IMREAD_IGNORE_ORIENTATION)
@@ -101,7 +103,7 @@ def read_image(path: str | Path) -> np.ndarray:
         image = _read_with_pillow(path, "RGB")
         if image is None:
             raise DataError(f"cannot read image file {path}: it is missing, empty or not an "
-                            "image. Remove it from the dataset or replace it with a valid file.")
+                            "image. Remove it or replace it with a valid file.")
         return image
     image = _to_uint8(image, path)
     if image.ndim == 2:
@@ -109,6 +111,26 @@ def read_image(path: str | Path) -> np.ndarray:
     if image.shape[2] == 4:
         return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def check_complete_jpeg(path: Path) -> None:
+    """A truncated JPEG decodes "successfully": libjpeg warns (unnamed) and fills the missing rows
+    with grey, which would then be trained on or predicted as if real. A complete file has its
+    end-of-image marker (FF D9) after its last start-of-scan marker (FF DA); in the compressed
+    data a 0xFF byte is always followed by 0x00 or a restart marker, so FF D9 appears nowhere else
+    past the scan (a thumbnail's own markers come before it)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return  # missing / unreadable: the decoder's own error names it
+    if data[:2] != b"\xff\xd8":
+        return  # not a JPEG after all: let the decoder decide
+    scan = data.rfind(b"\xff\xda")
+    if scan >= 0 and data.rfind(b"\xff\xd9") < scan:
+        raise DataError(
+            f"image file {path} is truncated: its JPEG data ends before the end-of-image marker "
+            f"({len(data)} bytes), so part of it would be decoded as grey. Re-copy or re-download "
+            "it, or remove it from the dataset.")
 
 
 def _read_with_pillow(path: Path, mode: str) -> np.ndarray | None:

@@ -33,7 +33,7 @@ from segexp.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when MaskScan's fields or their meaning change
+CACHE_VERSION = 2  # bump when MaskScan's fields or their meaning change
 WEIGHT_METHODS = ("median", "inverse", "enet")
 # What ``class_weights: auto`` means: median frequency balancing, see class_weights().
 AUTO_METHOD = "median"
@@ -58,6 +58,7 @@ class MaskScan:
     # Values that are neither a class (0..C-1) nor the ignore index -> the first mask holding it.
     unexpected: dict[int, str] = field(default_factory=dict)
     sizes: dict[tuple[int, int], int] = field(default_factory=dict)  # (height, width) -> images
+    first_with_ignore: str = ""  # the first mask holding the ignore index, for messages
 
     @property
     def num_classes(self) -> int:
@@ -85,6 +86,22 @@ class MaskScan:
             f"0..{self.num_classes - 1}, and {self.ignore_index} = ignore): {'; '.join(listed)}"
             f"{more}. Fix dataset.num_classes / the class names, or remap the mask values "
             "(dataset.mask_map for folder datasets).")
+
+    def check_binary_255(self, split: str = "") -> None:
+        """A clear :class:`DataError` for masks that hold only 0 and the ignore index (255): a
+        binary task stored as 0/255 would train with every foreground pixel ignored, and report
+        a perfect score on the one class left. Checked over every mask of the split."""
+        found = {v for v, n in self.values.items() if n}
+        if self.num_classes < 2 or self.ignore_index not in found or not found <= {0, self.ignore_index}:
+            return
+        where = f"the {split} split's {self.num_images} masks" if split else f"all {self.num_images} masks"
+        raise DataError(
+            f"{where} hold only the values 0 and {self.ignore_index} (first with "
+            f"{self.ignore_index}: {self.first_with_ignore}), but {self.ignore_index} is the ignore "
+            f"index: those pixels would count nowhere, classes 1..{self.num_classes - 1} would never "
+            "be seen, and the score would look perfect on class 0 alone. For a binary task stored "
+            "as 0/255 set dataset.mask_map='{255: 1}' (with 2 classes); if 255 really marks pixels "
+            "to ignore, the masks hold no foreground at all.")
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -141,6 +158,7 @@ def _scan(dataset: SegmentationDataset, max_images: int | None, progress: bool,
     unexpected: dict[int, str] = {}
     sizes: dict[tuple[int, int], int] = {}
     ignored = 0
+    first_with_ignore = ""
     bar = tqdm(total=n, desc=f"scanning the {dataset.split} masks", unit="img",
                disable=not progress)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -153,6 +171,7 @@ def _scan(dataset: SegmentationDataset, max_images: int | None, progress: bool,
                     per_class[value] = count
                 elif value == ignore:
                     ignored += count
+                    first_with_ignore = first_with_ignore or source
                 else:
                     unexpected.setdefault(value, source)
             pixels += per_class
@@ -165,7 +184,7 @@ def _scan(dataset: SegmentationDataset, max_images: int | None, progress: bool,
                     num_images=n, pixels=pixels.tolist(), images_with_class=images_with.tolist(),
                     pixels_of_images_with_class=pixels_of_images_with.tolist(),
                     ignored_pixels=ignored, values=dict(sorted(found.items())),
-                    unexpected=unexpected, sizes=sizes)
+                    unexpected=unexpected, sizes=sizes, first_with_ignore=first_with_ignore)
 
 
 def scan_masks(dataset, cache_dir: str | Path | None = None, max_images: int | None = None,

@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import signal
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +22,16 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader
 
+from segexp.atomic import write_json, write_text
 from segexp.config import instantiate
 from segexp.data.base import pad_collate
 from segexp.data.sampler import ContiguousShardSampler, ResumableSampler
+from segexp.data.scan import base_dataset, scan_masks
 from segexp.engine import budget, distributed
 from segexp.engine.budget import parse_duration
 from segexp.engine.checkpoint import load_checkpoint, resolve_resume, set_rng_state
 from segexp.engine.trainer import Run, autocast, fit, plan
-from segexp.errors import ConfigError, DataError
+from segexp.errors import ConfigError, DataError, TrainingInterrupted
 from segexp.loggers import JsonlLogger, RunInfo
 from segexp.loggers.base import json_safe
 from segexp.losses import resolve_auto_class_weights
@@ -136,6 +142,26 @@ def _round(value: int, multiple: int) -> int:
     return max(multiple, int(round(int(value) / multiple)) * multiple)
 
 
+def check_training_masks(train_set, run_dir: Path, progress: bool) -> None:
+    """Before training, every training mask (one scan, cached in the run folder and reused by
+    ``loss.class_weights=auto``): values outside the classes, and 0/255 binary masks whose
+    foreground would be ignored, stop the run here with the file named, not silently or hours in.
+    Generated data (no files) is not scanned."""
+    base = base_dataset(train_set)
+    if base.files() == []:
+        return
+    scan = scan_masks(train_set, cache_dir=run_dir, progress=progress)
+    scan.check_values("train")
+    # dataset.mask_map='{255: 255}' says that 255 really is "ignore": then no 0/255 check.
+    if base.ignore_index not in (getattr(base, "mask_map", None) or {}):
+        scan.check_binary_255("train")
+    absent = scan.absent_classes()
+    if absent:
+        log.warning(f"class(es) {', '.join(absent)} appear in none of the {scan.num_images} "
+                    "training masks: the model cannot learn them, and their IoU will be reported "
+                    "as undefined ('-') where no validation mask holds them either.")
+
+
 def hydra_run_info(cfg: DictConfig, run_dir: Path) -> RunInfo:
     """Name, sweep group and tags for loggers, from Hydra's runtime state."""
     tags, group, job_num = [], None, None
@@ -189,6 +215,7 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
                             sampler=ContiguousShardSampler(len(val_set), dist.rank, dist.world_size),
                             collate_fn=pad_collate, generator=torch.Generator(), **workers)
     optimizer = instantiate(cfg.optimizer)(model)
+    check_training_masks(train_set, run_dir, progress=dist.is_main and bool(t.progress_bar))
     # class_weights: auto -> from the training masks, scanned once (cached in the run folder).
     loss_cfg = resolve_auto_class_weights(cfg.loss, train_set, run_dir,
                                           progress=dist.is_main and bool(t.progress_bar))
@@ -254,6 +281,72 @@ def settle_length(run: Run, resumed: bool, elapsed_s: float) -> None:
              + (" trainer.max_epochs=null" if t.max_epochs is not None else "") + ".")
 
 
+def config_for_resume(cfg: DictConfig, checkpoint: dict[str, Any], path: Path) -> DictConfig:
+    """The config a resume runs with. When the command line names nothing but the resume itself,
+    the run folder and ``trainer.*`` values (e.g. a longer ``trainer.max_iters``), the run's own
+    config, recorded in its checkpoint, is used with those values applied: the defaults may have
+    changed since, and a forgotten override must not turn into a refused resume. Any other
+    override means the user asks for that config (a model that does not fit is then refused)."""
+    saved = checkpoint.get("config")
+    if not saved or not HydraConfig.initialized():
+        return cfg
+    task = list(HydraConfig.get().overrides.task)
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in task]
+    trainer_values = [o.lstrip("+") for o, k in zip(task, keys, strict=True) if k.startswith("trainer.")]
+    if any(k != "resume" and not k.startswith(("trainer.", "hydra.")) for k in keys):
+        return cfg
+    resumed = OmegaConf.create(saved)
+    with open_dict(resumed):
+        resumed.resume = cfg.resume
+        resumed.merge_with(OmegaConf.from_dotlist(trainer_values))
+    log.info(f"Resuming with the run's own config, recorded in {path}"
+             + (f", with {' '.join(trainer_values)}" if trainer_values else "") + ".")
+    return resumed
+
+
+def forget_logged_after(log_path: Path, step: int) -> None:
+    """A resumed run repeats the iterations after its checkpoint: drop what the interrupted run
+    logged for them, so ``metrics.jsonl`` (and the curves drawn from it) hold each step once."""
+    if not log_path.is_file():
+        return
+    kept = []
+    for line in log_path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) > step:
+                continue
+        except json.JSONDecodeError:  # a line cut short by the crash
+            continue
+        kept.append(line)
+    write_text(log_path, "".join(f"{line}\n" for line in kept))
+
+
+def catch_stop_signals(run: Run, names) -> Callable[[], None]:
+    """On each of ``names`` (``trainer.stop_signals``: SIGTERM from ``kill``, a container stop or a
+    cluster's pre-emption, SIGUSR1 from SLURM's ``--signal=USR1@90``), finish the current
+    iteration, write ``last.pt`` and stop (:func:`segexp.engine.trainer.save_interrupted`).
+    Returns a function that puts the previous handlers back."""
+    previous = {}
+
+    def request_stop(signum, _frame) -> None:
+        run.stop_signal = signal.Signals(signum).name
+        log.warning(f"{run.stop_signal} received: stopping after the current iteration.")
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # signal handlers can only be set in the main thread
+    for name in names:
+        number = getattr(signal, str(name).upper(), None)
+        if not isinstance(number, signal.Signals):
+            raise ConfigError(f"trainer.stop_signals holds {name!r}, which is not a signal name "
+                              "here (e.g. SIGTERM, SIGUSR1).")
+        previous[number] = signal.signal(number, request_stop)
+
+    def restore() -> None:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+    return restore
+
+
 def resume_run(run: Run, checkpoint: dict[str, Any], checkpoint_path: Path) -> None:
     """Model, optimizer, scheduler, scaler and random state from a checkpoint (its counters,
     ``run.state``, are loaded first: the schedule's length comes from them)."""
@@ -261,7 +354,9 @@ def resume_run(run: Run, checkpoint: dict[str, Any], checkpoint_path: Path) -> N
         run.model.load_state_dict(checkpoint["model"])
     except RuntimeError as err:
         raise ConfigError(f"checkpoint {checkpoint_path} does not fit this model (was it trained "
-                          f"with another model/backbone/head?): {str(err).splitlines()[0]}") from err
+                          f"with another model/backbone/head?): {str(err).splitlines()[0]}. To "
+                          "resume with the run's own config, give only resume=... (plus "
+                          "hydra.run.dir and trainer.* values) on the command line.") from err
     run.optimizer.load_state_dict(checkpoint["optimizer"])
     run.scheduler.load_state_dict(checkpoint["scheduler"])
     run.scaler.load_state_dict(checkpoint["scaler"])
@@ -331,8 +426,8 @@ def write_summary(run: Run, status: str, wall_time_s: float, error: str | None =
         summary["world_size"] = run.dist.world_size
     if not run.dist.is_main:
         return summary
-    with open(run.run_dir / "metrics.json", "w") as f:
-        json.dump(json_safe(summary), f, indent=2, allow_nan=False, default=str)
+    write_json(run.run_dir / "metrics.json", json_safe(summary), indent=2, allow_nan=False,
+               default=str)
     return summary
 
 
@@ -345,27 +440,49 @@ def _per_class(results: dict[str, Any], class_names: list[str]) -> dict[str, dic
     return {name: {k: v[i] for k, v in lists.items()} for i, name in enumerate(class_names)}
 
 
+def keep_config_history(run_dir: Path) -> None:
+    """Hydra rewrites ``.hydra/`` at every start in a folder (a resume too, even one refused for a
+    wrong override): copy this start's files to ``.hydra/history/<NN>_<time>/`` so the first run's
+    config and each resume's are all kept."""
+    hydra_dir = run_dir / ".hydra"
+    # Before the process group starts: rank 0 of a torchrun / SLURM job copies, the others not.
+    rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
+    if not (hydra_dir / "config.yaml").is_file() or rank != "0":
+        return
+    history = hydra_dir / "history"
+    number = len([p for p in history.iterdir() if p.is_dir()]) if history.is_dir() else 0
+    target = history / f"{number:02d}_{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+    for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):
+        if (hydra_dir / name).is_file():
+            write_text(target / name, (hydra_dir / name).read_text())
+
+
 def run_training(cfg: DictConfig, run_dir: Path | None = None) -> float:
     """Train as configured; returns the best validation ``cfg.metric`` (for Hydra sweepers)."""
     if run_dir is None:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    keep_config_history(run_dir)
     start = time.perf_counter()
-    run = build_run(cfg, run_dir)
     checkpoint_path = resolve_resume(cfg.get("resume"), run_dir)
-    checkpoint = None
-    if checkpoint_path is not None:
-        checkpoint = load_checkpoint(checkpoint_path, map_location=run.device)
+    checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path is not None else None
+    if checkpoint is not None:
+        cfg = config_for_resume(cfg, checkpoint, checkpoint_path)
+    run = build_run(cfg, run_dir)
+    if checkpoint is not None:
         run.state.load_state_dict(checkpoint["state"])  # the recorded length, before the schedule
     settle_length(run, resumed=checkpoint is not None, elapsed_s=time.perf_counter() - start)
     build_scheduler(cfg, run)
     if checkpoint is not None:  # after the scheduler, whose construction resets the lr
         resume_run(run, checkpoint, checkpoint_path)
         del checkpoint
+        if run.dist.is_main:
+            forget_logged_after(run_dir / "metrics.jsonl", run.state.iter)
     # The run folder's log is always kept; the `logger` group adds one more (a no-op for none).
     # Other ranks log nothing: rank 0 reports the reduced figures of all.
     if run.dist.is_main:
         run.loggers = [JsonlLogger()] + ([instantiate(cfg.logger)] if cfg.get("logger") else [])
+    restore_signals = catch_stop_signals(run, cfg.trainer.get("stop_signals") or [])
     info = hydra_run_info(cfg, run_dir)
     info.config["params"] = count_params(run.model)
     weights = pretrained_record(run.model)
@@ -379,9 +496,11 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> float:
         fit(run)
         failed = False
     except BaseException as err:
-        write_summary(run, "failed", time.perf_counter() - start, f"{type(err).__name__}: {err}")
+        status = "interrupted" if isinstance(err, TrainingInterrupted) else "failed"
+        write_summary(run, status, time.perf_counter() - start, f"{type(err).__name__}: {err}")
         raise
     finally:
+        restore_signals()
         if failed:
             for logger in run.loggers:
                 logger.finish(failed=True)

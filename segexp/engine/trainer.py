@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from segexp.data.sampler import ResumableSampler
 from segexp.engine import budget, distributed
 from segexp.engine.checkpoint import publish_copy, rng_state, save_checkpoint
-from segexp.errors import ConfigError, TrainingError
+from segexp.errors import ConfigError, TrainingError, TrainingInterrupted
 from segexp.loggers import Logger, VisSample
 from segexp.metrics import ConfusionMatrix
 from segexp.reports import save_confusion_matrix
@@ -89,6 +89,8 @@ class Run:
     state: TrainState = field(default_factory=TrainState)
     config_yaml: str = ""
     budget_s: float | None = None  # trainer.max_time in seconds
+    stop_signal: str | None = None  # set by a signal handler: stop at the next iteration boundary
+    saved_weights_norm: tuple[int, float] | None = None  # (iteration, norm) of the last checkpoint
     train_model: nn.Module | None = None  # what training calls: DDP and/or torch.compile wrappers
     dist: distributed.DistInfo = field(default_factory=distributed.DistInfo)
 
@@ -221,6 +223,7 @@ def validate(run: Run) -> bool:
         run.scheduler.step(results[monitor])
     charge(s, time.perf_counter() - started)  # so the checkpoint holds the time so far
     started = time.perf_counter()
+    check_weights(run)  # before last.pt is replaced: never overwrite good weights with diverged ones
     state = checkpoint_state(run)  # on every rank: it gathers their random generators
     last = run.run_dir / "checkpoints" / "last.pt"
     if run.dist.is_main:
@@ -235,6 +238,32 @@ def validate(run: Run) -> bool:
     charge(s, time.perf_counter() - started)
     patience = t.early_stopping_patience
     return bool(patience) and s.validations_since_best >= patience
+
+
+# Weights whose norm grew this much since the last checkpoint have diverged (a finite loss can
+# hide it for a few steps); healthy training changes the norm by a small factor over a whole run.
+DIVERGED_NORM_GROWTH = 1e3
+
+
+def check_weights(run: Run) -> None:
+    """Refuse to replace ``last.pt`` with weights that hold NaN/inf or whose norm exploded since
+    the previous checkpoint; the error says which iteration ``last.pt`` still holds."""
+    s = run.state
+    params = [p.detach() for p in run.model.parameters()]
+    norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.float())
+                                                      for p in params])))
+    previous = run.saved_weights_norm
+    finite = math.isfinite(norm)
+    if finite and (previous is None or norm <= previous[1] * DIVERGED_NORM_GROWTH):
+        run.saved_weights_norm = (s.iter, norm)
+        return
+    last = run.run_dir / "checkpoints" / "last.pt"
+    kept = (f"{last} keeps iteration {previous[0]} (weight norm {previous[1]:.3g})"
+            if previous is not None else "no checkpoint had been written yet")
+    what = "hold NaN or infinite values" if not finite else \
+        f"have diverged (norm {norm:.3g}, {norm / previous[1]:.0f}x the last checkpoint's)"
+    raise TrainingError(f"at iteration {s.iter} the weights {what}; training stopped and {kept}. "
+                        "Lower optimizer.lr, set trainer.grad_clip (e.g. 1.0), or check the data.")
 
 
 def charge(s: TrainState, seconds: float) -> None:
@@ -345,6 +374,10 @@ def fit(run: Run) -> TrainState:
                 if run.scheduler.interval == "epoch":
                     run.scheduler.step()
             last_iter = s.iter >= total_iters
+            if not last_iter and stop_requested(run, s.iter % t.log_interval == 0):
+                check_finite(run, bad_step)
+                charge_budget()
+                save_interrupted(run)
             if s.iter % t.log_interval == 0 and run.budget_s is not None and not last_iter:
                 charge_budget()
                 # The estimate was far off (the machine slowed down): stop at the limit. Rank 0's
@@ -390,6 +423,30 @@ def fit(run: Run) -> TrainState:
                 break
     bar.close()
     return s
+
+
+def stop_requested(run: Run, at_log_step: bool) -> bool:
+    """Whether a stop signal arrived. In a distributed run every rank must stop at the same
+    iteration, so the ranks agree (one all-reduce) at log steps only; a lone process checks
+    after every iteration."""
+    if not run.dist.enabled:
+        return run.stop_signal is not None
+    if not at_log_step:
+        return False
+    flag = torch.tensor(float(run.stop_signal is not None), device=run.device)
+    return bool(distributed.all_reduce_(flag, "max").item() > 0)
+
+
+def save_interrupted(run: Run) -> None:
+    """Write ``last.pt`` at this iteration boundary (a resume continues exactly from it) and stop."""
+    state = checkpoint_state(run)
+    last = run.run_dir / "checkpoints" / "last.pt"
+    if run.dist.is_main:
+        save_checkpoint(state, last)
+    raise TrainingInterrupted(
+        f"{run.stop_signal or 'a stop signal'} received: training stopped after iteration "
+        f"{run.state.iter} and saved {last}. Continue with: python train.py "
+        f"hydra.run.dir={run.run_dir} resume=true")
 
 
 def check_finite(run: Run, bad_step: torch.Tensor) -> None:

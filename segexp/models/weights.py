@@ -17,18 +17,12 @@ log = logging.getLogger(__name__)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"model.checkpoint={path}: no such file.")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from segexp.engine.checkpoint import read_weights_file
 
-        return load_file(str(path))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ConfigError(f"model.checkpoint={path} cannot be read with weights_only=True "
-                          f"({type(err).__name__}: {str(err).splitlines()[0][:200]}).") from err
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ConfigError(f"model.checkpoint={path}: no such file.")
+    state = read_weights_file(path, option="model.checkpoint")
     if isinstance(state, dict) and isinstance(state.get("model"), dict) and "state" in state:
         return state["model"]  # a segexp training checkpoint
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):

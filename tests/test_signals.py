@@ -1,0 +1,64 @@
+"""A real SIGTERM (kill, a container stop, SLURM pre-emption) mid-training: the iteration finishes,
+last.pt holds it, the run is marked interrupted, the process exits non-zero, and resume=true
+continues to the same weights as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from segexp.engine.checkpoint import load_checkpoint
+from tests.conftest import ROOT
+
+RUN = ["trainer=debug", "model=fcn", "head.channels=16", "dataset.image_size=32",
+       "dataset.train_length=64", "trainer.max_iters=60", "trainer.val_interval=1000",
+       "trainer.log_interval=2", "trainer.measure_speed=false", "trainer.num_vis_images=0"]
+
+
+def _train(run_dir: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *RUN, *extra,
+                             f"hydra.run.dir={run_dir}"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_sigterm_saves_the_iteration_and_resume_continues_exactly(tmp_path):
+    straight = _train(tmp_path / "straight")
+    assert straight.wait(timeout=300) == 0, straight.stderr.read()[-2000:]
+
+    broken = tmp_path / "broken"
+    process = _train(broken)
+    log = broken / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (log.exists() and '"train/loss"' in log.read_text()):  # training has started
+        assert process.poll() is None, process.stderr.read()[-2000:]
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1, stderr[-2000:]
+    assert "SIGTERM received" in stderr and "resume=true" in stderr
+    saved = load_checkpoint(broken / "checkpoints" / "last.pt")["state"]
+    assert 0 < saved["iter"] < 60
+    summary = json.loads((broken / "metrics.json").read_text())
+    assert summary["status"] == "interrupted" and summary["iters"] == saved["iter"]
+    assert (broken / ".hydra" / "config.yaml").is_file()
+
+    resumed = _train(broken, "resume=true")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-2000:]
+    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(broken / "checkpoints" / "last.pt")["model"]
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_unknown_stop_signal_is_named(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), *RUN, "trainer.stop_signals=[SIGFOO]",
+                          f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 1 and "trainer.stop_signals" in out.stderr and "SIGFOO" in out.stderr
