@@ -10,6 +10,7 @@ import pytest
 
 from segexp.engine.experiment import run_training
 from segexp.errors import ConfigError, DataError, IncompatibleBackboneError, SegexpError
+from tests.conftest import ROOT
 from tests.test_train import tiny_config, train_py
 
 
@@ -98,14 +99,29 @@ def test_unknown_metric_and_batch_of_one(tmp_path):
     assert "trainer.batch_size" in message
 
 
-def test_train_py_prints_the_message_not_a_traceback_even_from_loader_workers(tmp_path):
+def test_train_py_prints_the_message_not_a_traceback_before_training(tmp_path):
+    # A mask value outside the classes is found by the scan of every training mask before the
+    # loader workers start, and reported as one line naming the value and a file.
     root = make_folder_dataset(tmp_path / "data", values=(0, 1, 9))
     out = train_py("trainer=debug", "dataset=folder", f"dataset.root={root}",
                    "dataset.num_classes=2", "dataset.class_names=[bg,fg]", "trainer.num_workers=2",
                    "dataset.crop_size=[32,32]", f"hydra.run.dir={tmp_path / 'run'}")
-    assert out.returncode == 1
-    assert out.stderr.startswith("segexp: error: mask ") and "9" in out.stderr
-    assert "Traceback" not in out.stderr
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("segexp: error: the train split's masks hold values outside")
+    assert "9 (" in out.stderr and ".png" in out.stderr
+
+
+def test_an_error_raised_in_a_loader_worker_shows_only_its_message():
+    """DataLoader re-raises a worker's exception with the worker's traceback in its text."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("segexp_train_entry", ROOT / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    err = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most "
+                    "recent call last):\n  File \"x.py\", line 1, in load\nsegexp.errors.DataError: "
+                    "mask a.png holds values 9")
+    assert train.message_of(err) == "mask a.png holds values 9"
 
 
 def test_unknown_group_option_lists_the_choices(tmp_path):

@@ -98,7 +98,8 @@ def test_compare_runs_reads_folders_without_training(tmp_path):
         ("b", "completed"), ("a", "completed"), ("c", "failed"), ("d", "no metrics.json")]
     assert runs[1].fps == 30.0 and runs[0].loss_curve == [(1, 1.0)] and runs[0].crop == [8, 8]
     table = (tmp_path / "out" / "comparison.md").read_text()
-    assert "| b | mb | r18 | toy | 1.00 | 2.00 |  |  | 70.00 | 95.00 | 70.00 |  | completed |" in table
+    assert ("| b | mb | r18 | toy | 1.00 | 2.00 |  |  |  |  |  | 70.00 | 95.00 | 70.00 |  | completed |"
+            in table)
     assert "no \\| way" in table
 
 

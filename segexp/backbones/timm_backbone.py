@@ -61,6 +61,9 @@ class TimmBackbone(nn.Module):
         mode = pretrained_mode(pretrained)
         if checkpoint:
             path = Path(checkpoint).expanduser()
+            if path.is_dir():
+                raise ConfigError(f"backbone.checkpoint={checkpoint} is a folder, not a weights "
+                                  "file: point it at the .pth or .safetensors file inside.")
             if not path.is_file():
                 raise ConfigError(f"backbone.checkpoint={checkpoint}: no such file. Point it at a "
                                   f"saved state dict (.pth or .safetensors) of timm's '{name}'.")
