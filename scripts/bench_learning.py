@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 from segexp.data.stanford_background import StanfordBackgroundDataset, read_regions  # noqa: E402
 from segexp.inference import Segmenter  # noqa: E402
 from segexp.metrics import ConfusionMatrix, format_table  # noqa: E402
+from segexp.profiling import cpu_model  # noqa: E402
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     results: dict = {"command": shlex.join([Path(sys.executable).name, *sys.argv]),
                      "minutes": args.minutes, "machine": os.uname().machine,
-                     "cpu": _cpu_name(), "sides": {}}
+                     "cpu": cpu_model(), "sides": {}}
     class_names = list(StanfordBackgroundDataset.class_names)
     if "segexp" in sides:
         run_dir = work / "segexp"
@@ -236,16 +237,6 @@ def main(argv: list[str] | None = None) -> dict:
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")
     return results
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

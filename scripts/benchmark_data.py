@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 from segexp.config import compose_train_config, instantiate  # noqa: E402
 from segexp.data.base import seed_for  # noqa: E402
 from segexp.errors import SegexpError  # noqa: E402
+from segexp.profiling import cpu_model  # noqa: E402
 
 DEFAULT_OUT = ROOT / "docs" / "data_throughput.md"
 DOC_HEADER = """# Data-pipeline throughput
@@ -91,16 +92,6 @@ def measure(dataset, batch_size: int, workers: int, batches: int, warmup: int,
     return {"workers": workers, "batches": batches, "images": images,
             "seconds": elapsed, "images_per_s": images / elapsed,
             "ms_per_batch": 1000 * elapsed / batches, "warmup_s": warm - start}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_info() -> dict:

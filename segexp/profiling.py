@@ -8,9 +8,11 @@ CPU/CUDA kernels are invisible to the counter and would count as zero.
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,6 +20,17 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from segexp.engine.trainer import autocast
+
+
+def cpu_model() -> str:
+    """The CPU's name (Linux /proc/cpuinfo), for benchmark records."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def count_params(model: nn.Module) -> int:
