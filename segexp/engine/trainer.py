@@ -33,6 +33,7 @@ from segexp.engine.checkpoint import publish_copy, rng_state, save_checkpoint
 from segexp.errors import ConfigError, TrainingError, TrainingInterrupted
 from segexp.loggers import Logger, VisSample
 from segexp.metrics import ConfusionMatrix
+from segexp.models.mask_classification import MaskPredictions
 from segexp.reports import save_confusion_matrix
 from segexp.visualize import denormalise, prediction_grid, save_png
 
@@ -133,16 +134,26 @@ def train_step(run: Run, images: torch.Tensor, masks: torch.Tensor,
 
 def _forward_backward(run: Run, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     with autocast(run.device, run.trainer.precision):
-        logits, aux_logits = run.train_model(images, return_aux=True)
-        loss = run.criterion(logits.float(), masks)
-        if aux_logits is not None:
-            # An auxiliary module may stack several heads' logits along the batch axis (SETR's
-            # three): each slice is compared with the same ground truth.
-            stacked = aux_logits.shape[0] // masks.shape[0]
-            aux_masks = masks.repeat(stacked, 1, 1) if stacked > 1 else masks
-            loss = loss + run.model.aux_weight * run.criterion(aux_logits.float(), aux_masks)
+        loss = training_loss(run, run.train_model(images, return_aux=True), masks)
     run.scaler.scale(loss / run.trainer.accumulate_grad_batches).backward()
     return loss.detach()
+
+
+def training_loss(run: Run, output, masks: torch.Tensor) -> torch.Tensor:
+    """The criterion on what the model returned in training: a mask-classification model's
+    :class:`MaskPredictions` go to its criterion whole (it matches queries to classes); a
+    per-pixel model's logits, plus ``aux_weight`` x its auxiliary logits, to the pixel loss."""
+    if isinstance(output, MaskPredictions):
+        return run.criterion(output, masks)
+    logits, aux_logits = output
+    loss = run.criterion(logits.float(), masks)
+    if aux_logits is not None:
+        # An auxiliary module may stack several heads' logits along the batch axis (SETR's
+        # three): each slice is compared with the same ground truth.
+        stacked = aux_logits.shape[0] // masks.shape[0]
+        aux_masks = masks.repeat(stacked, 1, 1) if stacked > 1 else masks
+        loss = loss + run.model.aux_weight * run.criterion(aux_logits.float(), aux_masks)
+    return loss
 
 
 def optimizer_step(run: Run) -> None:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segexp.errors import ConfigError, IncompatibleBackboneError
+from segexp.models.mask_classification import MaskPredictions
 
 HeadFactory = Callable[..., nn.Module]
 
@@ -78,12 +79,19 @@ class Segmentor(nn.Module):
 
     def forward(self, images: torch.Tensor, return_aux: bool = False):
         """Logits ``(N, num_classes, H, W)``; with ``return_aux`` also the auxiliary logits
-        (``None`` when the model has no auxiliary head)."""
+        (``None`` when the model has no auxiliary head). A mask-classification head (one that
+        returns :class:`MaskPredictions`) gives its predictions whole with ``return_aux`` (what
+        its criterion reads) and per-pixel class scores at the input resolution otherwise."""
         self.check_input_size(images.shape[-2], images.shape[-1])
         features = self.backbone(images)
         if self.neck is not None:
             features = self.neck(features)
-        logits = self._resize(self.decode_head(features), images)
+        out = self.decode_head(features)
+        if isinstance(out, MaskPredictions):
+            if return_aux:
+                return out
+            return out.semantic_logits(images.shape[-2:], self.align_corners)
+        logits = self._resize(out, images)
         if not return_aux:
             return logits
         aux = self._resize(self.aux_head(features), images) if self.aux_head is not None else None
