@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import hydra.utils
 from hydra import compose, initialize_config_dir
+from hydra.experimental.callback import Callback
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -63,3 +65,31 @@ def compose_train_config(overrides: list[str]) -> tuple[DictConfig, str]:
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg, dataset_name
+
+
+class OutputFolderCheck(Callback):
+    """Hydra creates the run (or sweep) folder before ``train.py``'s own error handling starts, so
+    an unwritable or impossible ``hydra.run.dir`` would end in a bare ``OSError`` traceback. This
+    callback (``hydra.callbacks`` in ``conf/train.yaml``) tries the folder first and stops with
+    one line naming it and the option to change."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        check_output_folder(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        check_output_folder(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+
+def check_output_folder(folder: str, option: str) -> None:
+    path = Path(str(folder)).expanduser()
+    probe = path / f".segexp_write_test_{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        print(f"segexp: error: cannot write the run folder {path} ({reason}: "
+              f"{err.filename or path}). Choose a writable folder with {option}=<path>.",
+              file=sys.stderr)
+        sys.exit(1)  # SystemExit passes through Hydra's error printer: one line, no traceback

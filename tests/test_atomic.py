@@ -60,6 +60,28 @@ def test_unwritable_folder_is_named(tmp_path):
     assert "hydra.run.dir" in str(info.value)
 
 
+def test_an_impossible_run_folder_is_one_line_not_a_traceback(tmp_path, capsys):
+    """Hydra creates the run folder before train.py's own error handling starts."""
+    from omegaconf import OmegaConf
+
+    from segexp.config import OutputFolderCheck
+    from tests.test_train import train_py
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = train_py("trainer=debug", f"hydra.run.dir={blocker / 'run'}")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"segexp: error: cannot write the run folder {blocker / 'run'} (Not a directory: "
+        f"{blocker / 'run'}). Choose a writable folder with hydra.run.dir=<path>."]
+    # A sweep's folder, checked by the same callback when -m starts.
+    with pytest.raises(SystemExit) as exited:
+        OutputFolderCheck().on_multirun_start(OmegaConf.create(
+            {"hydra": {"sweep": {"dir": str(blocker / "sweep")}}}))
+    assert exited.value.code == 1
+    assert "Choose a writable folder with hydra.sweep.dir=<path>." in capsys.readouterr().err
+
+
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A real 256 KB file system (tmpfs), where this machine lets us mount one."""

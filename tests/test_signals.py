@@ -65,3 +65,78 @@ def test_unknown_stop_signal_is_named(tmp_path):
 
     with pytest.raises(ConfigError, match=r"trainer.stop_signals holds 'SIGFOO'"):
         run_training(compose_config(*RUN, "trainer.stop_signals=[SIGFOO]"), tmp_path)
+
+
+class _SubmititTask:
+    """What the submitit launcher submits: a callable that can resubmit itself."""
+
+    def __call__(self) -> None:
+        pass
+
+    def checkpoint(self):
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self)
+
+
+class _Cluster:
+    """The cluster side of submitit's job environment: records the requeue instead of calling
+    scontrol."""
+
+    global_rank = 0
+
+    def __init__(self) -> None:
+        self.requeued: list[int] = []
+
+    def _requeue(self, countdown: int) -> None:
+        self.requeued.append(countdown)
+
+
+def test_submitit_job_saves_requeues_and_resumes_by_itself(tmp_path, monkeypatch):
+    """SLURM's SIGUSR2 before the time limit, caught by submitit's real signal handler: the run
+    saves its iteration first, then submitit requeues it; the requeued job (same command, same
+    folder, SLURM_RESTART_COUNT=1) continues from last.pt without being told to."""
+    import os
+
+    from submitit.core.job_environment import SignalHandler
+    from submitit.helpers import DelayedSubmission
+    from submitit.core.utils import JobPaths
+
+    import segexp.engine.trainer as trainer
+    from segexp.engine.experiment import run_training
+    from tests.conftest import compose_config
+
+    cluster = _Cluster()
+    delayed = DelayedSubmission(_SubmititTask())
+    delayed.set_timeout(60, 2)
+    (tmp_path / "submitit").mkdir()  # the job's folder, where submitit keeps the resubmission
+    handler = SignalHandler(cluster, JobPaths(tmp_path / "submitit", job_id="7"), delayed)
+    previous = signal.signal(signal.SIGUSR2, handler.checkpoint_and_try_requeue)
+    real_step, steps = trainer.train_step, []
+
+    def step(run, *args, **kwargs):
+        steps.append(1)
+        if len(steps) == 4:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return real_step(run, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_step", step)
+    run_dir = tmp_path / "run"
+    try:
+        with pytest.raises(SystemExit):  # submitit ends the process once it has requeued
+            run_training(compose_config(*RUN), run_dir)
+        assert cluster.requeued == [2]  # requeued; a pre-emption leaves the time-out count
+        assert (tmp_path / "submitit" / "7_submitted.pkl").is_file()  # what the job reruns
+        assert signal.getsignal(signal.SIGUSR2) == handler.checkpoint_and_try_requeue
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    saved = load_checkpoint(run_dir / "checkpoints" / "last.pt")["state"]
+    assert saved["iter"] == 4
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "interrupted"
+
+    monkeypatch.setattr(trainer, "train_step", real_step)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    run_training(compose_config(*RUN), run_dir)  # resume=false, as the first command said
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    assert summary["status"] == "completed" and summary["iters"] == 30
+    assert len(steps) == 4  # the requeued job did not start over

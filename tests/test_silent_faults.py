@@ -55,6 +55,47 @@ def test_out_of_range_values_anywhere_stop_before_training(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def _truncate_jpeg(path, keep: float = 0.6) -> None:
+    data = cv2.imencode(".jpg", np.random.default_rng(1).integers(0, 255, (32, 32, 3), np.uint8))[1]
+    path.write_bytes(data.tobytes()[: int(len(data) * keep)])
+
+
+def test_unreadable_files_stop_before_training_or_are_skipped_with_a_count(tmp_path, caplog):
+    root = tmp_path / "data"
+    _layout(root, [_binary(1)] * 20)
+    # Two training images and one validation image cut short (val_fraction picks 4 of 20).
+    for i in range(20):
+        (root / "images" / f"{i:03d}.png").rename(root / "images" / f"{i:03d}.jpg")
+    for i in range(20):
+        _truncate_jpeg(root / "images" / f"{i:03d}.jpg", keep=1.0)
+    cfg = compose_config(*FOLDER, f"dataset.root={root}", "dataset.img_suffix=.jpg")
+    from segexp.engine.experiment import build_datasets
+    train_set, val_set = build_datasets(cfg)
+    bad = [train_set.samples[3][0], train_set.samples[9][0], val_set.samples[1][0]]
+    for path in bad:
+        _truncate_jpeg(path)
+    with pytest.raises(DataError, match=r"is truncated") as info:
+        run_training(compose_config(*FOLDER, f"dataset.root={root}", "dataset.img_suffix=.jpg"),
+                     tmp_path / "run")
+    assert bad[0].name in str(info.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any training step
+
+    caplog.set_level("WARNING")
+    run_training(compose_config(*FOLDER, f"dataset.root={root}", "dataset.img_suffix=.jpg",
+                                "skip_bad_files=true"), tmp_path / "skipped")
+    metrics = json.loads((tmp_path / "skipped" / "metrics.json").read_text())
+    assert metrics["status"] == "completed"
+    log = caplog.text
+    assert f"2 of the {len(train_set)} train samples cannot be read" in log
+    assert f"1 of the {len(val_set)} val samples cannot be read" in log
+    assert bad[0].name in log and bad[1].name in log and bad[2].name in log
+    # Resuming the same run folder leaves the same files out (the cached scan says which).
+    caplog.clear()
+    run_training(compose_config(*FOLDER, f"dataset.root={root}", "dataset.img_suffix=.jpg",
+                                "skip_bad_files=true", "resume=true"), tmp_path / "skipped")
+    assert f"2 of the {len(train_set)} train samples cannot be read" in caplog.text
+
+
 def test_diverged_weights_never_replace_the_last_good_checkpoint(tmp_path, monkeypatch):
     """The loss can stay finite for a step or two after the weights explode: the checkpoint from
     before the divergence is kept and the error says which iteration it holds."""

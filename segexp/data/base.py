@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from segexp.errors import DataError
+from segexp.errors import ConfigError, DataError
 
 IGNORE_INDEX = 255
 
@@ -309,6 +309,18 @@ class SegmentationDataset(Dataset):
                 if isinstance(item, Path)]
 
     # -- shared behaviour ---------------------------------------------------------------------
+    def drop_samples(self, indices) -> None:
+        """Leave out the samples at ``indices`` (``skip_bad_files=true``: files that cannot be
+        read). Works on the list the dataset indexes its samples by."""
+        drop = set(indices)
+        for attr in ("samples", "ids", "names"):
+            items = getattr(self, attr, None)
+            if isinstance(items, list) and len(items) == len(self):
+                setattr(self, attr, [item for i, item in enumerate(items) if i not in drop])
+                return
+        raise ConfigError(f"{type(self).__name__} cannot leave samples out, so skip_bad_files "
+                          "does not apply to it: remove or repair the files named.")
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)

@@ -33,7 +33,7 @@ from segexp.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # bump when MaskScan's fields or their meaning change
+CACHE_VERSION = 3  # bump when MaskScan's fields or their meaning change
 WEIGHT_METHODS = ("median", "inverse", "enet")
 # What ``class_weights: auto`` means: median frequency balancing, see class_weights().
 AUTO_METHOD = "median"
@@ -59,6 +59,8 @@ class MaskScan:
     unexpected: dict[int, str] = field(default_factory=dict)
     sizes: dict[tuple[int, int], int] = field(default_factory=dict)  # (height, width) -> images
     first_with_ignore: str = ""  # the first mask holding the ignore index, for messages
+    # Samples that could not be read (scanned with skip_unreadable): [index, the error], in order.
+    unreadable: list[tuple[int, str]] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -103,8 +105,17 @@ class MaskScan:
             "as 0/255 set dataset.mask_map='{255: 1}' (with 2 classes); if 255 really marks pixels "
             "to ignore, the masks hold no foreground at all.")
 
+    def report_unreadable(self, split: str, limit: int = 5) -> str:
+        """"N of M samples ... cannot be read: first ..." for the log and for errors."""
+        shown = "; ".join(message for _, message in self.unreadable[:limit])
+        more = f" (and {len(self.unreadable) - limit} more)" if len(self.unreadable) > limit else ""
+        total = self.num_images + len(self.unreadable)
+        return (f"{len(self.unreadable)} of the {total} {split} samples cannot be read{more}: "
+                f"{shown}")
+
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
+        data["unreadable"] = [[i, m] for i, m in self.unreadable]
         data["values"] = [[v, n] for v, n in self.values.items()]
         data["unexpected"] = [[v, s] for v, s in self.unexpected.items()]
         data["sizes"] = [[h, w, n] for (h, w), n in self.sizes.items()]
@@ -116,6 +127,7 @@ class MaskScan:
         data["values"] = {int(v): int(n) for v, n in data["values"]}
         data["unexpected"] = {int(v): str(s) for v, s in data["unexpected"]}
         data["sizes"] = {(int(h), int(w)): int(n) for h, w, n in data["sizes"]}
+        data["unreadable"] = [(int(i), str(m)) for i, m in data.get("unreadable", [])]
         return cls(**data)
 
 
@@ -147,8 +159,17 @@ def _values_of(dataset: SegmentationDataset, index: int):
     return values, counts, size, sample.source
 
 
+def _values_or_error(dataset: SegmentationDataset, index: int, skip_unreadable: bool):
+    try:
+        return _values_of(dataset, index)
+    except DataError as err:
+        if not skip_unreadable:
+            raise
+        return err
+
+
 def _scan(dataset: SegmentationDataset, max_images: int | None, progress: bool,
-          workers: int) -> MaskScan:
+          workers: int, skip_unreadable: bool = False) -> MaskScan:
     n = len(dataset) if max_images is None else min(len(dataset), max_images)
     num_classes, ignore = dataset.num_classes, int(dataset.ignore_index)
     pixels = np.zeros(num_classes, np.int64)
@@ -159,11 +180,18 @@ def _scan(dataset: SegmentationDataset, max_images: int | None, progress: bool,
     sizes: dict[tuple[int, int], int] = {}
     ignored = 0
     first_with_ignore = ""
+    unreadable: list[tuple[int, str]] = []
     bar = tqdm(total=n, desc=f"scanning the {dataset.split} masks", unit="img",
                disable=not progress)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         # map keeps the index order, so "the first mask holding a value" is deterministic.
-        for values, counts, size, source in pool.map(lambda i: _values_of(dataset, i), range(n)):
+        read = pool.map(lambda i: _values_or_error(dataset, i, skip_unreadable), range(n))
+        for index, result in enumerate(read):
+            bar.update()
+            if isinstance(result, DataError):
+                unreadable.append((index, str(result)))
+                continue
+            values, counts, size, source = result
             per_class = np.zeros(num_classes, np.int64)
             for value, count in zip(values.tolist(), counts.tolist(), strict=True):
                 found[value] = found.get(value, 0) + count
@@ -178,21 +206,23 @@ def _scan(dataset: SegmentationDataset, max_images: int | None, progress: bool,
             images_with += per_class > 0
             pixels_of_images_with += (per_class > 0) * per_class.sum()
             sizes[size] = sizes.get(size, 0) + 1
-            bar.update()
     bar.close()
     return MaskScan(class_names=[str(c) for c in dataset.class_names], ignore_index=ignore,
-                    num_images=n, pixels=pixels.tolist(), images_with_class=images_with.tolist(),
+                    num_images=n - len(unreadable), unreadable=unreadable, pixels=pixels.tolist(), images_with_class=images_with.tolist(),
                     pixels_of_images_with_class=pixels_of_images_with.tolist(),
                     ignored_pixels=ignored, values=dict(sorted(found.items())),
                     unexpected=unexpected, sizes=sizes, first_with_ignore=first_with_ignore)
 
 
 def scan_masks(dataset, cache_dir: str | Path | None = None, max_images: int | None = None,
-               progress: bool = True, workers: int | None = None) -> MaskScan:
+               progress: bool = True, workers: int | None = None,
+               skip_unreadable: bool = False) -> MaskScan:
     """Scan the masks of ``dataset`` (the first ``max_images`` samples, or all), reusing the scan
     cached in ``cache_dir`` when the dataset's fingerprint still matches (None: no cache).
     ``workers`` threads read the samples (default: up to 8). Values outside the classes are
-    reported in the result, not raised: call :meth:`MaskScan.check_values`."""
+    reported in the result, not raised: call :meth:`MaskScan.check_values`. A sample that cannot
+    be read (a truncated or damaged file, sizes that differ) raises its :class:`DataError`, or
+    with ``skip_unreadable`` is listed in ``MaskScan.unreadable`` and left out of the counts."""
     dataset = base_dataset(dataset)
     if max_images is not None and max_images < 1:
         raise ConfigError(f"max_images={max_images} must be at least 1 (or None for all).")
@@ -208,9 +238,11 @@ def scan_masks(dataset, cache_dir: str | Path | None = None, max_images: int | N
                                   f"{fingerprint['identity'][:12]}.json")
         cached = _read_cache(path, fingerprint)
         if cached is not None:
+            if cached.unreadable and not skip_unreadable:  # scanned by a run that skipped them
+                raise DataError(cached.unreadable[0][1])
             log.info(f"Mask scan of the {dataset.split} split read from {path}.")
             return cached
-    scan = _scan(dataset, max_images, progress, workers)
+    scan = _scan(dataset, max_images, progress, workers, skip_unreadable)
     if path is not None:
         _write_cache(path, {"version": CACHE_VERSION, "fingerprint": fingerprint,
                             "scan": scan.to_json()})

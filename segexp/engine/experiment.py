@@ -142,24 +142,35 @@ def _round(value: int, multiple: int) -> int:
     return max(multiple, int(round(int(value) / multiple)) * multiple)
 
 
-def check_training_masks(train_set, run_dir: Path, progress: bool) -> None:
-    """Before training, every training mask (one scan, cached in the run folder and reused by
-    ``loss.class_weights=auto``): values outside the classes, and 0/255 binary masks whose
-    foreground would be ignored, stop the run here with the file named, not silently or hours in.
-    Generated data (no files) is not scanned."""
-    base = base_dataset(train_set)
-    if base.files() == []:
-        return
-    scan = scan_masks(train_set, cache_dir=run_dir, progress=progress)
-    scan.check_values("train")
-    # dataset.mask_map='{255: 255}' says that 255 really is "ignore": then no 0/255 check.
-    if base.ignore_index not in (getattr(base, "mask_map", None) or {}):
-        scan.check_binary_255("train")
-    absent = scan.absent_classes()
-    if absent:
-        log.warning(f"class(es) {', '.join(absent)} appear in none of the {scan.num_images} "
-                    "training masks: the model cannot learn them, and their IoU will be reported "
-                    "as undefined ('-') where no validation mask holds them either.")
+def check_data(train_set, val_set, run_dir: Path, progress: bool, skip_bad_files: bool) -> None:
+    """Before training, every training and validation mask (one scan per split, cached in the run
+    folder and reused by ``loss.class_weights=auto``): files that cannot be read (truncated,
+    damaged, sizes that differ) stop the run here with the file named, or with
+    ``skip_bad_files=true`` are left out with a count and the first names in the log; training
+    values outside the classes, and 0/255 binary masks whose foreground would be ignored, stop it
+    too: not silently, and not hours in. Generated data (no files) is not scanned."""
+    for split, dataset in (("train", train_set), ("val", val_set)):
+        base = base_dataset(dataset)
+        if base.files() == []:
+            continue
+        scan = scan_masks(dataset, cache_dir=run_dir, progress=progress,
+                          skip_unreadable=skip_bad_files)
+        scan.check_values(split)
+        if scan.unreadable:
+            if scan.num_images == 0:
+                raise DataError(scan.report_unreadable(split) + ". Nothing is left to use.")
+            log.warning(scan.report_unreadable(split) + ". Left out (skip_bad_files=true).")
+            base.drop_samples([index for index, _ in scan.unreadable])
+        if split != "train":
+            continue
+        # dataset.mask_map='{255: 255}' says that 255 really is "ignore": then no 0/255 check.
+        if base.ignore_index not in (getattr(base, "mask_map", None) or {}):
+            scan.check_binary_255("train")
+        absent = scan.absent_classes()
+        if absent:
+            log.warning(f"class(es) {', '.join(absent)} appear in none of the {scan.num_images} "
+                        "training masks: the model cannot learn them, and their IoU will be "
+                        "reported as undefined ('-') where no validation mask holds them either.")
 
 
 def hydra_run_info(cfg: DictConfig, run_dir: Path) -> RunInfo:
@@ -191,6 +202,8 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     train_set, val_set = build_datasets(cfg)
     model = build_model(cfg)
     check_compatible(cfg, model, train_set)
+    check_data(train_set, val_set, run_dir, progress=dist.is_main and bool(t.progress_bar),
+               skip_bad_files=bool(cfg.get("skip_bad_files", False)))
     if t.get("sync_bn") and dist.enabled:  # BatchNorm statistics over the global batch
         model = distributed.convert_sync_batchnorm(model, device)
     model.to(device)
@@ -215,7 +228,6 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
                             sampler=ContiguousShardSampler(len(val_set), dist.rank, dist.world_size),
                             collate_fn=pad_collate, generator=torch.Generator(), **workers)
     optimizer = instantiate(cfg.optimizer)(model)
-    check_training_masks(train_set, run_dir, progress=dist.is_main and bool(t.progress_bar))
     # class_weights: auto -> from the training masks, scanned once (cached in the run folder).
     loss_cfg = resolve_auto_class_weights(cfg.loss, train_set, run_dir,
                                           progress=dist.is_main and bool(t.progress_bar))
@@ -347,6 +359,33 @@ def catch_stop_signals(run: Run, names) -> Callable[[], None]:
     return restore
 
 
+def requeue_with_submitit(signal_name: str) -> None:
+    """Under the submitit launcher, hand a stopped job to submitit's own "checkpoint and requeue"
+    (SLURM requeues the job with the same overrides and run folder, and
+    :func:`requeued_resume` continues it from ``last.pt``). Called once the stop is saved and
+    the loggers are finished, with the signal handlers put back: submitit's handler of
+    ``signal_name`` is then the current one. It exits the process on rank 0; elsewhere (no
+    submitit, other ranks) nothing happens."""
+    handler = signal.getsignal(getattr(signal, signal_name))
+    requeue = getattr(getattr(handler, "__self__", None), "checkpoint_and_try_requeue", None)
+    if requeue is not None and type(handler.__self__).__module__.startswith("submitit"):
+        log.warning(f"{signal_name}: requeueing this job through submitit; it resumes from "
+                    "checkpoints/last.pt when it starts again.")
+        requeue(getattr(signal, signal_name), None)
+
+
+def requeued_resume(resume: Any, run_dir: Path) -> Any:
+    """A SLURM job that was requeued (``SLURM_RESTART_COUNT`` > 0: after a pre-emption or a
+    time-out) starts again with its first command line, so ``resume=false``: continue from its
+    run folder's ``last.pt`` when there is one, instead of starting over in it."""
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    last = run_dir / "checkpoints" / "last.pt"
+    if resume or not restarts.isdigit() or int(restarts) == 0 or not last.is_file():
+        return resume
+    log.warning(f"SLURM restart {restarts} of this job: resuming from {last}.")
+    return True
+
+
 def resume_run(run: Run, checkpoint: dict[str, Any], checkpoint_path: Path) -> None:
     """Model, optimizer, scheduler, scaler and random state from a checkpoint (its counters,
     ``run.state``, are loaded first: the schedule's length comes from them)."""
@@ -464,7 +503,7 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> float:
     run_dir.mkdir(parents=True, exist_ok=True)
     keep_config_history(run_dir)
     start = time.perf_counter()
-    checkpoint_path = resolve_resume(cfg.get("resume"), run_dir)
+    checkpoint_path = resolve_resume(requeued_resume(cfg.get("resume"), run_dir), run_dir)
     checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path is not None else None
     if checkpoint is not None:
         cfg = config_for_resume(cfg, checkpoint, checkpoint_path)
@@ -504,6 +543,8 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> float:
         if failed:
             for logger in run.loggers:
                 logger.finish(failed=True)
+        if run.stop_signal:
+            requeue_with_submitit(run.stop_signal)
     status = {"early_stopping": "early_stopped", "time_limit": "time_limit"}.get(
         run.state.stopped_by, "completed")
     cost = measure_cost(run, cfg) if run.dist.is_main else {}
