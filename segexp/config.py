@@ -10,8 +10,8 @@ from typing import Any
 
 import hydra.utils
 from hydra import compose, initialize_config_dir
-from hydra.experimental.callback import Callback
 from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segexp.errors import SegexpError

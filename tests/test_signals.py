@@ -99,8 +99,8 @@ def test_submitit_job_saves_requeues_and_resumes_by_itself(tmp_path, monkeypatch
     import os
 
     from submitit.core.job_environment import SignalHandler
-    from submitit.helpers import DelayedSubmission
     from submitit.core.utils import JobPaths
+    from submitit.helpers import DelayedSubmission
 
     import segexp.engine.trainer as trainer
     from segexp.engine.experiment import run_training

@@ -208,7 +208,8 @@ def _scan(dataset: SegmentationDataset, max_images: int | None, progress: bool,
             sizes[size] = sizes.get(size, 0) + 1
     bar.close()
     return MaskScan(class_names=[str(c) for c in dataset.class_names], ignore_index=ignore,
-                    num_images=n - len(unreadable), unreadable=unreadable, pixels=pixels.tolist(), images_with_class=images_with.tolist(),
+                    num_images=n - len(unreadable), unreadable=unreadable,
+                    pixels=pixels.tolist(), images_with_class=images_with.tolist(),
                     pixels_of_images_with_class=pixels_of_images_with.tolist(),
                     ignored_pixels=ignored, values=dict(sorted(found.items())),
                     unexpected=unexpected, sizes=sizes, first_with_ignore=first_with_ignore)
