@@ -1,4 +1,5 @@
-"""Plain Vision Transformers from timm (ViT/DeiT/AugReg, DINOv2) as single-stride feature extractors.
+"""Plain Vision Transformers from timm (ViT/DeiT/AugReg, DINOv2, DINOv3) as single-stride feature
+extractors.
 
 A plain ViT has no pyramid: every block outputs ``H/p x W/p`` patch tokens of the same width (``p``
 = patch size). :class:`ViTBackbone` returns the patch tokens of the blocks in ``out_indices``
@@ -9,6 +10,12 @@ last four blocks) read.
 Any input whose sides are multiples of the patch size works: the model is built with timm's
 ``dynamic_img_size=True``, so the position embeddings (learnt for ``img_size``) are interpolated to
 the input's token grid on every forward pass.
+
+DINOv3 (Siméoni et al. 2025) is built by timm as an ``Eva`` model, not a ``VisionTransformer``: no
+absolute position embeddings but rotary ones (RoPE, computed for any token grid), a class token and
+4 register tokens, layer scale. Both classes share what this module uses (``patch_embed``,
+``blocks``, ``norm``, ``num_prefix_tokens``, ``forward_intermediates``,
+``prune_intermediate_layers``), so one wrapper serves both.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -37,7 +45,9 @@ log = logging.getLogger(__name__)
 FINAL_NORM_MODES = ("none", "last", "all")
 # Parameters that sit before the first block: layer id 0 for layer-wise lr decay (BEiT/MMSeg).
 _EMBEDDING_PREFIXES = ("cls_token", "reg_token", "mask_token", "dist_token", "pos_embed",
-                       "patch_embed", "norm_pre")
+                       "patch_embed", "norm_pre", "rope")
+# timm classes of plain ViTs: VisionTransformer (ViT, DeiT, DINOv2) and Eva (EVA-02, DINOv3).
+PLAIN_VIT_TYPES = (VisionTransformer, Eva)
 
 
 def _final_norm_mode(value: bool | str | None) -> str:
@@ -54,10 +64,12 @@ def _final_norm_mode(value: bool | str | None) -> str:
 
 
 class ViTBackbone(nn.Module):
-    """A timm ``VisionTransformer`` returning the patch tokens of chosen blocks as NCHW maps.
+    """A plain timm ViT (``VisionTransformer``, or ``Eva`` for DINOv3) returning the patch tokens of
+    chosen blocks as NCHW maps.
 
     Args:
-        name: timm model name, e.g. ``vit_base_patch16_224`` or ``vit_small_patch14_dinov2``.
+        name: timm model name, e.g. ``vit_base_patch16_224``, ``vit_small_patch14_dinov2`` or
+            ``vit_small_patch16_dinov3``.
         pretrained: ``"auto"`` (the configs' default: timm's weights from the local cache or the
             hub, else random with a warning), ``True`` (the weights or a ConfigError) or ``False``
             (random); see :mod:`segexp.backbones.pretrained`. ``pretrained_source`` records it.
@@ -125,10 +137,10 @@ class ViTBackbone(nn.Module):
             # Frozen: auto's warning says that the random backbone never trains.
             body, self.pretrained_source = create_timm_model(name, mode, kwargs,
                                                              frozen=self.freeze)
-        if not isinstance(body, VisionTransformer):
+        if not isinstance(body, PLAIN_VIT_TYPES):
             raise ConfigError(f"backbone '{name}' is a {type(body).__name__}, not a plain timm "
-                              "VisionTransformer; use segexp.backbones.TimmBackbone for "
-                              "hierarchical models.")
+                              "ViT (VisionTransformer or Eva); use segexp.backbones.TimmBackbone "
+                              "for hierarchical models.")
         patch = tuple(body.patch_embed.patch_size)
         if patch[0] != patch[1]:
             raise ConfigError(f"backbone '{name}' has non-square patches {patch}; ViTBackbone "
@@ -136,6 +148,7 @@ class ViTBackbone(nn.Module):
         self.patch_size = int(patch[0])
 
         depth = len(body.blocks)
+        self.depth = depth  # before pruning: models that run the blocks themselves check it
         self.out_indices = self._resolve_out_indices(out_indices, depth)
         self.final_norm = _final_norm_mode(final_norm)
         # The final LayerNorm only matters if something reads it.
@@ -185,7 +198,9 @@ class ViTBackbone(nn.Module):
         # A frozen backbone is a fixed feature extractor: dropout / drop path stay off.
         return super().train(mode and not self.freeze)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` resized to the nearest multiple of the patch size when ``resize_input`` is set;
+        an input the patches do not tile is refused."""
         h, w = x.shape[-2:]
         if self.resize_input and (h % self.patch_size or w % self.patch_size):
             p = self.patch_size
@@ -195,6 +210,10 @@ class ViTBackbone(nn.Module):
         if h % self.patch_size or w % self.patch_size:
             raise ConfigError(f"input size {h}x{w} (HxW) is not a multiple of the patch size "
                               f"{self.patch_size} of backbone '{self.name}'.")
+        return x
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.prepare_input(x)
         features = self.body.forward_intermediates(
             x, indices=self.out_indices, norm=self.final_norm == "all", output_fmt="NCHW",
             intermediates_only=True)

@@ -364,6 +364,8 @@ def fit(run: Run) -> TrainState:
         run.sampler.set_epoch(s.epoch, start=s.batch_in_epoch * t.batch_size)
         for images, masks in run.train_loader:
             images, masks = to_device(run, images, masks)
+            if hasattr(run.model, "set_progress"):  # a model whose training follows the
+                run.model.set_progress(s.iter, total_iters)  # schedule (EoMT's mask annealing)
             last_of_step = (s.batch_in_epoch + 1) % t.accumulate_grad_batches == 0
             loss = train_step(run, images, masks, sync_gradients=last_of_step)
             s.batch_in_epoch += 1

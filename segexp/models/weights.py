@@ -52,6 +52,12 @@ def _converters() -> dict[str, tuple[Callable[[dict], bool], Callable[[dict], di
     except ImportError:
         pass
     try:
+        from segexp.convert import hf_eomt
+
+        formats["hf_eomt"] = (hf_eomt.looks_like_hf_eomt, hf_eomt.convert_hf_eomt)
+    except ImportError:
+        pass
+    try:
         from segexp.convert import mmseg
 
         formats["mmseg"] = (mmseg.looks_like_mmseg, mmseg.convert_mmseg)
@@ -100,8 +106,9 @@ def load_weights(model: nn.Module, path: str | Path, checkpoint_format: str = "a
         if key not in target:
             rows.append((key, "unexpected", f"in the file {tuple(value.shape)}, not in the model"))
         elif value.shape != target[key].shape:
+            # (K + 1 rows: a mask-classification head's, whose last class is "no object")
             is_classifier = (num_classes is not None and target[key].ndim >= 1
-                             and target[key].shape[0] == num_classes
+                             and target[key].shape[0] in (num_classes, num_classes + 1)
                              and value.shape[1:] == target[key].shape[1:])
             if is_classifier and reinit_classifier:
                 reinitialised.append(key)
