@@ -58,6 +58,23 @@ def test_logger_group_takes_one_or_several_options():
         build_loggers({"mode": "offline"})
 
 
+def test_mlflow_store_and_names(monkeypatch, tmp_path):
+    from segexp.loggers.mlflow_logger import local_artifact_root, mlflow_key, resolve_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    default = resolve_tracking_uri(None)
+    assert default == f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}"
+    assert local_artifact_root(default) == str(tmp_path / "outputs" / "mlruns")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert resolve_tracking_uri(None) == "http://127.0.0.1:5000"  # the environment's store
+    assert resolve_tracking_uri("sqlite:///x.db") == "sqlite:///x.db"  # the option wins
+    assert local_artifact_root("http://127.0.0.1:5000") is None  # a server keeps its own
+    # Class names become metric names: MLflow refuses some characters.
+    assert mlflow_key("val/IoU/traffic light") == "val/IoU/traffic light"
+    assert mlflow_key("val/IoU/person(s);ok") == "val/IoU/person_s__ok"
+
+
 def test_csv_tensorboard_and_mlflow_together_through_train_py(tmp_path, mlflow_store):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
