@@ -12,7 +12,10 @@ from omegaconf import OmegaConf
 from tests.conftest import CONF, ROOT, compose_config
 
 MODELS = ["fcn", "unet", "pspnet", "deeplabv3", "deeplabv3plus", "upernet"]
-CNN_BACKBONES = sorted(p.stem for p in (CONF / "backbone").glob("*.yaml"))
+# Family names (backbone=convnext...) are their sized files: test_family_name_picks_its_default_size.
+FAMILIES = {"convnext": "convnext_tiny", "resnet": "resnet50", "swin": "swin_tiny",
+            "mit": "mit_b0", "vit": "vit_base"}
+CNN_BACKBONES = sorted(p.stem for p in (CONF / "backbone").glob("*.yaml") if p.stem not in FAMILIES)
 WITH_AUX = {"pspnet", "deeplabv3", "deeplabv3plus", "upernet"}
 
 
@@ -73,3 +76,31 @@ def test_cfg_job_prints_the_composed_config():
     assert out.returncode == 0, out.stderr
     cfg = OmegaConf.create(out.stdout)
     assert cfg.backbone.name == "convnext_tiny" and cfg.head._target_.endswith("UPerHead")
+
+
+
+@pytest.mark.parametrize("family, size", sorted(FAMILIES.items()))
+def test_family_name_picks_its_default_size(family, size, tmp_path):
+    from segexp.engine.experiment import hydra_run_info
+
+    model = "setr" if family == "vit" else "upernet"  # a plain ViT needs a ViT head
+    cfg = compose_config(f"model={model}", f"backbone={family}")
+    sized = compose_config(f"model={model}", f"backbone={size}")
+    assert OmegaConf.to_container(cfg.backbone) == OmegaConf.to_container(sized.backbone)
+    # Run names and tags say the size, not the family.
+    assert cfg.name == f"{model}_{size}_synthetic" and cfg.default_backbone == size
+    assert f"backbone:{size}" in hydra_run_info(cfg, tmp_path).tags
+    # The sized file's options override as on the sized option itself.
+    cfg = compose_config(f"model={model}", f"backbone={family}", "backbone.pretrained=false",
+                         "backbone.checkpoint=/weights/x.pth")
+    assert cfg.backbone.pretrained is False and cfg.backbone.checkpoint == "/weights/x.pth"
+
+
+def test_the_brief_command_composes():
+    """python train.py model=upernet backbone=convnext dataset=cityscapes (no data is read)."""
+    out = _train_py("--cfg", "job", "model=upernet", "backbone=convnext", "dataset=cityscapes")
+    assert out.returncode == 0, out.stderr
+    cfg = OmegaConf.create(out.stdout)
+    assert cfg.backbone.name == "convnext_tiny" and cfg.head._target_.endswith("UPerHead")
+    assert cfg.dataset._target_.endswith("CityscapesDataset") and cfg.model.num_classes == 19
+    assert cfg.backbone.out_norms is True  # the sized file whole, not a copy of part of it

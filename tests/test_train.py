@@ -227,7 +227,7 @@ def test_csv_logger_and_wandb_disabled(tmp_path):
     assert [r["step"] for r in rows if r.get("val/mIoU")] == ["1", "2"]
     assert any(r.get("train/loss") for r in rows)
     run_training(tiny_config("trainer.max_iters=1", "trainer.val_interval=1", "logger=wandb",
-                             "logger.mode=disabled"), tmp_path / "off")
+                             "logger.wandb.mode=disabled"), tmp_path / "off")
     assert not (tmp_path / "off" / "wandb").exists() or not list(
         (tmp_path / "off" / "wandb").glob("offline-run-*"))
 

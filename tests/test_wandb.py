@@ -95,7 +95,7 @@ def test_unreachable_server_falls_back_to_offline(tmp_path, no_wandb_account, mo
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens on port 9
     cfg = tiny_config("trainer.max_iters=1", "trainer.val_interval=1", "logger=wandb",
-                      "logger.init_timeout=5")
+                      "logger.wandb.init_timeout=5")
     run_training(cfg, tmp_path)
     assert "cannot reach the server" in capsys.readouterr().out
     assert any("val/mIoU" in row for row in read_history(find_run_file(tmp_path)))

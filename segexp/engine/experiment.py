@@ -32,7 +32,7 @@ from segexp.engine.budget import parse_duration
 from segexp.engine.checkpoint import load_checkpoint, resolve_resume, set_rng_state
 from segexp.engine.trainer import Run, autocast, fit, plan
 from segexp.errors import ConfigError, DataError, TrainingInterrupted
-from segexp.loggers import JsonlLogger, RunInfo
+from segexp.loggers import JsonlLogger, RunInfo, build_loggers
 from segexp.loggers.base import json_safe
 from segexp.losses import resolve_auto_class_weights
 from segexp.metrics import format_table
@@ -517,10 +517,10 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> float:
         del checkpoint
         if run.dist.is_main:
             forget_logged_after(run_dir / "metrics.jsonl", run.state.iter)
-    # The run folder's log is always kept; the `logger` group adds one more (a no-op for none).
-    # Other ranks log nothing: rank 0 reports the reduced figures of all.
+    # The run folder's log is always kept; the `logger` group adds none, one or several
+    # (logger=[csv,tensorboard]). Other ranks log nothing: rank 0 reports the reduced figures of all.
     if run.dist.is_main:
-        run.loggers = [JsonlLogger()] + ([instantiate(cfg.logger)] if cfg.get("logger") else [])
+        run.loggers = [JsonlLogger()] + build_loggers(cfg.get("logger"))
     restore_signals = catch_stop_signals(run, cfg.trainer.get("stop_signals") or [])
     info = hydra_run_info(cfg, run_dir)
     info.config["params"] = count_params(run.model)
@@ -528,7 +528,7 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> float:
     info.config.update(weights)
     info.tags.append(f"pretrained:{weights['pretrained']}")
     log.info(f"Backbone weights: {weights['pretrained_source']}")
-    failed = True
+    failed, status = True, "failed"
     try:
         for logger in run.loggers:
             logger.start(info)
@@ -542,7 +542,7 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> float:
         restore_signals()
         if failed:
             for logger in run.loggers:
-                logger.finish(failed=True)
+                logger.finish(failed=True, status=status)
         if run.stop_signal:
             requeue_with_submitit(run.stop_signal)
     status = {"early_stopping": "early_stopped", "time_limit": "time_limit"}.get(
@@ -558,7 +558,7 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> float:
         best = run_dir / "checkpoints" / "best.pt"
         if best.exists():
             logger.log_checkpoint(best, aliases=["best", f"iter-{run.state.best_iter}"])
-        logger.finish()
+        logger.finish(status=status)
     if run.dist.is_main:
         print_final_table(run, summary)
         write_run_pictures(run_dir)

@@ -1,5 +1,6 @@
 """Loggers receive what the training loop reports. Every run writes ``metrics.jsonl`` in its run
-folder (:class:`JsonlLogger`); the ``logger`` config group adds others (CSV, W&B)."""
+folder (:class:`JsonlLogger`); the ``logger`` config group adds others (CSV, TensorBoard, MLflow,
+W&B), one or several: ``logger=[csv,tensorboard]``."""
 
 from __future__ import annotations
 
@@ -54,8 +55,10 @@ class Logger:
     def log_checkpoint(self, path: Path, aliases: list[str]) -> None:
         pass
 
-    def finish(self, failed: bool = False) -> None:
-        pass
+    def finish(self, failed: bool = False, status: str | None = None) -> None:
+        """``status``: the run's status as ``metrics.json`` records it (``completed``, ``failed``,
+        ``interrupted``, ``early_stopped``, ``time_limit``); ``failed`` is true for the two
+        that ended in an exception."""
 
 
 def json_safe(value: Any) -> Any:
@@ -67,6 +70,18 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     return value
+
+
+def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config -> ``{"optimizer.lr": 0.001, ...}``; lists stay whole values."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten_config(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
 
 
 def flatten_validation(results: dict[str, Any], class_names: list[str]) -> dict[str, Any]:
@@ -127,3 +142,34 @@ class CSVLogger(Logger):
         else:
             with open(self.path, "a", newline="") as f:
                 csv.DictWriter(f, fieldnames=self.columns).writerow(row)
+
+
+def build_loggers(logger_cfg: Any) -> list[Logger]:
+    """The loggers the ``logger`` group asks for. Each option sits under its own name
+    (``logger.csv``, ``logger.tensorboard``...) so that Hydra's list form,
+    ``logger=[csv,tensorboard]``, keeps every choice instead of merging them into one node;
+    ``logger.<name>=null`` drops one. A config with ``_target_`` at the top (the layout before
+    the names, kept in older checkpoints' configs) is one logger."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from segexp.config import instantiate
+    from segexp.errors import ConfigError
+
+    if logger_cfg is None:
+        return []
+    if not isinstance(logger_cfg, (dict, DictConfig)):
+        raise ConfigError(f"logger: expected a mapping of logger configs, got {logger_cfg!r}. "
+                          "Pick options from conf/logger/, e.g. logger=csv or logger=[csv,tensorboard].")
+    if "_target_" in logger_cfg:
+        return [instantiate(logger_cfg)]
+    loggers = []
+    for name, entry in logger_cfg.items():
+        if entry is None:
+            continue
+        if not isinstance(entry, (dict, DictConfig)) or "_target_" not in entry:
+            value = OmegaConf.to_container(entry) if isinstance(entry, DictConfig) else entry
+            raise ConfigError(f"logger.{name}: not a logger config (no _target_): {value!r}. "
+                              "Pick options from conf/logger/, e.g. logger=[csv,tensorboard]; "
+                              f"overrides go under the option's name, e.g. logger.{name}.<key>=...")
+        loggers.append(instantiate(entry))
+    return loggers

@@ -102,7 +102,7 @@ class WandbLogger(Logger):
         artifact.add_file(str(path))
         self.run.log_artifact(artifact, aliases=aliases)
 
-    def finish(self, failed: bool = False) -> None:
+    def finish(self, failed: bool = False, status: str | None = None) -> None:
         if self.run is not None:
             self.run.finish(exit_code=1 if failed else 0)
             self.run = None
