@@ -42,6 +42,7 @@ from torch import nn
 
 from segexp.errors import ConfigError
 from segexp.models.mask_classification import MaskPredictions
+from segexp.models.segmentor import InputSizeCheck
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def annealing_probability(iteration: float, start: float, end: float, power: flo
     return (1.0 - (iteration - start) / (end - start)) ** power
 
 
-class EoMT(nn.Module):
+class EoMT(InputSizeCheck, nn.Module):
     """Encoder-only Mask Transformer on a :class:`~segexp.backbones.vit.ViTBackbone`.
 
     Args:
@@ -206,19 +207,6 @@ class EoMT(nn.Module):
             from segexp.models.weights import load_weights
 
             load_weights(self, checkpoint, checkpoint_format, reinit_classifier, num_classes)
-
-    # -- the Segmentor interface ---------------------------------------------------------------
-    @property
-    def size_divisor(self) -> int:
-        return getattr(self.backbone, "size_divisor", 1)
-
-    def check_input_size(self, height: int, width: int) -> None:
-        d = self.size_divisor
-        if height % d or width % d:
-            raise ConfigError(
-                f"input size {height}x{width} (HxW) is not a multiple of {d}, which backbone "
-                f"'{self.backbone.name}' needs. Use a crop size (dataset.crop_size) that divides "
-                f"by {d}; evaluation pads images to a multiple of {d} by itself.")
 
     def set_progress(self, iteration: int, total_iterations: int) -> None:
         """Mask annealing: set each masked block's probability for training ``iteration`` (0 =

@@ -14,7 +14,25 @@ from segexp.models.mask_classification import MaskPredictions
 HeadFactory = Callable[..., nn.Module]
 
 
-class Segmentor(nn.Module):
+class InputSizeCheck:
+    """What every segexp model offers the training and evaluation code about input sizes: the
+    backbone's ``size_divisor`` and a clear error for a size it cannot take."""
+
+    @property
+    def size_divisor(self) -> int:
+        return getattr(self.backbone, "size_divisor", 1)
+
+    def check_input_size(self, height: int, width: int) -> None:
+        d = self.size_divisor
+        if height % d or width % d:
+            name = getattr(self.backbone, "name", type(self.backbone).__name__)
+            raise ConfigError(
+                f"input size {height}x{width} (HxW) is not a multiple of {d}, which backbone "
+                f"'{name}' needs. Use a crop size (dataset.crop_size) that divides by {d}; "
+                f"evaluation pads images to a multiple of {d} by itself.")
+
+
+class Segmentor(InputSizeCheck, nn.Module):
     """Encoder-decoder segmentation model.
 
     ``decode_head`` and ``aux_head`` are head *factories* (Hydra ``_partial_`` configs): the
@@ -63,19 +81,6 @@ class Segmentor(nn.Module):
                 f"the {role} cannot take backbone '{name}' (feature maps with channels "
                 f"{self.feature_source.channels} at strides {self.feature_source.reductions}): {err} "
                 "Choose another backbone= or head=.") from err
-
-    @property
-    def size_divisor(self) -> int:
-        return getattr(self.backbone, "size_divisor", 1)
-
-    def check_input_size(self, height: int, width: int) -> None:
-        d = self.size_divisor
-        if height % d or width % d:
-            name = getattr(self.backbone, "name", type(self.backbone).__name__)
-            raise ConfigError(
-                f"input size {height}x{width} (HxW) is not a multiple of {d}, which backbone "
-                f"'{name}' needs. Use a crop size (dataset.crop_size) that divides by {d}; "
-                f"evaluation pads images to a multiple of {d} by itself.")
 
     def forward(self, images: torch.Tensor, return_aux: bool = False):
         """Logits ``(N, num_classes, H, W)``; with ``return_aux`` also the auxiliary logits
