@@ -109,23 +109,37 @@ def _resnet_key(rest: str) -> str | None:
     return None
 
 
+# Head keys transformers has, relative to their module (ours carry the same names there).
+_PIXEL_DECODER_KEY = re.compile(
+    r"^(level_embed|input_projections\.\d+\.[01]\.(weight|bias)|mask_projection\.(weight|bias)"
+    r"|encoder\.layers\.\d+\.(self_attn\.(sampling_offsets|attention_weights|value_proj|"
+    r"output_proj)|self_attn_layer_norm|fc1|fc2|final_layer_norm)\.(weight|bias))$")
+_TRANSFORMER_KEY = re.compile(
+    r"^((queries_embedder|queries_features|level_embed)\.weight"
+    r"|input_projections\.\d+\.(weight|bias)|layernorm\.(weight|bias)"
+    r"|layers\.\d+\.(cross_attn\.(in_proj_weight|in_proj_bias)|(cross_attn|self_attn)\.out_proj"
+    r"\.(weight|bias)|(self_attn_layer_norm|cross_attn_layer_norm|fc1|fc2|final_layer_norm)"
+    r"\.(weight|bias)))$")
+
+
 def _head_key(key: str, num_fpn: int) -> str | None:
-    if key.startswith("class_predictor."):
+    if key in ("class_predictor.weight", "class_predictor.bias"):
         return "decode_head.transformer." + key
     if key.startswith(_PIX):
         rest = key[len(_PIX):]
-        match = re.match(r"^(adapter|layer)_(\d+)\.(.+)$", rest)
+        match = re.match(r"^(adapter|layer)_(\d+)\.([012]\.(weight|bias))$", rest)
         if match:  # registered fine to coarse; ours are used (and listed) coarse to fine
             group = "lateral_convs" if match.group(1) == "adapter" else "output_convs"
             return f"decode_head.pixel_decoder.{group}.{num_fpn - int(match.group(2))}." \
                    f"{match.group(3)}"
-        return "decode_head.pixel_decoder." + rest
+        return "decode_head.pixel_decoder." + rest if _PIXEL_DECODER_KEY.match(rest) else None
     if key.startswith(_TRF):
         rest = key[len(_TRF):].removeprefix("decoder.")
-        match = re.match(r"^mask_predictor\.mask_embedder\.(\d+)\.(.+)$", rest)
+        match = re.match(r"^mask_predictor\.mask_embedder\.(\d+)\.0\.(weight|bias)$", rest)
         if match:
-            return f"decode_head.transformer.mask_embedder.layers.{match.group(1)}.{match.group(2)}"
-        return "decode_head.transformer." + rest
+            return f"decode_head.transformer.mask_embedder.layers.{match.group(1)}.0." \
+                   f"{match.group(2)}"
+        return "decode_head.transformer." + rest if _TRANSFORMER_KEY.match(rest) else None
     return None
 
 

@@ -413,7 +413,7 @@ def check_multiscale(head: str, in_index: Sequence[int], in_channels: Sequence[i
                      in_reductions: Sequence[int], num_levels: int) -> list[int]:
     """Resolve ``in_index`` and check it names at least ``num_levels`` maps at distinct, growing
     strides (a single-scale ViT cannot feed a multi-scale pixel decoder)."""
-    if len(in_channels) < num_levels:
+    if len(set(in_reductions)) < num_levels:
         raise IncompatibleBackboneError(
             f"{head} needs a multi-scale backbone: at least {num_levels} feature maps at "
             f"different strides (e.g. 8, 16, 32), but it gives {len(in_channels)} map(s) at "
