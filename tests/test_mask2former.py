@@ -232,3 +232,19 @@ def test_single_scale_backbone_is_refused_clearly():
         build_model(compose_config("model=mask2former", "backbone=vit_tiny"), pretrained=False)
     with pytest.raises(ConfigError, match="growing strides"):
         Mask2FormerHead([64, 128, 256, 512], [4, 8, 16, 32], num_classes=3, in_index=[-1, -2, -3])
+
+
+def test_maskformer_outputs_and_deep_supervision():
+    cfg = compose_config("model=maskformer", "backbone=resnet18", "dataset.num_classes=4",
+                         "head.feature_dim=64", "head.mask_dim=64", "head.hidden_dim=64",
+                         "head.num_queries=10", "head.num_heads=4", "head.decoder_layers=3",
+                         "head.decoder_ffn_dim=80")
+    assert cfg.loss._target_.endswith("MaskClassificationLoss")
+    model = build_model(cfg, pretrained=False)
+    images = torch.randn(2, 3, 64, 64)
+    out = model.train()(images, return_aux=True)
+    assert out.class_logits.shape == (2, 10, 5) and out.mask_logits.shape == (2, 10, 16, 16)
+    assert len(out.aux) == 2  # one per earlier decoder layer
+    with torch.no_grad():
+        scores = model.eval()(images)
+    assert scores.shape == (2, 4, 64, 64)

@@ -396,8 +396,10 @@ class MaskedAttentionDecoder(nn.Module):
             positions.append(sine_position_embedding(h, w, mem.shape[-1], x.device,
                                                      mem.dtype)[None])
         n = mask_features.shape[0]
-        x = self.queries_features.weight[None].expand(n, -1, -1)
-        query_pos = self.queries_embedder.weight[None].expand(n, -1, -1)
+        # repeat, not expand: a view of a parameter made under no_grad trips module hooks
+        # (torch's FlopCounterMode) that expect a tensor requiring grad to have a grad_fn.
+        x = self.queries_features.weight[None].repeat(n, 1, 1)
+        query_pos = self.queries_embedder.weight[None].repeat(n, 1, 1)
         class_logits, mask_logits, mask = self._predict(x, mask_features, sizes[0])
         predictions = [(class_logits, mask_logits)]
         for i, layer in enumerate(self.layers):
