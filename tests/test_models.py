@@ -9,6 +9,7 @@ import torch
 
 from segexp.errors import ConfigError, IncompatibleBackboneError
 from segexp.models import build_model
+from segexp.models.mask_classification import MaskPredictions
 from tests.conftest import compose_config
 
 
@@ -73,7 +74,12 @@ def test_every_model_on_its_default_backbone(model):
     net = build_model(cfg)
     size = max(64, net.size_divisor)
     images = torch.randn(2, 3, size, size)
-    logits, aux = net(images, return_aux=True)
+    out = net(images, return_aux=True)
+    if isinstance(out, MaskPredictions):  # mask classification: queries' classes and masks
+        logits = out.semantic_logits(images.shape[-2:])
+        aux = sum(c.mean() + m.mean() for c, m in out.aux) if out.aux else None
+    else:
+        logits, aux = out
     assert logits.shape == (2, cfg.dataset.num_classes, size, size)
     (logits.mean() + (aux.mean() if aux is not None else 0)).backward()
     trainable = [p for p in net.decode_head.parameters() if p.requires_grad]
