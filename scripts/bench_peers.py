@@ -63,6 +63,7 @@ from segexp.config import compose_train_config  # noqa: E402
 from segexp.engine.trainer import autocast  # noqa: E402
 from segexp.errors import SegexpError  # noqa: E402
 from segexp.models import build_model  # noqa: E402
+from segexp.models.mask_classification import MaskPredictions  # noqa: E402
 from segexp.profiling import count_gflops, count_params, median_time  # noqa: E402
 
 DEFAULT_OUT = ROOT / "outputs" / "benchmark" / "peers.csv"
@@ -100,6 +101,15 @@ def hf_upernet_convnext_tiny(num_classes: int) -> nn.Module:
                                  drop_path_rate=0.4)
     return tf.UperNetForSemanticSegmentation(tf.UperNetConfig(
         backbone_config=backbone, num_labels=num_classes, use_auxiliary_head=False))
+
+
+def hf_mask2former_swin_tiny(num_classes: int) -> nn.Module:
+    tf = _transformers()
+    backbone = tf.SwinConfig(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
+                             window_size=7, drop_path_rate=0.3,
+                             out_features=["stage1", "stage2", "stage3", "stage4"])
+    return tf.Mask2FormerForUniversalSegmentation(tf.Mask2FormerConfig(
+        backbone_config=backbone, num_labels=num_classes))
 
 
 # SegFormer encoders as in the paper (Table 6 of Xie et al.): widths, depths, decoder width.
@@ -210,6 +220,12 @@ PAIRS = [
          "smp.Segformer('mit_b2', decoder_segmentation_channels=768)", 150,
          "same architecture (smp's default decoder width 256 raised to the paper's 768); smp "
          "upsamples the logits with align_corners=True and has no dropout before the classifier"),
+    Pair("mask2former_swin_t", "transformers", "transformers",
+         ("model=mask2former", "backbone=swin_tiny"), hf_mask2former_swin_tiny,
+         "Mask2FormerForUniversalSegmentation(SwinConfig tiny, drop_path_rate=0.3)", 150,
+         "same architecture (checkpoint parity: tests/test_mask2former.py); both give per-pixel "
+         "scores (masks upsampled, then class x mask) inside the timed call; the training step "
+         "times cross entropy on those scores, not the Hungarian-matched criterion"),
     Pair("deeplabv3_r50", "torchvision", "torchvision",
          ("model=deeplabv3_torchvision", "backbone=resnet50_d8", NO_AUX),
          torchvision_model("deeplabv3_resnet50"), "deeplabv3_resnet50(aux_loss=False)", 21,
@@ -305,7 +321,12 @@ def build_contenders(pair: Pair, num_classes: int, extra_overrides: list[str]
     peer_model = pair.build_peer(num_classes)
 
     def peer_logits(images: torch.Tensor) -> torch.Tensor:
-        return full_resolution(logits_of(peer_model(images)), images)
+        output = peer_model(images)
+        if hasattr(output, "masks_queries_logits"):  # mask classification: per-pixel scores as
+            # transformers' semantic post-processing (and segexp's Segmentor) compute them
+            return MaskPredictions(output.class_queries_logits, output.masks_queries_logits
+                                   ).semantic_logits(images.shape[-2:])
+        return full_resolution(logits_of(output), images)
 
     return Contender(segexp_model, segexp_model), Contender(peer_model, peer_logits), overrides
 

@@ -58,6 +58,13 @@ def _converters() -> dict[str, tuple[Callable[[dict], bool], Callable[[dict], di
     except ImportError:
         pass
     try:
+        from segexp.convert import hf_mask2former
+
+        formats["hf_mask2former"] = (hf_mask2former.looks_like_hf_mask2former,
+                                     hf_mask2former.convert_hf_mask2former)
+    except ImportError:
+        pass
+    try:
         from segexp.convert import mmseg
 
         formats["mmseg"] = (mmseg.looks_like_mmseg, mmseg.convert_mmseg)
