@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 import math
 import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -67,11 +68,13 @@ def _resolve_optimizer(type_name: str) -> type[torch.optim.Optimizer]:
 def build_optimizer(model: nn.Module, *, type: str = "torch.optim.SGD", lr: float,
                     weight_decay: float = 0.0, head_lr_mult: float = 1.0,
                     norm_bias_weight_decay: float = 0.0, layer_decay: float | None = None,
-                    **kwargs) -> torch.optim.Optimizer:
+                    no_decay_names: Sequence[str] = (), **kwargs) -> torch.optim.Optimizer:
     """Build ``type`` over up to four parameter groups of ``model``'s trainable parameters.
 
     * decay / no decay: normalisation-layer parameters and every 1-D parameter (biases, norm
-      scales, layer scales) get ``norm_bias_weight_decay`` instead of ``weight_decay``;
+      scales, layer scales) get ``norm_bias_weight_decay`` instead of ``weight_decay``, as do
+      parameters whose name contains one of ``no_decay_names`` (e.g. Mask2Former's learnt
+      queries and level embeddings, ``query_feat``, ``query_embed``, ``level_embed``);
     * backbone / head: parameters whose name does not start with ``backbone.`` get
       ``lr * head_lr_mult``.
 
@@ -104,7 +107,8 @@ def build_optimizer(model: nn.Module, *, type: str = "torch.optim.SGD", lr: floa
         for prefix in _WRAPPER_PREFIXES:
             name = name.removeprefix(prefix)
         part = "backbone" if name.startswith("backbone.") else "head"
-        no_decay = param.ndim <= 1 or id(param) in norm_params
+        no_decay = param.ndim <= 1 or id(param) in norm_params or \
+            any(part_name in name for part_name in no_decay_names)
         layer, mult = (None, 1.0) if part == "head" or layer_of is None else \
             layer_of(name.removeprefix("backbone."))
         key = (f"{part}_layer{layer}" if layer is not None else part) + \

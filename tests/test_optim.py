@@ -51,6 +51,17 @@ def test_no_decay_on_norm_and_bias_and_decay_on_conv_weights():
     assert g["backbone"]["momentum"] == 0.9
 
 
+def test_named_parameters_can_be_kept_from_weight_decay():
+    # Mask2Former's recipes: no decay on the learnt queries (2-D embeddings, decayed by default).
+    m = TinySegmentor()
+    m.decode_head.queries_features = nn.Embedding(3, 4)
+    g = groups_by_name(sgd(m, no_decay_names=["queries_features"]))
+    assert id(m.decode_head.queries_features.weight) in ids(g["head_no_decay"]["params"])
+    assert id(m.decode_head[0].weight) in ids(g["head"]["params"])
+    g = groups_by_name(sgd(m))
+    assert id(m.decode_head.queries_features.weight) in ids(g["head"]["params"])
+
+
 def test_head_lr_multiplier_and_frozen_params():
     m = TinySegmentor()
     for p in m.backbone[0].parameters():
