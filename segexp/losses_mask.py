@@ -45,9 +45,9 @@ def point_sample(maps: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
 def _corner_labels(labels: torch.Tensor, points: torch.Tensor, image_of: torch.Tensor
                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The four pixels bilinear interpolation reads at each point, as :func:`point_sample`
-    would: ``[(label (B, P), weight (B, P))] * 4``; ``points (B, P, 2)`` lie on the label maps
-    ``labels[image_of]``. Corners outside the image read a border of -1 (no class), which is
-    zero padding for a binary mask."""
+    would: ``[(label (B, P), weight (B, P))] * 4``; ``points (B, P, 2)``, in [0, 1], lie on the
+    label maps ``labels[image_of]``. Corners outside the image (up to half a pixel beyond the
+    border) read a frame of -1 (no class): zero padding for a binary mask."""
     n, height, width = labels.shape
     grid = 2.0 * points - 1.0  # the same arithmetic as grid_sample's unnormalisation
     x = ((grid[..., 0] + 1) * width - 1) / 2  # in [-0.5, width - 0.5]
@@ -64,7 +64,7 @@ def _corner_labels(labels: torch.Tensor, points: torch.Tensor, image_of: torch.T
 
 def sample_class_masks(labels: torch.Tensor, points: torch.Tensor, image_of: torch.Tensor,
                        classes: torch.Tensor) -> torch.Tensor:
-    """Values at ``points (B, P, 2)`` of the binary masks ``labels[image_of] == classes`` read
+    """Values at ``points (B, P, 2)`` (in [0, 1]) of the binary masks ``labels[image_of] == classes`` read
     bilinearly: ``(B, P)`` for ``classes (B,)``, or ``(B, T, P)`` for ``classes (B, T)``."""
     per_row = classes.dim() == 1
     classes = classes.view(classes.shape[0], -1, 1)  # (B, T, 1)

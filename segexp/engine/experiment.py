@@ -140,15 +140,28 @@ def check_compatible(cfg: DictConfig, model, dataset) -> None:
             f"dataset.crop_size=[{_round(crop[0], divisor)},{_round(crop[1], divisor)}].")
 
 
-def _choice(cfg: DictConfig, group: str, fallback: str | None = None) -> str:
-    """``group=<option>`` as the command line names it; when Hydra does not know the choice
-    (a config built in code), the ``_target_`` of ``fallback`` (default: the group itself)."""
-    if HydraConfig.initialized():
-        choice = HydraConfig.get().runtime.choices.get(group)
-        if choice:
-            return f"{group}={choice}"
-    node = fallback or group
-    return f"{node}._target_={(cfg.get(node) or {}).get('_target_')}"
+def _choice(cfg: DictConfig, group: str) -> str | None:
+    """The option of ``group`` the command line picked, if Hydra knows it."""
+    if not HydraConfig.initialized():
+        return None
+    return HydraConfig.get().runtime.choices.get(group) or None
+
+
+def _loss_name(cfg: DictConfig) -> str:
+    choice = _choice(cfg, "loss")
+    return f"loss={choice}" if choice else f"loss._target_={cfg.loss.get('_target_')}"
+
+
+def _model_name(cfg: DictConfig) -> str:
+    """``model=X``, with the head when it is not the model's own (``head=Y`` or a head given
+    key by key); the head's ``_target_`` for a config built in code."""
+    model, head = _choice(cfg, "model"), _choice(cfg, "head")
+    target = f"head._target_={(cfg.get('head') or {}).get('_target_')}"
+    if model is None:
+        return target
+    if head == model:
+        return f"model={model}"
+    return f"model={model} with " + (f"head={head}" if head else target)
 
 
 def loss_is_mask_classification(loss_cfg: DictConfig) -> bool:
@@ -170,7 +183,7 @@ def check_loss_fits_model(cfg: DictConfig, model) -> None:
     loss; either mismatch would fail inside the first step, so it is refused here."""
     model_is_mask = is_mask_classification(model)
     loss_is_mask = loss_is_mask_classification(cfg.loss)
-    model_name, loss_name = _choice(cfg, "model", fallback="head"), _choice(cfg, "loss")
+    model_name, loss_name = _model_name(cfg), _loss_name(cfg)
     if model_is_mask and not loss_is_mask:
         raise ConfigError(
             f"{model_name} is a mask-classification model (it predicts a class and a mask per "
