@@ -15,23 +15,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from hydra.utils import instantiate
 from torch import nn
-from transformers import Mask2FormerConfig
-from transformers.models.mask2former.image_processing_mask2former import (
-    convert_segmentation_map_to_binary_masks_fast,
-)
-from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
 
-from segexp.data.synthetic import SyntheticDataset
-from segexp.engine import trainer as trainer_module
-from segexp.engine.checkpoint import load_checkpoint
-from segexp.engine.experiment import run_training
 from segexp.errors import ConfigError
-from segexp.losses import resolve_auto_class_weights
 from segexp.losses_mask import MaskClassificationLoss, sample_class_masks
-from segexp.models import build_model
 from segexp.models.mask_classification import MaskPredictions, is_mask_classification
 from tests.conftest import ROOT, compose_config
-from tests.test_distributed import _free_port
+
+# transformers and the training loop are imported inside the tests that use them: the DDP test's
+# worker processes import this module, and those imports would cost them many seconds each.
 
 WEIGHTS = {"loss_cross_entropy": 2.0, "loss_mask": 5.0, "loss_dice": 5.0}
 
@@ -86,12 +77,19 @@ def predictions(pairs) -> MaskPredictions:
     return MaskPredictions(*pairs[-1], aux=list(pairs[:-1]))
 
 
-def reference(k: int, num_points: int) -> Mask2FormerLoss:
+def reference(k: int, num_points: int):
+    from transformers import Mask2FormerConfig
+    from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
+
     return Mask2FormerLoss(Mask2FormerConfig(num_labels=k, train_num_points=num_points), WEIGHTS)
 
 
 def reference_targets(labels):
     """transformers' own conversion of semantic maps to per-class binary masks."""
+    from transformers.models.mask2former.image_processing_mask2former import (
+        convert_segmentation_map_to_binary_masks_fast,
+    )
+
     pairs = [convert_segmentation_map_to_binary_masks_fast(m, ignore_index=255) for m in labels]
     return [masks for masks, _ in pairs], [classes for _, classes in pairs]
 
@@ -262,6 +260,9 @@ def test_gradients_reach_every_layer_and_only_matched_masks():
 
 
 def test_config_builds_the_paper_settings_and_class_weights_auto_resolve():
+    from segexp.data.synthetic import SyntheticDataset
+    from segexp.losses import resolve_auto_class_weights
+
     cfg = compose_config("loss=mask_classification", "dataset.num_classes=4")
     criterion = instantiate(cfg.loss)
     assert isinstance(criterion, MaskClassificationLoss) and criterion.num_classes == 4
@@ -296,6 +297,8 @@ def test_bad_inputs_are_explained():
 
 # -- the training loop ----------------------------------------------------------------------------
 def test_per_pixel_loss_for_a_mask_model_and_the_converse_are_refused(tmp_path):
+    from segexp.engine.experiment import run_training
+
     with pytest.raises(ConfigError) as err:
         run_training(compose_config(*SMALL, *FAKE_HEAD, "loss=ce"), tmp_path / "a")
     message = str(err.value)
@@ -316,6 +319,11 @@ def test_per_pixel_loss_for_a_mask_model_and_the_converse_are_refused(tmp_path):
 
 
 def test_training_through_the_loop_writes_metrics_and_resumes_exactly(tmp_path, monkeypatch):
+    from segexp.engine import trainer as trainer_module
+    from segexp.engine.checkpoint import load_checkpoint
+    from segexp.engine.experiment import run_training
+    from segexp.models import build_model
+
     overrides = [*SMALL, *FAKE_HEAD, "loss=mask_classification", "loss.num_points=64",
                  "loss.class_weights=auto", "trainer.max_iters=4", "trainer.val_interval=2"]
     cfg = compose_config(*overrides)
@@ -395,4 +403,6 @@ def _ddp_worker(rank: int, port: int) -> None:
 
 
 def test_distributed_normaliser_and_ddp_with_mask_predictions():
+    from tests.test_distributed import _free_port
+
     mp.spawn(_ddp_worker, args=(_free_port(),), nprocs=2)
