@@ -199,15 +199,20 @@ class MaskClassificationLoss(nn.Module):
               classes: torch.Tensor, sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per image, ``(query indices, target indices)`` of the optimal assignment (queries
         ascending; a target index points into ``classes[i]``), ``min(Q, T_i)`` pairs."""
+        with torch.autocast(device_type=mask_logits.device.type, enabled=False):
+            return self._match(class_logits.float(), mask_logits.float(), labels, classes, sizes)
+
+    def _match(self, class_logits: torch.Tensor, mask_logits: torch.Tensor, labels: torch.Tensor,
+               classes: torch.Tensor, sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         n, q = class_logits.shape[:2]
         device = mask_logits.device
         # One draw per image, as the reference does (same random stream).
         points = torch.cat([torch.rand(1, self.num_points, 2, device=device) for _ in range(n)])
-        pred = point_sample(mask_logits.float(), points)  # (N, Q, P)
+        pred = point_sample(mask_logits, points)  # (N, Q, P)
         image_of = torch.arange(n, device=device)
         target = sample_class_masks(labels, points, image_of, classes).to(pred.dtype)  # (N, T, P)
         bce, dice = pairwise_mask_costs(pred, target)
-        probs = class_logits.float().softmax(-1)
+        probs = class_logits.softmax(-1)
         cost_class = -probs.gather(2, classes.clamp_min(0).unsqueeze(1).expand(n, q, -1))
         cost = self.class_weight * cost_class + self.mask_weight * bce + self.dice_weight * dice
         # NaN / inf (a diverging model) must not crash the assignment: such pairs go last.
@@ -288,12 +293,15 @@ class MaskClassificationLoss(nn.Module):
         classes, sizes = self.targets(target)
         num_masks = self.num_masks(sizes, target.device)
         total = None
-        for depth, (class_logits, mask_logits) in enumerate(layers):
-            ce, bce, dice = self.layer_losses(class_logits, mask_logits, target, classes, sizes,
-                                              num_masks)
-            if depth == 0:
-                self.last_values = {"class": ce.detach(), "mask": bce.detach(),
-                                    "dice": dice.detach()}
-            layer = self.class_weight * ce + self.mask_weight * bce + self.dice_weight * dice
-            total = layer if total is None else total + layer
+        # All in float32, even under autocast (as Mask2Former's matcher and point losses): the
+        # matching costs differ by less than half precision resolves.
+        with torch.autocast(device_type=target.device.type, enabled=False):
+            for depth, (class_logits, mask_logits) in enumerate(layers):
+                ce, bce, dice = self.layer_losses(class_logits.float(), mask_logits.float(),
+                                                  target, classes, sizes, num_masks)
+                if depth == 0:
+                    self.last_values = {"class": ce.detach(), "mask": bce.detach(),
+                                        "dice": dice.detach()}
+                layer = self.class_weight * ce + self.mask_weight * bce + self.dice_weight * dice
+                total = layer if total is None else total + layer
         return total

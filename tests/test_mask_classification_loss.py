@@ -4,6 +4,7 @@ training through the real loop with a tiny test-only mask-classification head.""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import itertools
 import json
@@ -176,6 +177,34 @@ def test_deep_supervision_sums_every_layer_with_the_same_weights():
     apart = [criterion(MaskPredictions(*pair), labels) for pair in (pairs[-1], *pairs[:-1])]
     torch.testing.assert_close(together, sum(apart), rtol=1e-6, atol=0)
     assert all(float(a) > 0 for a in apart)
+
+
+def test_autocast_does_not_lower_the_precision():
+    # Two queries whose masks differ by 1e-3 in every logit: query 1 fits the all-ones target
+    # slightly better. bfloat16 (spacing 2**-6 at 2.0) would round both to 2.0 inside the cost
+    # matmuls and pick query 0; float32 sees the difference.
+    labels = torch.zeros(1, 8, 8, dtype=torch.long)
+    masks = torch.full((1, 2, 4, 4), 2.0)
+    masks[0, 1] += 1e-3
+    criterion = MaskClassificationLoss(2, num_points=64)
+    classes, sizes = criterion.targets(labels)
+    for context in (contextlib.nullcontext(), torch.autocast("cpu", dtype=torch.bfloat16)):
+        with context:
+            (queries, _), = criterion.match(torch.zeros(1, 2, 3), masks, labels, classes, sizes)
+        assert queries.tolist() == [1]
+
+    # Model outputs in bfloat16 (what autocast gives): the loss is computed from their float32
+    # values, and comes back in float32.
+    labels, pairs = random_case(n=2, q=6, seed=7)
+    pairs = [tuple(t.bfloat16() for t in pair) for pair in pairs]
+    criterion = MaskClassificationLoss(5, num_points=300)
+    torch.manual_seed(0)
+    full = criterion(predictions([tuple(t.float() for t in pair) for pair in pairs]), labels)
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = criterion(predictions(pairs), labels)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, full, rtol=1e-6, atol=0)
 
 
 def test_image_without_classes_and_all_ignored_batch():
