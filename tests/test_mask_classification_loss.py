@@ -401,6 +401,7 @@ def test_benchmark_training_step_takes_mask_predictions():
 
 # -- distributed ----------------------------------------------------------------------------------
 def _ddp_worker(rank: int, port: int) -> None:
+    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE="2")
     dist.init_process_group("gloo")
@@ -434,4 +435,6 @@ def _ddp_worker(rank: int, port: int) -> None:
 def test_distributed_normaliser_and_ddp_with_mask_predictions():
     from tests.test_distributed import _free_port
 
-    mp.spawn(_ddp_worker, args=(_free_port(),), nprocs=2)
+    # Forked, not spawned: a spawned worker would import this module's dependencies again
+    # (many seconds); the child only runs one tiny step on one thread.
+    mp.start_processes(_ddp_worker, args=(_free_port(),), nprocs=2, start_method="fork")
