@@ -46,7 +46,11 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from benchmark_data import Cycled, machine_info  # noqa: E402
 
 from segexp.config import compose_train_config, instantiate  # noqa: E402
-from segexp.engine.experiment import quiet_worker_init, resolve_device  # noqa: E402
+from segexp.engine.experiment import (  # noqa: E402
+    check_loss_fits_model,
+    quiet_worker_init,
+    resolve_device,
+)
 from segexp.engine.trainer import Run, optimizer_step, to_device, train_step  # noqa: E402
 from segexp.errors import SegexpError  # noqa: E402
 from segexp.models import build_model  # noqa: E402
@@ -89,6 +93,7 @@ def build(cfg, split: str, device: torch.device, iters: int, warmup: int):
                         **workers)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, pretrained=False).to(device)  # speed does not depend on weights
+    check_loss_fits_model(cfg, model)  # e.g. loss=ce for a mask-classification model
     if t.get("channels_last"):
         model.to(memory_format=torch.channels_last)
     model.train()

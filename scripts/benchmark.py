@@ -13,9 +13,11 @@ Takes the same overrides as train.py (with ``--all`` they apply to every model).
   ``scripts/model_table.measure`` (meta device, attention counted through SDPA's math backend);
 - inference: ``--warmup`` untimed then ``--iters`` timed forward passes of ``--batch`` random
   images (eval mode, no grad, ``--amp`` autocast); latency is the median, FPS = batch / latency;
-- training: ``--warmup`` + ``--iters`` iterations of forward (with the auxiliary head, as
-  ``train_step``) + loss on random labels + backward + SGD step on ``--train-batch`` random images
-  (default 2: BatchNorm after global pooling needs more than one sample); the median is reported;
+- training: ``--warmup`` + ``--iters`` iterations of forward (with the auxiliary head, or the
+  query predictions of a mask-classification model, as ``train_step``) + the configured loss
+  (the loop's ``model_loss``) on random labels + backward + SGD step on ``--train-batch``
+  random images (default 2: BatchNorm after global pooling needs more than one sample); the
+  median is reported;
 - peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the model's runs (tensors only,
   ``mem_kind=cuda_max_allocated``); on CPU the growth of the process's peak resident set size
   (``resource.getrusage(...).ru_maxrss``) while the model is built and run (``mem_kind=
@@ -49,7 +51,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from model_table import measure  # noqa: E402
 
 from segexp.config import compose_train_config, instantiate  # noqa: E402
-from segexp.engine.trainer import autocast  # noqa: E402
+from segexp.engine.experiment import check_loss_fits_model  # noqa: E402
+from segexp.engine.trainer import autocast, model_loss  # noqa: E402
 from segexp.errors import SegexpError  # noqa: E402
 from segexp.models import build_model  # noqa: E402
 from segexp.profiling import measure_fps, median_time  # noqa: E402
@@ -97,6 +100,7 @@ def benchmark(overrides: list[str], size: tuple[int, int], batch: int, train_bat
     torch.manual_seed(0)
     model = build_model(cfg, pretrained=False).to(device)  # speed does not depend on weights
     criterion = instantiate(cfg.loss).to(device)
+    check_loss_fits_model(cfg, model)  # e.g. loss=ce for a mask-classification model
     num_classes = int(cfg.model.num_classes)
     height, width = size
 
@@ -113,11 +117,7 @@ def benchmark(overrides: list[str], size: tuple[int, int], batch: int, train_bat
 
     def train_iter():
         with autocast(device, precision):
-            logits, aux_logits = model(train_images, return_aux=True)
-            loss = criterion(logits.float(), masks)
-            if aux_logits is not None:
-                aux_masks = masks.repeat(aux_logits.shape[0] // masks.shape[0], 1, 1)
-                loss = loss + model.aux_weight * criterion(aux_logits.float(), aux_masks)
+            loss = model_loss(criterion, model, model(train_images, return_aux=True), masks)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader
 
@@ -37,6 +38,7 @@ from segexp.loggers.base import json_safe
 from segexp.losses import resolve_auto_class_weights
 from segexp.metrics import format_table
 from segexp.models import build_model
+from segexp.models.mask_classification import is_mask_classification
 from segexp.profiling import count_gflops, count_params, measure_fps
 from segexp.reports import write_run_pictures
 
@@ -138,6 +140,69 @@ def check_compatible(cfg: DictConfig, model, dataset) -> None:
             f"dataset.crop_size=[{_round(crop[0], divisor)},{_round(crop[1], divisor)}].")
 
 
+def _choice(cfg: DictConfig, group: str) -> str | None:
+    """The option of ``group`` the command line picked, if Hydra knows it."""
+    if not HydraConfig.initialized():
+        return None
+    return HydraConfig.get().runtime.choices.get(group) or None
+
+
+def _loss_name(cfg: DictConfig) -> str:
+    choice = _choice(cfg, "loss")
+    return f"loss={choice}" if choice else f"loss._target_={cfg.loss.get('_target_')}"
+
+
+def _model_name(cfg: DictConfig) -> str:
+    """``model=X``, with the head when it is not the model's own (``head=Y`` or a head given
+    key by key); the head's ``_target_`` for a config built in code."""
+    model, head = _choice(cfg, "model"), _choice(cfg, "head")
+    target = f"head._target_={(cfg.get('head') or {}).get('_target_')}"
+    if model is None:
+        return target
+    if head == model:
+        return f"model={model}"
+    return f"model={model} with " + (f"head={head}" if head else target)
+
+
+def loss_is_mask_classification(loss_cfg: DictConfig) -> bool:
+    """Whether the loss config builds a mask-classification criterion (its class says
+    ``mask_classification = True``), read from ``_target_`` without building it."""
+    target = loss_cfg.get("_target_")
+    if not target:
+        return False
+    try:
+        loss_class = get_class(str(target))
+    except Exception:  # a wrong _target_ is reported when the loss is built
+        return False
+    return bool(getattr(loss_class, "mask_classification", False))
+
+
+def check_loss_fits_model(cfg: DictConfig, model) -> None:
+    """A mask-classification model (MaskFormer, Mask2Former, EoMT: it predicts queries' classes
+    and masks) trains only with the mask criterion, and a per-pixel model only with a per-pixel
+    loss; either mismatch would fail inside the first step, so it is refused here."""
+    model_is_mask = is_mask_classification(model)
+    loss_is_mask = loss_is_mask_classification(cfg.loss)
+    model_name, loss_name = _model_name(cfg), _loss_name(cfg)
+    if model_is_mask and not loss_is_mask:
+        raise ConfigError(
+            f"{model_name} is a mask-classification model (it predicts a class and a mask per "
+            f"query), but {loss_name} is a per-pixel loss that cannot read its predictions. Use "
+            "loss=mask_classification (Hungarian matching of queries to classes, Mask2Former's "
+            "criterion).")
+    if loss_is_mask and not model_is_mask:
+        raise ConfigError(
+            f"{loss_name} matches the queries of a mask-classification model (Mask2Former, EoMT) "
+            f"to classes, but {model_name} predicts per-pixel logits. Use a per-pixel loss with "
+            "it (loss=ce, the default; or dice, focal, ce_dice, ohem, lovasz), or pick a "
+            "mask-classification model.")
+    if model_is_mask and getattr(model, "aux_head", None) is not None:
+        raise ConfigError(
+            f"{model_name} is a mask-classification model with an auxiliary head "
+            "(model.aux_head), which would never be trained: such models supervise every "
+            "decoder layer through loss=mask_classification. Set model.aux_head=null.")
+
+
 def _round(value: int, multiple: int) -> int:
     return max(multiple, int(round(int(value) / multiple)) * multiple)
 
@@ -202,6 +267,7 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     train_set, val_set = build_datasets(cfg)
     model = build_model(cfg)
     check_compatible(cfg, model, train_set)
+    check_loss_fits_model(cfg, model)
     check_data(train_set, val_set, run_dir, progress=dist.is_main and bool(t.progress_bar),
                skip_bad_files=bool(cfg.get("skip_bad_files", False)))
     if t.get("sync_bn") and dist.enabled:  # BatchNorm statistics over the global batch

@@ -140,19 +140,25 @@ def _forward_backward(run: Run, images: torch.Tensor, masks: torch.Tensor) -> to
 
 
 def training_loss(run: Run, output, masks: torch.Tensor) -> torch.Tensor:
-    """The criterion on what the model returned in training: a mask-classification model's
-    :class:`MaskPredictions` go to its criterion whole (it matches queries to classes); a
-    per-pixel model's logits, plus ``aux_weight`` x its auxiliary logits, to the pixel loss."""
+    """The criterion on what the model returned in training (see :func:`model_loss`)."""
+    return model_loss(run.criterion, run.model, output, masks)
+
+
+def model_loss(criterion: nn.Module, model: nn.Module, output, masks: torch.Tensor) -> torch.Tensor:
+    """A mask-classification model's :class:`MaskPredictions` go to its criterion whole (it
+    matches queries to classes and supervises every decoder layer itself); a per-pixel model's
+    ``(logits, aux_logits)``, to the pixel loss, plus ``model.aux_weight`` x the loss of its
+    auxiliary logits when it has an auxiliary head. Shared by the loop and the benchmarks."""
     if isinstance(output, MaskPredictions):
-        return run.criterion(output, masks)
+        return criterion(output, masks)
     logits, aux_logits = output
-    loss = run.criterion(logits.float(), masks)
+    loss = criterion(logits.float(), masks)
     if aux_logits is not None:
         # An auxiliary module may stack several heads' logits along the batch axis (SETR's
         # three): each slice is compared with the same ground truth.
         stacked = aux_logits.shape[0] // masks.shape[0]
         aux_masks = masks.repeat(stacked, 1, 1) if stacked > 1 else masks
-        loss = loss + run.model.aux_weight * run.criterion(aux_logits.float(), aux_masks)
+        loss = loss + model.aux_weight * criterion(aux_logits.float(), aux_masks)
     return loss
 
 

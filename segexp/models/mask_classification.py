@@ -7,6 +7,10 @@ mask. In training it returns :class:`MaskPredictions`, which its criterion (Hung
 see ``conf/loss/mask_classification.yaml``) understands; everywhere else (validation, sliding
 window, predict, export) it returns :meth:`MaskPredictions.semantic_logits` at the input
 resolution, so metrics and inference treat both kinds alike.
+
+Such a head (or model) says so with a class attribute ``mask_classification = True``
+(:func:`is_mask_classification`), so a per-pixel loss given to it, or the mask criterion given
+to a per-pixel model, is refused before training.
 """
 
 from __future__ import annotations
@@ -15,6 +19,15 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+
+def is_mask_classification(model) -> bool:
+    """Whether ``model`` (a Segmentor, a bare head, or either wrapped in DistributedDataParallel)
+    returns :class:`MaskPredictions` in training: ``mask_classification = True`` on the model or
+    on its ``decode_head``."""
+    model = getattr(model, "module", model)
+    return bool(getattr(model, "mask_classification", False)
+                or getattr(getattr(model, "decode_head", None), "mask_classification", False))
 
 
 @dataclass
