@@ -448,6 +448,8 @@ class Mask2FormerHead(nn.Module):
         pre_norm: pre-norm decoder layers (False, the reference).
     """
 
+    mask_classification = True  # returns MaskPredictions: trained by loss=mask_classification
+
     def __init__(self, in_channels: Sequence[int], in_reductions: Sequence[int], num_classes: int,
                  *, in_index: Sequence[int] = (-4, -3, -2, -1), feature_dim: int = 256,
                  mask_dim: int = 256, encoder_layers: int = 6, encoder_heads: int = 8,

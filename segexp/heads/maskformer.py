@@ -137,6 +137,8 @@ class MaskFormerHead(nn.Module):
             decoder (256, 100, 8, 6 layers, FFN 2048, dropout 0.1 as the reference).
     """
 
+    mask_classification = True  # returns MaskPredictions: trained by loss=mask_classification
+
     def __init__(self, in_channels: Sequence[int], in_reductions: Sequence[int], num_classes: int,
                  *, in_index: Sequence[int] = (-4, -3, -2, -1), feature_dim: int = 256,
                  mask_dim: int = 256, hidden_dim: int = 256, num_queries: int = 100,

@@ -145,6 +145,8 @@ class EoMT(InputSizeCheck, nn.Module):
     the :class:`MaskPredictions` of the last block, with one ``aux`` pair per masked block.
     """
 
+    mask_classification = True  # returns MaskPredictions: trained by loss=mask_classification
+
     def __init__(self, backbone: nn.Module, decode_head, num_classes: int,
                  masked_attention: bool = True, annealing_start: Sequence[float] | None = None,
                  annealing_end: Sequence[float] | None = None, annealing_power: float = 0.9,
