@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"dataset={dataset_name}, dataset.root={cfg.dataset.get('root')}:")
         print(result["report"])
         if result["problems"]:
-            print(f"dataset_stats: error: the layout is broken ({len(result['problems'])} "
+            print(f"segexp: error: the layout is broken ({len(result['problems'])} "
                   "problem(s)):\n" + "\n".join(f"  - {p}" for p in result["problems"]),
                   file=sys.stderr)
         return result

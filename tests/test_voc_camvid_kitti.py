@@ -715,7 +715,7 @@ def test_prepare_script_cli_failure_is_one_message(tmp_path):
                              str(tmp_path / "downloads"), "--no-download"], capture_output=True,
                             text=True, env=env, cwd=tmp_path, timeout=120)
     assert result.returncode == 1
-    assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    assert result.stderr.startswith("segexp: error: ") and "Traceback" not in result.stderr
     assert "ADEChallengeData2016.zip" in result.stderr and "data.csail.mit.edu" in result.stderr
 
 

@@ -36,6 +36,7 @@ import matplotlib.pyplot as plt
 import yaml
 
 from segexp.cli import command
+from segexp.errors import DataError
 from segexp.profiling import model_cost
 
 plt.switch_backend("Agg")  # files only, also without a display
@@ -78,14 +79,14 @@ def find_run_dirs(paths: list[Path]) -> list[Path]:
     found: set[Path] = set()
     for path in paths:
         if not path.exists():
-            raise SystemExit(f"compare_runs: error: {path} does not exist")
+            raise DataError(f"{path} does not exist: give a multirun folder or run folders.")
         if (path / ".hydra" / "config.yaml").is_file() or (path / "metrics.json").is_file():
             found.add(path.resolve())
             continue
         found |= {p.parent.parent.resolve() for p in path.rglob(".hydra/config.yaml")}
         found |= {p.parent.resolve() for p in path.rglob("metrics.json")}
     if not found:
-        raise SystemExit(f"compare_runs: error: no run folders (.hydra/ or metrics.json) under "
+        raise DataError(f"no run folders (.hydra/ or metrics.json) under "
                          f"{', '.join(map(str, paths))}")
     return sorted(found)
 
