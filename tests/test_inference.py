@@ -1,4 +1,4 @@
-"""Inference: whole / slide modes, test-time augmentation, the Python API and scripts/predict.py."""
+"""Inference: whole / slide modes, test-time augmentation, the Python API and segexp-predict."""
 
 from __future__ import annotations
 
