@@ -40,13 +40,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from segexp.cli import command
+from segexp.data.stanford_background import StanfordBackgroundDataset, read_regions
+from segexp.inference import Segmenter
+from segexp.metrics import ConfusionMatrix, format_table
+from segexp.profiling import cpu_model
 
-from segexp.data.stanford_background import StanfordBackgroundDataset, read_regions  # noqa: E402
-from segexp.inference import Segmenter  # noqa: E402
-from segexp.metrics import ConfusionMatrix, format_table  # noqa: E402
-from segexp.profiling import cpu_model  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -240,4 +240,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    command(main)

@@ -53,18 +53,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from segexp.cli import command
+from segexp.cli.benchmark import AMP, fmt, pick_device, write
+from segexp.config import compose_train_config
+from segexp.engine.trainer import autocast
+from segexp.errors import SegexpError
+from segexp.models import build_model
+from segexp.models.mask_classification import MaskPredictions
+from segexp.profiling import count_gflops, count_params, median_time
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from benchmark import AMP, _fmt, pick_device, write  # noqa: E402
-
-from segexp.config import compose_train_config  # noqa: E402
-from segexp.engine.trainer import autocast  # noqa: E402
-from segexp.errors import SegexpError  # noqa: E402
-from segexp.models import build_model  # noqa: E402
-from segexp.models.mask_classification import MaskPredictions  # noqa: E402
-from segexp.profiling import count_gflops, count_params, median_time  # noqa: E402
 
 DEFAULT_OUT = ROOT / "outputs" / "benchmark" / "peers.csv"
 # What to install for each peer (the versions these pairs were written against).
@@ -399,7 +397,7 @@ def measure_pair(pair: Pair, num_classes: int, size: tuple[int, int], batch: int
 # -- output ---------------------------------------------------------------------------------------
 
 def _both(row: dict, key: str, spec: str) -> str:
-    return f"{_fmt(row.get(f'segexp_{key}'), spec)} / {_fmt(row.get(f'peer_{key}'), spec)}"
+    return f"{fmt(row.get(f'segexp_{key}'), spec)} / {fmt(row.get(f'peer_{key}'), spec)}"
 
 
 def _ratio(row: dict, kind: str) -> str:
@@ -567,8 +565,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except SegexpError as err:
-        print(f"bench_peers: error: {err}", file=sys.stderr)
-        sys.exit(1)
+    command(main)

@@ -33,28 +33,20 @@ import time
 from pathlib import Path
 
 import torch
-from hydra.errors import HydraException
 from omegaconf import open_dict
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
+from segexp.cli import command
+from segexp.config import compose_train_config, instantiate
+from segexp.engine.experiment import check_loss_fits_model, quiet_worker_init, resolve_device
+from segexp.engine.trainer import Run, optimizer_step, to_device, train_step
+from segexp.errors import SegexpError
+from segexp.models import build_model
+from segexp.profiling import Cycled, machine_info, synchronize
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from benchmark_data import Cycled, machine_info  # noqa: E402
-
-from segexp.config import compose_train_config, instantiate  # noqa: E402
-from segexp.engine.experiment import (  # noqa: E402
-    check_loss_fits_model,
-    quiet_worker_init,
-    resolve_device,
-)
-from segexp.engine.trainer import Run, optimizer_step, to_device, train_step  # noqa: E402
-from segexp.errors import SegexpError  # noqa: E402
-from segexp.models import build_model  # noqa: E402
-from segexp.profiling import synchronize  # noqa: E402
 
 DEFAULT_OUT = ROOT / "outputs" / "benchmark" / "pipeline.csv"
 # Dense (no sparsity) bf16/fp16 tensor-core peaks, TFLOP/s, from the vendors' data sheets.
@@ -215,8 +207,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (SegexpError, HydraException) as err:
-        print(f"bench_pipeline: error: {err}", file=sys.stderr)
-        sys.exit(1)
+    command(main)

@@ -21,26 +21,21 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
 import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torchvision
-from hydra.errors import HydraException
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
+
+from segexp.cli import command
+from segexp.config import compose_train_config, instantiate
+from segexp.errors import SegexpError
+from segexp.profiling import Cycled, machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from segexp.config import compose_train_config, instantiate  # noqa: E402
-from segexp.data.base import seed_for  # noqa: E402
-from segexp.errors import SegexpError  # noqa: E402
-from segexp.profiling import cpu_model  # noqa: E402
 
 DEFAULT_OUT = ROOT / "docs" / "data_throughput.md"
 DOC_HEADER = """# Data-pipeline throughput
@@ -56,20 +51,6 @@ unless `--threads`/`OMP_NUM_THREADS` says otherwise); workers always use one thr
 """
 
 
-
-
-class Cycled(Dataset):
-    """``length`` samples from ``base``, repeating it: sample i is ``base[i % len(base)]`` with
-    augmentation seed ``seed_for(seed, i)`` (the seeded path training takes)."""
-
-    def __init__(self, base, length: int, seed: int = 0) -> None:
-        self.base, self.length, self.seed = base, length, seed
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, i: int):
-        return self.base[(i % len(self.base), seed_for(self.seed, i))]
 
 
 def measure(dataset, batch_size: int, workers: int, batches: int, warmup: int,
@@ -92,18 +73,6 @@ def measure(dataset, batch_size: int, workers: int, batches: int, warmup: int,
     return {"workers": workers, "batches": batches, "images": images,
             "seconds": elapsed, "images_per_s": images / elapsed,
             "ms_per_batch": 1000 * elapsed / batches, "warmup_s": warm - start}
-
-
-def machine_info() -> dict:
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    import cv2
-
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "usable_cores": usable,
-            "torch_threads": torch.get_num_threads(), "load_1min": load,
-            "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "opencv": cv2.__version__, "python": platform.python_version(),
-            "os": f"{platform.system()} {platform.release()}"}
 
 
 def format_table(results: list[dict]) -> str:
@@ -220,19 +189,5 @@ def _size(value) -> str:
     return "x".join(str(v) for v in value) + " (h x w)"
 
 
-def _message(err: BaseException) -> str:
-    """The explanation alone: an error re-raised from a DataLoader worker carries the worker's
-    traceback in its text, whose last line is the original message."""
-    text = str(err)
-    if "Original Traceback" in text:
-        last = text.strip().splitlines()[-1]
-        text = last.split(": ", 1)[1] if ": " in last else last
-    return text
-
-
 if __name__ == "__main__":
-    try:
-        main()
-    except (SegexpError, HydraException) as err:
-        print(f"benchmark_data: error: {_message(err)}", file=sys.stderr)
-        sys.exit(1)
+    command(main)

@@ -16,22 +16,20 @@ output is ``outputs/browse_<dataset>_<split>.png``.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.errors import HydraException
 from omegaconf import DictConfig
 from torchvision.transforms import v2
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from segexp.cli import command
+from segexp.config import compose_train_config, instantiate
+from segexp.data.base import seed_for
+from segexp.errors import SegexpError
+from segexp.visualize import colourise, denormalise, header, legend, save_png
 
-from segexp.config import compose_train_config, instantiate  # noqa: E402
-from segexp.data.base import seed_for  # noqa: E402
-from segexp.errors import SegexpError  # noqa: E402
-from segexp.visualize import colourise, denormalise, header, legend, save_png  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # Layout of the grid (tests check the PNG size against it): every tile is a caption strip of
 # CAPTION pixels above [image | overlay], followed by GAP white pixels right and below.
@@ -136,8 +134,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (SegexpError, HydraException) as err:
-        print(f"browse_dataset: error: {err}", file=sys.stderr)
-        sys.exit(1)
+    command(main)

@@ -45,17 +45,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from hydra.errors import HydraException
 from omegaconf import open_dict
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from segexp.cli import command
+from segexp.config import compose_train_config, instantiate
+from segexp.data.folder import FolderLayout
+from segexp.data.scan import MaskScan, class_weights, scan_masks
+from segexp.errors import SegexpError
 
-from segexp.config import compose_train_config, instantiate  # noqa: E402
-from segexp.data.folder import FolderLayout  # noqa: E402
-from segexp.data.scan import MaskScan, class_weights, scan_masks  # noqa: E402
-from segexp.errors import SegexpError  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MAX_SIZES_LISTED = 10  # list the count per image size when there are at most this many sizes
 FOLDER_TARGET = "segexp.data.folder.FolderDataset"
@@ -301,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"dataset={dataset_name}, dataset.root={cfg.dataset.get('root')}:")
         print(result["report"])
         if result["problems"]:
-            print(f"dataset_stats: error: the layout is broken ({len(result['problems'])} "
+            print(f"segexp: error: the layout is broken ({len(result['problems'])} "
                   "problem(s)):\n" + "\n".join(f"  - {p}" for p in result["problems"]),
                   file=sys.stderr)
         return result
@@ -340,11 +339,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    warnings.formatwarning = lambda message, *args, **kwargs: f"dataset_stats: warning: {message}\n"
-    try:
-        outcome = main()
-        if not outcome.get("ok", True):
-            sys.exit(1)
-    except (SegexpError, HydraException) as err:
-        print(f"dataset_stats: error: {err}", file=sys.stderr)
-        sys.exit(1)
+    warnings.formatwarning = lambda message, *args, **kwargs: f"segexp: warning: {message}\n"
+    # A check that finds problems reports them itself and ends with exit status 1.
+    command(lambda argv: 0 if main(argv).get("ok", True) else 1)

@@ -11,19 +11,14 @@ counted). GFLOPs are multiply-accumulates x 1e-9, the convention of the papers' 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-import torch
 import yaml
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from segexp.profiling import model_cost
 
-from segexp.config import compose_train_config  # noqa: E402
-from segexp.models import build_model  # noqa: E402
-from segexp.profiling import count_gflops, count_params  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PUBLISHED = ROOT / "segexp" / "models" / "published.yaml"
 # Every model with its default backbone (and the ADE20K class count), beyond the published ones.
@@ -43,22 +38,15 @@ DEFAULTS = [
 ]
 
 
-def measure(overrides: list[str], size: tuple[int, int] = (512, 512)) -> tuple[float, float]:
-    """(params in millions, GMACs at ``size``) of the model the overrides compose."""
-    with torch.device("meta"):
-        model = build_model(compose_train_config(list(overrides))[0], pretrained=False)
-    return count_params(model) / 1e6, count_gflops(model, size, device="meta")
-
-
 def rows() -> list[dict]:
     entries = yaml.safe_load(PUBLISHED.read_text())
     out = []
     for entry in tqdm(entries + [{"name": n, "overrides": o + ["dataset.num_classes=150"]}
                                  for n, o in DEFAULTS], desc="models"):
-        params, gflops = measure(entry["overrides"])
+        params, gflops = model_cost(entry["overrides"])
         row = {**entry, "measured_params_m": params, "gflops_512": gflops}
         if "flops_size" in entry:
-            row["measured_gflops_published_size"] = measure(entry["overrides"],
+            row["measured_gflops_published_size"] = model_cost(entry["overrides"],
                                                             tuple(entry["flops_size"]))[1]
         out.append(row)
     return out

@@ -17,9 +17,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _prepare_common import (  # noqa: E402
+from segexp.data.ade20k import CLASS_NAMES, SPLIT_FOLDERS, URL, ADE20KDataset
+from segexp.data.prepare import (
     Marker,
     Summary,
     find_or_extract,
@@ -31,9 +30,7 @@ from _prepare_common import (  # noqa: E402
     run_cli,
     skip_if_prepared,
 )
-
-from segexp.data.ade20k import CLASS_NAMES, SPLIT_FOLDERS, URL, ADE20KDataset  # noqa: E402
-from segexp.errors import DataError  # noqa: E402
+from segexp.errors import DataError
 
 ARCHIVE = "ADEChallengeData2016.zip"
 FOLDER = "ADEChallengeData2016"

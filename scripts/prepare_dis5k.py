@@ -28,9 +28,17 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _prepare_common import (  # noqa: E402
+from segexp.data.dis5k import (
+    ARCHIVE,
+    DRIVE_URL,
+    SUBSET_SIZES,
+    THRESHOLD,
+    URL,
+    DIS5KDataset,
+    binarize,
+    read_gt,
+)
+from segexp.data.prepare import (
     Marker,
     PrepareError,
     Summary,
@@ -43,18 +51,7 @@ from _prepare_common import (  # noqa: E402
     say,
     skip_if_prepared,
 )
-
-from segexp.data.dis5k import (  # noqa: E402
-    ARCHIVE,
-    DRIVE_URL,
-    SUBSET_SIZES,
-    THRESHOLD,
-    URL,
-    DIS5KDataset,
-    binarize,
-    read_gt,
-)
-from segexp.errors import DataError  # noqa: E402
+from segexp.errors import DataError
 
 SPLIT_OF = {"DIS-TR": "train", "DIS-VD": "val", "DIS-TE1": "test1", "DIS-TE2": "test2",
             "DIS-TE3": "test3", "DIS-TE4": "test4"}

@@ -33,9 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _prepare_common import (  # noqa: E402
+from segexp.data.prepare import (
     Marker,
     PrepareError,
     Summary,
@@ -48,8 +46,7 @@ from _prepare_common import (  # noqa: E402
     say,
     skip_if_prepared,
 )
-
-from segexp.data.stanford2d3ds import (  # noqa: E402
+from segexp.data.stanford2d3ds import (
     FOLDS,
     FORM,
     LABELS_FILE,
@@ -64,7 +61,7 @@ from segexp.data.stanford2d3ds import (  # noqa: E402
     label_lut,
     load_labels,
 )
-from segexp.errors import DataError  # noqa: E402
+from segexp.errors import DataError
 
 TOTAL_IMAGES = 70496  # the paper's count of perspective RGB images over the six areas
 ARCHIVE_PATTERNS = ("area_*.tar", "area_*.tar.gz", "area_*.tgz")

@@ -27,9 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _prepare_common import (  # noqa: E402
+from segexp.data.base import IGNORE_INDEX, read_mask
+from segexp.data.prepare import (
     Marker,
     PrepareError,
     Summary,
@@ -43,10 +42,8 @@ from _prepare_common import (  # noqa: E402
     say,
     skip_if_prepared,
 )
-
-from segexp.data.base import IGNORE_INDEX, read_mask  # noqa: E402
-from segexp.data.voc import AUG_LABELS, CLASS_NAMES, SPLITS, VOCDataset, read_split_list  # noqa: E402
-from segexp.errors import DataError  # noqa: E402
+from segexp.data.voc import AUG_LABELS, CLASS_NAMES, SPLITS, VOCDataset, read_split_list
+from segexp.errors import DataError
 
 VOC_URL = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"
 VOC_ARCHIVE = "VOCtrainval_11-May-2012.tar"

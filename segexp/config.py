@@ -14,7 +14,7 @@ from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from segexp.errors import SegexpError
+from segexp.errors import ConfigError, SegexpError
 
 _START = datetime.now()
 
@@ -53,7 +53,20 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
         raise
 
 
+# The configs are the repository's conf/, found beside the package: segexp is installed editable
+# from a clone (`pip install -e .`, which the README's set-up does) or run from the clone itself,
+# so conf/ edits take effect at once and every command composes the same files. A wheel built
+# from the clone carries the Python package only (see require_conf_dir).
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def require_conf_dir() -> Path:
+    """:data:`CONF_DIR`, or a ConfigError saying how to install segexp so that it has one."""
+    if not (CONF_DIR / "train.yaml").is_file():
+        raise ConfigError(f"the configs were not found at {CONF_DIR}: segexp reads the conf/ folder "
+                          "of its repository. Install it editable from a clone: git clone the "
+                          "repository, then `pip install -e .` (or the README's set-up) in it.")
+    return CONF_DIR
 
 
 def compose_train_config(overrides: list[str]) -> tuple[DictConfig, str]:

@@ -152,7 +152,7 @@ def infer_logits(model: nn.Module, images: torch.Tensor,
     return (probs / len(views)).clamp_min(1e-12).log()
 
 
-# -- a dataset loop with any inference mode (scripts/evaluate.py) --------------------------------
+# -- a dataset loop with any inference mode (segexp-eval) ------------------------------------------
 @torch.no_grad()
 def evaluate_loader(model: nn.Module, loader, num_classes: int, device: torch.device,
                     options: InferenceOptions | None = None, ignore_index: int = 255,

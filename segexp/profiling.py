@@ -1,5 +1,6 @@
-"""Model cost: parameters, GFLOPs and inference speed. Shared by the end of a training run (the
-run's ``metrics.json`` and W&B summary), ``scripts/benchmark.py`` and ``scripts/model_table.py``.
+"""Model cost: parameters, GFLOPs and inference speed, and the machine's description. Shared by the
+end of a training run (the run's ``metrics.json`` and W&B summary), ``segexp-bench``
+(:mod:`segexp.cli.benchmark`) and the benchmark scripts in ``scripts/``.
 
 GFLOPs follow the papers' tables: multiply-accumulates x 1e-9 for one image, counted by
 ``torch.utils.flop_counter``. Attention goes through SDPA's math backend while counting; the fused
@@ -8,6 +9,7 @@ CPU/CUDA kernels are invisible to the counter and would count as zero.
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
@@ -17,8 +19,10 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.data import Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
+from segexp.data.base import seed_for
 from segexp.engine.trainer import autocast
 
 
@@ -31,6 +35,34 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    """CPU, cores (all and usable), load and library versions, for benchmark records."""
+    import cv2
+    import torchvision
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "usable_cores": usable,
+            "torch_threads": torch.get_num_threads(), "load_1min": load,
+            "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "opencv": cv2.__version__, "python": platform.python_version(),
+            "os": f"{platform.system()} {platform.release()}"}
+
+
+class Cycled(Dataset):
+    """``length`` samples from ``base``, repeating it: sample i is ``base[i % len(base)]`` with
+    augmentation seed ``seed_for(seed, i)`` (the seeded path training takes)."""
+
+    def __init__(self, base, length: int, seed: int = 0) -> None:
+        self.base, self.length, self.seed = base, length, seed
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int):
+        return self.base[(i % len(self.base), seed_for(self.seed, i))]
 
 
 def count_params(model: nn.Module) -> int:
@@ -50,6 +82,17 @@ def count_gflops(model: nn.Module, size: tuple[int, int], device: torch.device |
         model(images)
     model.train(was_training)
     return counter.get_total_flops() / 2e9
+
+
+def model_cost(overrides: list[str], size: tuple[int, int] = (512, 512)) -> tuple[float, float]:
+    """(params in millions, GMACs at ``size``) of the model the train overrides compose, built on
+    the meta device (no memory, no weights)."""
+    from segexp.config import compose_train_config  # config -> models -> engine: imported late
+    from segexp.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(compose_train_config(list(overrides))[0], pretrained=False)
+    return count_params(model) / 1e6, count_gflops(model, size, device="meta")
 
 
 def synchronize(device: torch.device) -> None:

@@ -8,13 +8,12 @@ import json
 import math
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 
-matplotlib.use("Agg")  # files only: no display needed
-import matplotlib.pyplot as plt  # noqa: E402
+from segexp.atomic import write_with
 
-from segexp.atomic import write_with  # noqa: E402
+plt.switch_backend("Agg")  # files only: no display needed
 
 
 def read_metrics_log(run_dir: Path) -> list[dict]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,24 @@ from omegaconf import open_dict
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` as a module, run in this process (its ``main(argv)`` is the command
+    line); loaded from its file, as scripts are not a package."""
+    spec = importlib.util.spec_from_file_location(f"segexp_script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it loads
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def segexp_importable_in_subprocesses(monkeypatch):
+    """The scripts and train.py that tests start import segexp from this checkout, also where it
+    is not installed (pytest's ``pythonpath`` setting covers this process only); with the
+    README's editable install this is the same folder."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
 
 
 def compose_config(*overrides: str):

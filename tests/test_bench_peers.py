@@ -75,7 +75,8 @@ def test_dry_run_lists_every_pair(bench, capsys):
     assert names == [
         "upernet_convnext_t-transformers", "upernet_convnext_t-smp",
         "segformer_b0-transformers", "segformer_b0-smp", "segformer_b2-transformers", "segformer_b2-smp",
-        "mask2former_swin_t-transformers", "deeplabv3_r50-torchvision", "fcn_r50-torchvision", "unet_r50-smp", "pspnet_r50-smp"]
+        "mask2former_swin_t-transformers", "deeplabv3_r50-torchvision", "fcn_r50-torchvision",
+        "unet_r50-smp", "pspnet_r50-smp"]
     printed = capsys.readouterr().out
     assert all(name in printed for name in names)
     assert all(r["note"] and r["peer_config"] and r["num_classes"] >= 2 for r in rows)

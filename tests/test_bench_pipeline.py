@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 
 import pytest
 import torch
@@ -13,10 +12,9 @@ import torch
 from segexp.config import compose_train_config
 from segexp.models import build_model
 from segexp.profiling import count_gflops
-from tests.conftest import ROOT
+from tests.conftest import load_script
 
-sys.path.insert(0, str(ROOT / "scripts"))
-import bench_pipeline  # noqa: E402
+bench_pipeline = load_script("bench_pipeline")
 
 TINY = ["model=fcn", "head.channels=16", "head.dropout=0", "dataset.image_size=32",
         "dataset.train_length=4", "trainer.batch_size=2", "trainer.num_workers=0"]

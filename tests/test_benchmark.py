@@ -1,15 +1,16 @@
-"""scripts/benchmark.py: the table's columns in CSV and JSON, --all --dry-run; no timed assertions
-(the figures are data, only checked to be positive numbers)."""
+"""segexp-bench (segexp.cli.benchmark): the table's columns in CSV and JSON, --all --dry-run; no
+timed assertions (the figures are data, only checked to be positive numbers)."""
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
+
+from segexp.profiling import model_cost
 
 ROOT = Path(__file__).resolve().parents[1]
 NUMERIC = ["params_m", "gflops", "latency_ms", "fps", "train_iter_ms"]
@@ -18,11 +19,9 @@ FAST = ["--size", "64", "64", "--iters", "2", "--warmup", "1", "--device", "cpu"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("segexp_script_benchmark",
-                                                  ROOT / "scripts" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import segexp.cli.benchmark
+
+    return segexp.cli.benchmark
 
 
 def test_two_tiny_models_write_csv_and_json(bench, tmp_path, capsys):
@@ -56,8 +55,8 @@ def test_two_tiny_models_write_csv_and_json(bench, tmp_path, capsys):
 
 def test_head_override_changes_the_measured_model(bench, tmp_path):
     """head.channels reaches the model: fewer channels, fewer parameters and FLOPs."""
-    small = bench.measure(["model=fcn", "head.channels=16"], (64, 64))
-    default = bench.measure(["model=fcn"], (64, 64))
+    small = model_cost(["model=fcn", "head.channels=16"], (64, 64))
+    default = model_cost(["model=fcn"], (64, 64))
     assert small[0] < default[0] and small[1] < default[1]
 
 

@@ -114,7 +114,7 @@ def test_browse_missing_root_is_one_clear_line(tmp_path):
         capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
-    assert result.stderr.startswith("browse_dataset: error: Stanford Background data not found")
+    assert result.stderr.startswith("segexp: error: Stanford Background data not found")
     assert str(missing) in result.stderr
     assert not (tmp_path / "x.png").exists()
 

@@ -176,7 +176,8 @@ def test_configs_compose_with_the_mask_classification_loss():
 
 def test_dinov3_backbone_runs_with_rotary_embeddings():
     model = build_model(compose_config("model=eomt", "backbone=dinov3_vits16",
-                                       "+backbone.depth=3", "+backbone.embed_dim=48", "backbone.out_indices=[-1]",
+                                       "+backbone.depth=3", "+backbone.embed_dim=48",
+                                       "backbone.out_indices=[-1]",
                                        "+backbone.num_heads=3", "backbone.freeze=false",
                                        "head.num_blocks=2", "head.num_queries=7",
                                        "dataset.num_classes=3"), pretrained=False)

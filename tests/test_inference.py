@@ -1,8 +1,8 @@
-"""Inference: whole / slide modes, test-time augmentation, the Python API and scripts/predict.py."""
+"""Inference: whole / slide modes, test-time augmentation, the Python API and segexp-predict."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 
 import cv2
@@ -14,7 +14,6 @@ from omegaconf import OmegaConf
 from segexp.engine.experiment import run_training
 from segexp.errors import SegexpError
 from segexp.inference import InferenceOptions, Segmenter, infer_logits, slide_logits
-from tests.conftest import ROOT
 from tests.test_train import tiny_config
 
 NUM_CLASSES = 6  # the synthetic dataset's default
@@ -107,11 +106,9 @@ def test_python_api_on_a_numpy_image(run_dir, segmenter):
 
 
 def _script(name: str):
-    """A script's module, run in this process (a subprocess would import torch again)."""
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """A command's module (segexp-predict, segexp-eval), run in this process (a subprocess
+    would import torch again)."""
+    return importlib.import_module(f"segexp.cli.{name}")
 
 
 def _check_image_outputs(out, stem, size):

@@ -45,8 +45,7 @@ def randomise(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 def hf_mask2former(backbone: str):
-    from transformers import (Mask2FormerConfig, Mask2FormerForUniversalSegmentation, ResNetConfig,
-                              SwinConfig)
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, ResNetConfig, SwinConfig
 
     stages = ["stage1", "stage2", "stage3", "stage4"]
     if backbone == "swin":

@@ -1,4 +1,4 @@
-"""ONNX export (scripts/export_onnx.py): onnxruntime matches PyTorch at two input sizes."""
+"""ONNX export (segexp-export, segexp.cli.export_onnx): onnxruntime matches PyTorch at two input sizes."""
 
 from __future__ import annotations
 
@@ -12,21 +12,17 @@ from omegaconf import OmegaConf
 
 from segexp.engine.checkpoint import save_checkpoint
 from segexp.models import build_model
-from tests.conftest import ROOT
 from tests.test_train import tiny_config
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None,
     reason="onnx / onnxruntime not installed (pip install onnx onnxruntime)")
 
-SCRIPT = ROOT / "scripts" / "export_onnx.py"
-
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("export_onnx", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import segexp.cli.export_onnx
+
+    return segexp.cli.export_onnx
 
 
 def make_run(run_dir: Path, *overrides: str) -> None:

@@ -1,4 +1,4 @@
-"""Sweeps end to end: +sweep=compare_models into scripts/compare_runs.py, a failing job that does
+"""Sweeps end to end: +sweep=compare_models into segexp-compare, a failing job that does
 not stop the others, an Optuna search (hparams_search=optuna) and a submitit launch."""
 
 from __future__ import annotations
@@ -11,18 +11,14 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import ROOT
+from segexp.cli.compare_runs import compare, main
 from tests.test_train import train_py
-
-sys.path.insert(0, str(ROOT))
-from scripts.compare_runs import compare, main  # noqa: E402
 
 FAST = ["trainer=debug", "dataset.image_size=32", "dataset.train_length=4", "dataset.val_length=1"]
 

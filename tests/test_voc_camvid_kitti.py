@@ -21,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
+from segexp.data import prepare
 from segexp.data.camvid import CamVidDataset
 from segexp.data.cityscapes import CityscapesDataset
 from segexp.data.kitti import KITTIDataset, split_names
@@ -40,12 +41,12 @@ VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "
 
 
 def load_script(name: str):
-    """A scripts/<name>.py module (its main(argv) is the command line). The scripts import
-    ``_prepare_common`` from their folder; its PrepareError is ``module.PrepareError`` below."""
+    """A scripts/<name>.py module (its main(argv) is the command line). The scripts' shared
+    pieces are ``segexp.data.prepare``; its PrepareError is ``module.PrepareError`` below."""
     spec = importlib.util.spec_from_file_location(f"segexp_test_{name}", SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.PrepareError = sys.modules["_prepare_common"].PrepareError
+    module.PrepareError = prepare.PrepareError
     return module
 
 
@@ -552,7 +553,7 @@ def test_prepare_voc_in_place_on_extracted_folders(tmp_path, capsys, monkeypatch
 
 def test_download_resumes_or_restarts_a_partial_file(tmp_path):
     load_script("prepare_ade20k")
-    common = sys.modules["_prepare_common"]
+    common = prepare
     source = tmp_path / "source.bin"
     source.write_bytes(bytes(range(256)) * 100)
     dest = tmp_path / "downloads" / "file.bin"
@@ -715,7 +716,7 @@ def test_prepare_script_cli_failure_is_one_message(tmp_path):
                              str(tmp_path / "downloads"), "--no-download"], capture_output=True,
                             text=True, env=env, cwd=tmp_path, timeout=120)
     assert result.returncode == 1
-    assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    assert result.stderr.startswith("segexp: error: ") and "Traceback" not in result.stderr
     assert "ADEChallengeData2016.zip" in result.stderr and "data.csail.mit.edu" in result.stderr
 
 

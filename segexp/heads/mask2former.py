@@ -34,7 +34,6 @@ from segexp.errors import ConfigError, IncompatibleBackboneError
 from segexp.heads.common import resolve_in_index, select_features
 from segexp.models.mask_classification import MaskPredictions
 
-
 # --- shared building blocks (also used by MaskFormer) ----------------------------------------
 
 def sine_position_embedding(height: int, width: int, channels: int, device: torch.device,

@@ -16,7 +16,8 @@ Every prepare script follows the same steps::
     return finish(summary, marker)   # prints; writes the marker, or PrepareError if checks failed
 
 and ends with ``if __name__ == "__main__": sys.exit(run_cli(main))``, which prints a
-:class:`PrepareError` as one message (exit status 1) instead of a traceback.
+:class:`PrepareError` as one message (exit status 1) instead of a traceback (segexp's one command
+wrapper, :func:`segexp.cli.run_command`).
 """
 
 from __future__ import annotations
@@ -39,9 +40,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from segexp.errors import DataError, SegexpError  # noqa: E402
+from segexp.cli import run_command
+from segexp.errors import DataError
 
 CHUNK = 1 << 20
 
@@ -84,15 +84,8 @@ def parse_args(doc: str | None, name: str, argv: Sequence[str] | None,
 def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Run ``main``; a segexp error (bad input, failed download, failed check) is printed as its
     message with exit status 1, Ctrl-C as a line saying a re-run resumes."""
-    try:
-        return main(argv)
-    except SegexpError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume (finished steps are skipped).",
-              file=sys.stderr)
-        return 130
+    return run_command(main, argv, interrupted="run the same command again to resume "
+                                               "(finished steps are skipped).")
 
 
 def say(message: str) -> None:

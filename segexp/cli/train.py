@@ -1,0 +1,88 @@
+"""Train a segmentation model from a composed config (``segexp-train`` = ``python train.py``).
+
+    segexp-train                                      # U-Net / ResNet-18 on the synthetic dataset
+    segexp-train model=upernet backbone=convnext_tiny dataset=stanford_background
+    segexp-train -m model=fcn,unet,pspnet,deeplabv3,upernet trainer=debug
+    segexp-train --help                               # config groups and options
+    torchrun --nproc_per_node=4 -m segexp.cli.train ...   # distributed data parallel, one folder
+
+The configs are the repository's ``conf/`` (:data:`segexp.config.CONF_DIR`), whatever the working
+directory; run folders go under ``outputs/`` of the working directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from segexp.cli import explained_error, message_of, print_error
+from segexp.config import CONF_DIR, require_conf_dir
+from segexp.engine import distributed
+from segexp.engine.experiment import run_training
+from segexp.errors import SegexpError
+
+log = logging.getLogger("train")
+
+
+# An absolute config_path: Hydra reads it as is, so the console command, `python train.py` and
+# `python -m segexp.cli.train` compose the same conf/. The job name comes from this module's name
+# ("train": train.log in the run folder) whichever of them started it.
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def main(cfg: DictConfig) -> float:
+    try:
+        return run_training(cfg)
+    except Exception as err:
+        known = explained_error(err)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            return failed_job(err, known)
+        if known is None:
+            raise
+        print_error(message_of(known))
+        sys.exit(1)
+
+
+def failed_job(err: Exception, known: SegexpError | None) -> float:
+    """A failed sweep job must not end the sweep (Hydra's basic launcher stops at the first
+    exception): record it in metrics.json (run_training has already, unless the build failed)
+    and score it -inf, worse than any metric (all maximised), which Optuna also accepts (NaN it
+    does not)."""
+    message = message_of(known) if known else f"{type(err).__name__}: {err}"
+    log.error(f"segexp: error: {message}", exc_info=known is None)
+    summary = Path(HydraConfig.get().runtime.output_dir) / "metrics.json"
+    if not summary.exists():
+        summary.parent.mkdir(parents=True, exist_ok=True)
+        summary.write_text(json.dumps({"status": "failed", "error": message}, indent=2))
+    return float("-inf")
+
+
+def dist_backend_override(argv: list[str]) -> str:
+    """``trainer.dist_backend=...`` from the command line: the group is joined before Hydra runs."""
+    values = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("trainer.dist_backend=")]
+    return values[-1] if values else "auto"
+
+
+def cli() -> None:
+    """The ``segexp-train`` command (and ``python train.py``): Hydra reads ``sys.argv``."""
+    try:
+        require_conf_dir()
+    except SegexpError as err:
+        print_error(str(err))
+        sys.exit(1)
+    info = distributed.share_start_time(dist_backend_override(sys.argv[1:]))
+    if info.rank > 0:  # rank 0 writes .hydra/ and the log; the others only report problems
+        sys.argv += ["hydra.output_subdir=null", "hydra.job_logging.root.level=WARNING"]
+    try:
+        main()
+    finally:
+        distributed.cleanup()
+
+
+if __name__ == "__main__":
+    cli()
