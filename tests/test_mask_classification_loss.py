@@ -5,7 +5,6 @@ training through the real loop with a tiny test-only mask-classification head.""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import itertools
 import json
 import os
@@ -20,7 +19,7 @@ from torch import nn
 from segexp.errors import ConfigError
 from segexp.losses_mask import MaskClassificationLoss, sample_class_masks
 from segexp.models.mask_classification import MaskPredictions, is_mask_classification
-from tests.conftest import ROOT, compose_config
+from tests.conftest import compose_config
 
 # transformers and the training loop are imported inside the tests that use them: the DDP test's
 # worker processes import this module, and those imports would cost them many seconds each.
@@ -387,10 +386,8 @@ def test_training_through_the_loop_writes_metrics_and_resumes_exactly(tmp_path, 
 
 
 def test_benchmark_training_step_takes_mask_predictions():
-    spec = importlib.util.spec_from_file_location("segexp_script_benchmark",
-                                                  ROOT / "scripts" / "benchmark.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from segexp.cli import benchmark as bench
+
     row = bench.benchmark([*FAKE_HEAD, "loss=mask_classification", "loss.num_points=64"],
                           (64, 64), 1, 2, torch.device("cpu"), "none", iters=1, warmup=0)
     assert row["train_iter_ms"] > 0 and row["fps"] > 0

@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def cli() -> None:
     """The ``segexp-eval`` command (and ``python scripts/evaluate.py``)."""
-    torch.set_grad_enabled(False)
-    command(main)
+    with torch.no_grad():  # not set_grad_enabled(False): the command may run inside a program
+        command(main)
 
 
 if __name__ == "__main__":

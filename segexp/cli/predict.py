@@ -154,8 +154,8 @@ def _training_crop(run_dir: Path) -> list[int]:
 
 def cli() -> None:
     """The ``segexp-predict`` command (and ``python scripts/predict.py``)."""
-    torch.set_grad_enabled(False)
-    command(main)
+    with torch.no_grad():  # not set_grad_enabled(False): the command may run inside a program
+        command(main)
 
 
 if __name__ == "__main__":
