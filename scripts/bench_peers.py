@@ -57,14 +57,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from benchmark import AMP, _fmt, pick_device, write  # noqa: E402
+from benchmark import AMP, _fmt, write  # noqa: E402
 
 from segexp.config import compose_train_config  # noqa: E402
-from segexp.engine.trainer import autocast  # noqa: E402
 from segexp.errors import SegexpError  # noqa: E402
 from segexp.models import build_model  # noqa: E402
 from segexp.models.mask_classification import MaskPredictions  # noqa: E402
 from segexp.profiling import count_gflops, count_params, median_time  # noqa: E402
+from segexp.runtime import autocast, resolve_device  # noqa: E402
 
 DEFAULT_OUT = ROOT / "outputs" / "benchmark" / "peers.csv"
 # What to install for each peer (the versions these pairs were written against).
@@ -506,7 +506,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             parser.error("--threads must be at least 1")
         torch.set_num_threads(args.threads)
     try:
-        device = pick_device(args.device)
+        device = resolve_device(args.device, option="--device")
     except SegexpError as err:
         parser.error(str(err))
     if args.amp == "fp16" and device.type != "cuda":

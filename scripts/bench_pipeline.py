@@ -46,11 +46,11 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from benchmark_data import Cycled, machine_info  # noqa: E402
 
 from segexp.config import compose_train_config, instantiate  # noqa: E402
-from segexp.engine.experiment import quiet_worker_init, resolve_device  # noqa: E402
 from segexp.engine.trainer import Run, optimizer_step, to_device, train_step  # noqa: E402
 from segexp.errors import SegexpError  # noqa: E402
 from segexp.models import build_model  # noqa: E402
 from segexp.profiling import synchronize  # noqa: E402
+from segexp.runtime import quiet_worker_init, resolve_device  # noqa: E402
 
 DEFAULT_OUT = ROOT / "outputs" / "benchmark" / "pipeline.csv"
 # Dense (no sparsity) bf16/fp16 tensor-core peaks, TFLOP/s, from the vendors' data sheets.
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_intermixed_args(argv)
     if args.iters < 1 or args.warmup < 0:
         parser.error("need --iters >= 1 and --warmup >= 0")
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, option="--device")
     row = measure(args.overrides, args.split, device, args.iters, args.warmup, args.peak_tflops)
     print(format_table([row]))
     args.out.parent.mkdir(parents=True, exist_ok=True)

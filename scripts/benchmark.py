@@ -49,10 +49,10 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from model_table import measure  # noqa: E402
 
 from segexp.config import compose_train_config, instantiate  # noqa: E402
-from segexp.engine.trainer import autocast  # noqa: E402
 from segexp.errors import SegexpError  # noqa: E402
 from segexp.models import build_model  # noqa: E402
 from segexp.profiling import measure_fps, median_time  # noqa: E402
+from segexp.runtime import autocast, resolve_device  # noqa: E402
 
 DEFAULT_OUT = ROOT / "outputs" / "benchmark" / "benchmark.csv"
 AMP = {"none": "32", "bf16": "bf16", "fp16": "16"}
@@ -170,14 +170,6 @@ def write(rows: list[dict], out: Path, meta: dict, columns: list[str] = COLUMNS)
     return out, json_path
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SegexpError("--device cuda: no CUDA device is available here; use --device cpu.")
-    return torch.device(name)
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -217,7 +209,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         # model=a,b,c (Hydra's sweep syntax) measures several models, each on its default backbone
         jobs = [[f"model={m}", *rest] for m in model.split(",")] if model else [list(rest)]
 
-    device = pick_device(args.device)
+    device = resolve_device(args.device, option="--device")
     if args.amp == "fp16" and device.type != "cuda":
         parser.error("--amp fp16 needs a CUDA device; use --amp bf16 or none on the CPU")
     entries = []

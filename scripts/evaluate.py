@@ -28,19 +28,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segexp.config import instantiate  # noqa: E402
 from segexp.data.base import pad_collate  # noqa: E402
-from segexp.engine.checkpoint import load_checkpoint  # noqa: E402
-from segexp.engine.experiment import resolve_device  # noqa: E402
 from segexp.errors import SegexpError  # noqa: E402
 from segexp.inference import (  # noqa: E402
     InferenceOptions,
     evaluate_loader,
-    load_run_config,  # noqa: E402
+    load_run_config,
+    load_trained_model,
 )
 from segexp.inference import checkpoint_path as run_checkpoint  # noqa: E402
 from segexp.loggers.base import json_safe  # noqa: E402
 from segexp.metrics import format_table  # noqa: E402
-from segexp.models import build_model  # noqa: E402
 from segexp.reports import save_confusion_matrix  # noqa: E402
+from segexp.runtime import resolve_device  # noqa: E402
 from segexp.visualize import colourise, denormalise, prediction_grid, save_png  # noqa: E402
 
 
@@ -69,11 +68,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     cfg = OmegaConf.merge(load_run_config(args.run_dir), OmegaConf.from_dotlist(args.overrides))
     checkpoint_path = run_checkpoint(args.run_dir, args.checkpoint)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, option="--device")
 
     dataset = instantiate(cfg.dataset, split=args.split, transforms=instantiate(cfg.transforms.val))
-    model = build_model(cfg, pretrained=False)  # the checkpoint holds every weight
-    model.load_state_dict(load_checkpoint(checkpoint_path)["model"])
+    model, _ = load_trained_model(checkpoint_path, cfg)
     model.to(device)
     crop = args.crop
     if args.mode == "slide" and crop is None:

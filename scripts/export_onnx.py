@@ -35,11 +35,9 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segexp.engine.checkpoint import load_checkpoint  # noqa: E402
 from segexp.errors import SegexpError  # noqa: E402
 from segexp.inference import checkpoint_path as run_checkpoint  # noqa: E402
-from segexp.inference import load_run_config  # noqa: E402
-from segexp.models import build_model  # noqa: E402
+from segexp.inference import load_run_config, load_trained_model  # noqa: E402
 
 DEFAULT_OPSET = 17
 
@@ -233,8 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = OmegaConf.merge(load_run_config(args.run_dir), OmegaConf.from_dotlist(args.overrides))
     checkpoint_path = run_checkpoint(args.run_dir, args.checkpoint)
 
-    model = build_model(cfg, pretrained=False)  # the checkpoint holds every weight
-    model.load_state_dict(load_checkpoint(checkpoint_path)["model"])
+    model, _ = load_trained_model(checkpoint_path, cfg)
     model.eval()
     divisor = model.size_divisor
     size = tuple(args.size) if args.size else default_size(cfg, divisor)

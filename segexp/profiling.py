@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from segexp.engine.trainer import autocast
+from segexp.runtime import autocast
 
 
 def cpu_model() -> str:
