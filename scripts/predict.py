@@ -23,19 +23,18 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segexp.data.base import read_image  # noqa: E402
-from segexp.errors import DataError, SegexpError  # noqa: E402
+from segexp.data.base import IMAGE_EXTENSIONS, read_image  # noqa: E402
+from segexp.errors import DataError, SegexpError, first_few  # noqa: E402
 from segexp.inference import Segmenter  # noqa: E402
 from segexp.visualize import save_png  # noqa: E402
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"}
 
 
 def find_images(folder: Path) -> list[Path]:
-    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not images:
-        raise DataError(f"{folder} holds no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))}).")
+        raise DataError(f"{folder} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)}).")
     return images
 
 
@@ -63,7 +62,7 @@ def predict_images(segmenter: Segmenter, paths: list[Path], out_dir: Path) -> li
             continue
         written += save_image_outputs(segmenter, image, segmenter.predict(image), out_dir, path.stem)
     if failed:
-        shown = " | ".join(failed[:3]) + (f" | ... ({len(failed)} in all)" if len(failed) > 3 else "")
+        shown = first_few(failed, 3, sep=" | ")
         raise DataError(f"{len(failed)} of {len(paths)} images could not be read and were skipped "
                         f"(the outputs of the other {len(paths) - len(failed)} are in {out_dir}): "
                         f"{shown}")

@@ -46,6 +46,9 @@ def default_palette(num_classes: int, seed: int = 0) -> list[tuple[int, int, int
     return [tuple(int(c) for c in colour) for colour in colours]
 
 
+# Image files segexp reads (OpenCV; GIF through Pillow): what folder datasets and
+# scripts/predict.py accept. A dataset with a published layout takes the subset its files use.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
 # Mask files read with Pillow: it keeps the indices of palette images (OpenCV expands them to
 # colours), reads GIF (which OpenCV builds may lack) and never applies EXIF orientation.
 PILLOW_MASK_EXTENSIONS = (".png", ".gif", ".bmp", ".tif", ".tiff")
