@@ -34,6 +34,13 @@ class StorageError(SegexpError, OSError):
     """A run's file could not be written: a full disk, a read-only or missing folder."""
 
 
+def first_line(err: BaseException) -> str:
+    """An exception's first non-empty line (its type's name if it has none), for a message that
+    quotes the cause in a few words."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
 def first_few(items: Sequence[str], limit: int = 6, sep: str = ", ") -> str:
     """The first ``limit`` of ``items`` joined by ``sep``, then ``... (N in all)`` when there are
     more: how every message names a list that may be long."""

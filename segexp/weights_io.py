@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from segexp.errors import ConfigError, first_few
+from segexp.errors import ConfigError, first_few, first_line
 
 # Containers a state dict is found in: MMSegmentation / Lightning (``state_dict``), segexp's and
 # timm's training checkpoints (``model``), EMA weights, DataParallel-style saves (``module``).
@@ -56,17 +56,12 @@ def read_weights_file(path: str | Path, option: str = "checkpoint",
             f"{option}={path} was refused: it holds Python objects or code, not only tensors and "
             "numbers, and segexp never executes what a file contains (torch.load with "
             f"weights_only=True). Save a plain state dict (torch.save(model.state_dict(), ...)) or "
-            f"a .safetensors file. ({_first_line(err)})") from err
+            f"a .safetensors file. ({first_line(err)})") from err
     except Exception as err:  # zip/EOF/header errors: the bytes are not a whole file
         raise ConfigError(
             f"{option}={path} cannot be read: it is damaged or incomplete ({path.stat().st_size} "
             f"bytes; a copy or download cut short?). Copy it again. ({type(err).__name__}: "
-            f"{_first_line(err)})") from err
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
+            f"{first_line(err)})") from err
 
 
 def read_state_dict(path: str | Path, option: str, expected: str | None = None) -> dict[str, Any]:

@@ -66,9 +66,11 @@ def module_name(path: Path, root: Path) -> str:
     return ".".join(parts)
 
 
-def imported_modules(module: str, source: str, is_package: bool = False) -> set[str]:
+def imported_modules(module: str, source: str, is_package: bool = False,
+                     known: set[str] | None = None) -> set[str]:
     """Every module ``source`` imports, anywhere in it; relative imports resolved against
-    ``module``. ``from a import b`` gives ``a.b`` (``b`` may be a module)."""
+    ``module``. ``from a import b`` gives ``a`` and, where ``b`` is a module (in ``known``, or
+    always without it), ``a.b``."""
     found: set[str] = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
@@ -83,7 +85,8 @@ def imported_modules(module: str, source: str, is_package: bool = False) -> set[
             else:
                 target = node.module or ""
             found.add(target)
-            found.update(f"{target}.{alias.name}" for alias in node.names if alias.name != "*")
+            names = {f"{target}.{alias.name}" for alias in node.names if alias.name != "*"}
+            found.update(names if known is None else names & known)
     return found
 
 
@@ -95,7 +98,7 @@ def violations(sources: dict[str, tuple[str, bool]]) -> list[str]:
         if own is None:
             problems.append(f"{module}: not in LAYERS (tests/test_layout.py); give it a layer")
             continue
-        for target in sorted(imported_modules(module, source, is_package)):
+        for target in sorted(imported_modules(module, source, is_package, set(sources))):
             top = target.split(".")[0]
             if top in ENTRY_POINTS:
                 problems.append(f"{module} imports {target}: the package never imports an entry "

@@ -241,6 +241,20 @@ def test_bf16_autocast_trains_and_fp16_needs_cuda(tmp_path):
         run_training(tiny_config("trainer.max_iters=1", "trainer.precision=16"), tmp_path / "fp16")
 
 
+def test_device_and_precision_are_checked_where_they_are_named():
+    from segexp.runtime import autocast, resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match=r"trainer.precision=8: use"):
+        autocast(torch.device("cpu"), "8")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="--device=cuda but no CUDA device.*use --device=cpu"):
+            resolve_device("cuda", option="--device")
+        with pytest.raises(ConfigError, match=r"trainer.device=cuda:1 .*\(or trainer=cpu\)"):
+            resolve_device("cuda:1")
+
+
 @pytest.mark.parametrize("transforms", ["mmseg", "strong"])
 def test_training_with_the_mmseg_and_mixing_pipelines(tmp_path, transforms):
     from segexp.data.mixing import MixedDataset

@@ -18,7 +18,7 @@ from segexp.backbones.pretrained import (
     create_timm_model,
     pretrained_mode,
 )
-from segexp.errors import ConfigError
+from segexp.errors import ConfigError, first_line
 from segexp.weights_io import fit_state_dict, misfit_error, read_state_dict
 
 
@@ -259,6 +259,6 @@ def create_from_checkpoint(name: str, checkpoint: str | Path, kwargs: dict,
     except RuntimeError as err:
         if "state_dict" in str(err) or "size mismatch" in str(err):
             raise ConfigError(f"backbone.checkpoint={checkpoint} does not fit timm model "
-                              f"'{name}': {(str(err).splitlines() or [''])[0]}") from err
+                              f"'{name}': {first_line(err)}") from err
         raise
     return body, checkpoint_source(path)
