@@ -54,13 +54,13 @@ from torch import nn
 from tqdm import tqdm
 
 from segexp.cli import command
-from segexp.cli.benchmark import AMP, fmt, pick_device, write
+from segexp.cli.benchmark import AMP, fmt, write
 from segexp.config import compose_train_config
-from segexp.engine.trainer import autocast
 from segexp.errors import SegexpError
 from segexp.models import build_model
 from segexp.models.mask_classification import MaskPredictions
 from segexp.profiling import count_gflops, count_params, median_time
+from segexp.runtime import autocast, resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -504,7 +504,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             parser.error("--threads must be at least 1")
         torch.set_num_threads(args.threads)
     try:
-        device = pick_device(args.device)
+        device = resolve_device(args.device, option="--device")
     except SegexpError as err:
         parser.error(str(err))
     if args.amp == "fp16" and device.type != "cuda":

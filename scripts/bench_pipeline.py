@@ -40,11 +40,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from segexp.cli import command
 from segexp.config import compose_train_config, instantiate
-from segexp.engine.experiment import check_loss_fits_model, quiet_worker_init, resolve_device
+from segexp.engine.experiment import check_loss_fits_model
 from segexp.engine.trainer import Run, optimizer_step, to_device, train_step
 from segexp.errors import SegexpError
 from segexp.models import build_model
 from segexp.profiling import Cycled, machine_info, synchronize
+from segexp.runtime import quiet_worker_init, resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_intermixed_args(argv)
     if args.iters < 1 or args.warmup < 0:
         parser.error("need --iters >= 1 and --warmup >= 0")
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, option="--device")
     row = measure(args.overrides, args.split, device, args.iters, args.warmup, args.peak_tflops)
     print(format_table([row]))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -25,8 +25,8 @@ from torchvision.transforms import v2
 
 from segexp.cli import command
 from segexp.config import compose_train_config, instantiate
-from segexp.data.base import seed_for
 from segexp.errors import SegexpError
+from segexp.runtime import seed_for
 from segexp.visualize import colourise, denormalise, header, legend, save_png
 
 ROOT = Path(__file__).resolve().parents[1]

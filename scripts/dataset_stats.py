@@ -52,7 +52,7 @@ from segexp.cli import command
 from segexp.config import compose_train_config, instantiate
 from segexp.data.folder import FolderLayout
 from segexp.data.scan import MaskScan, class_weights, scan_masks
-from segexp.errors import SegexpError
+from segexp.errors import SegexpError, first_few
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -171,11 +171,6 @@ def bar_chart(stats: dict, colours, title: str, path: Path) -> Path:
 
 
 # -- checking a layout (--check) ------------------------------------------------------------------
-def _named(items: list[str]) -> str:
-    more = f" ... ({len(items)} in all)" if len(items) > NAMES_SHOWN else ""
-    return ", ".join(items[:NAMES_SHOWN]) + more
-
-
 def check_split(cfg, split: str, max_images: int | None, progress: bool) -> tuple[list, list, Any]:
     """Report lines and problems for one split, and its dataset (None if it cannot be built)."""
     lines, problems, options = [], [], {}
@@ -193,12 +188,12 @@ def check_split(cfg, split: str, max_images: int | None, progress: bool) -> tupl
                              (f"entr(ies) of {scan.list_file} naming no file",
                               scan.missing_entries)):
             if files:
-                lines.append(f"  {len(files)} {label}: {_named(files)}")
+                lines.append(f"  {len(files)} {label}: {first_few(files, NAMES_SHOWN)}")
         if scan.problems:
             problems.append(f"{split}: {layout.describe_unpaired(scan)}")
         if scan.missing_entries:
             problems.append(f"{split}: {scan.list_file} names {len(scan.missing_entries)} entries "
-                            f"with no file: {_named(scan.missing_entries)}")
+                            f"with no file: {first_few(scan.missing_entries, NAMES_SHOWN)}")
         if not scan.pairs:
             if not problems:
                 problems.append(f"{split}: no image in {scan.image_dir} has a mask in "
@@ -220,7 +215,8 @@ def check_split(cfg, split: str, max_images: int | None, progress: bool) -> tupl
                 "them)" if cfg.dataset.get("num_classes", 0) is None
                 and cfg.dataset.get("class_names") is None
                 and cfg.dataset.get("classes_file") is None else "")
-    lines.append(f"  {dataset.num_classes} classes: {_named(list(dataset.class_names))}{inferred}")
+    names = first_few(list(dataset.class_names), NAMES_SHOWN)
+    lines.append(f"  {dataset.num_classes} classes: {names}{inferred}")
     n = len(dataset) if max_images is None else min(len(dataset), max_images)
     pixels, images, sizes, errors = Counter(), Counter(), Counter(), []
     for i in tqdm(range(n), desc=f"{split} split", unit="img", disable=not progress):
@@ -243,10 +239,8 @@ def check_split(cfg, split: str, max_images: int | None, progress: bool) -> tupl
                 dataset.class_names[value] if 0 <= value < dataset.num_classes else "OUT OF RANGE")
         lines.append(f"    {value:>5} {name:<16} {pixels[value]:>12} px in {images[value]} image(s)")
     if sizes:
-        common = sizes.most_common(MAX_SIZES_LISTED)
-        more = f" ({len(sizes)} sizes in all)" if len(sizes) > MAX_SIZES_LISTED else ""
-        lines.append("  image sizes (w x h: images): "
-                     + ", ".join(f"{w}x{h}: {c}" for (w, h), c in common) + more)
+        lines.append("  image sizes (w x h: images): " + first_few(
+            [f"{w}x{h}: {c}" for (w, h), c in sizes.most_common()], MAX_SIZES_LISTED))
     if errors:
         lines.append(f"  {len(errors)} sample(s) cannot be used; the first: {errors[0]}")
         problems += [f"{split}: {error}" for error in errors[:NAMES_SHOWN]]

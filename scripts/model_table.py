@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from segexp.profiling import model_cost
+from segexp.models.cost import model_cost
 
 ROOT = Path(__file__).resolve().parents[1]
 

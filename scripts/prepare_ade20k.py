@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from segexp.cli import run_prepare
 from segexp.data.ade20k import CLASS_NAMES, SPLIT_FOLDERS, URL, ADE20KDataset
 from segexp.data.prepare import (
     Marker,
@@ -27,7 +28,6 @@ from segexp.data.prepare import (
     label_values,
     parse_args,
     progress,
-    run_cli,
     skip_if_prepared,
 )
 from segexp.errors import DataError
@@ -80,4 +80,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(run_prepare(main))

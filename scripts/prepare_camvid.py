@@ -20,6 +20,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from segexp.cli import run_prepare
 from segexp.data.camvid import FILE_SPLITS, LIST_PREFIX, URL, VOID, CamVidDataset
 from segexp.data.prepare import (
     Marker,
@@ -33,7 +34,6 @@ from segexp.data.prepare import (
     label_values,
     parse_args,
     progress,
-    run_cli,
     say,
     skip_if_prepared,
 )
@@ -131,4 +131,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(run_prepare(main))

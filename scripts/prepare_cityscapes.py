@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from segexp.cli import run_prepare
 from segexp.data.base import IGNORE_INDEX, read_mask
 from segexp.data.cityscapes import (
     EVALUATED_IDS,
@@ -42,7 +43,6 @@ from segexp.data.prepare import (
     label_values,
     parse_args,
     progress,
-    run_cli,
     say,
     skip_if_prepared,
 )
@@ -142,4 +142,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(run_prepare(main))

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from segexp.cli import run_prepare
 from segexp.data.prepare import (
     Marker,
     PrepareError,
@@ -42,7 +43,6 @@ from segexp.data.prepare import (
     obtain,
     parse_args,
     progress,
-    run_cli,
     say,
     skip_if_prepared,
 )
@@ -233,4 +233,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(run_prepare(main))

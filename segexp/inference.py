@@ -9,7 +9,7 @@
 Modes (MMSegmentation's ``test_cfg``):
 
 * ``whole``: the whole (normalised) image at once, padded to the backbone's ``size_divisor`` and
-  cropped back, exactly as :func:`segexp.engine.trainer.predict` does during validation.
+  cropped back (:func:`whole_logits`, what validation during training uses).
 * ``slide``: ``mode='slide'``: windows of ``crop`` (h, w) every ``stride`` (h, w); the last window
   of a row/column is shifted back so it ends at the border; the logits of all windows are summed
   into the full image and divided by the count of windows covering each pixel.
@@ -21,6 +21,10 @@ mirror, the image is resized (bilinear), predicted with the mode above, the logi
 With more than one view :func:`infer_logits` returns ``log`` of that average (valid logits whose
 softmax is the MMSeg average, same argmax); with one view (``scales=[1.0]``, no flip) it returns
 the plain logits, so it is identical to inference without TTA.
+
+:func:`evaluate_loader` is the one loop that accumulates a confusion matrix over a data loader:
+the training loop's validation and ``scripts/evaluate.py`` both run it. :func:`load_trained_model`
+is how evaluation, export and :class:`Segmenter` load a run's checkpoint.
 """
 
 from __future__ import annotations
@@ -40,12 +44,12 @@ from tqdm.auto import tqdm
 
 from segexp.config import instantiate
 from segexp.data.base import default_palette, to_model_input
-from segexp.engine.checkpoint import load_checkpoint
-from segexp.engine.trainer import predict as whole_logits
 from segexp.errors import ConfigError, SegexpError
 from segexp.loggers import VisSample
 from segexp.metrics import ConfusionMatrix
+from segexp.runtime import autocast, resolve_device
 from segexp.visualize import colourise, denormalise
+from segexp.weights_io import load_weights_into, read_weights_file
 
 MODES = ("whole", "slide")
 
@@ -90,6 +94,18 @@ def _pair(value: Any, name: str) -> tuple[int, int]:
 
 
 # -- tensors in, logits out ----------------------------------------------------------------------
+def whole_logits(model: nn.Module, images: torch.Tensor, precision: str = "32") -> torch.Tensor:
+    """Logits for whole images of any size: pad to the backbone's size divisor, crop back."""
+    height, width = images.shape[-2:]
+    divisor = getattr(model, "size_divisor", 1)
+    pad_h, pad_w = (-height) % divisor, (-width) % divisor
+    if pad_h or pad_w:
+        images = F.pad(images, (0, pad_w, 0, pad_h))
+    with autocast(images.device, precision):
+        logits = model(images)
+    return logits[..., :height, :width].float()
+
+
 def slide_logits(model: nn.Module, images: torch.Tensor, crop: Sequence[int],
                  stride: Sequence[int], precision: str = "32") -> torch.Tensor:
     """MMSegmentation's ``slide_inference``: windows of ``crop`` every ``stride``, logits summed
@@ -152,14 +168,15 @@ def infer_logits(model: nn.Module, images: torch.Tensor,
     return (probs / len(views)).clamp_min(1e-12).log()
 
 
-# -- a dataset loop with any inference mode (segexp-eval) ------------------------------------------
+# -- a dataset loop with any inference mode (validation, segexp-eval) -----------------------------
 @torch.no_grad()
 def evaluate_loader(model: nn.Module, loader, num_classes: int, device: torch.device,
                     options: InferenceOptions | None = None, ignore_index: int = 255,
-                    num_vis: int = 0, progress: bool = False,
+                    max_batches: int | None = None, num_vis: int = 0, progress: bool = False,
                     on_prediction: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
                     | None = None) -> tuple[ConfusionMatrix, list[VisSample]]:
-    """:func:`segexp.engine.trainer.evaluate` with :func:`infer_logits`: the confusion matrix,
+    """The confusion matrix over ``loader`` (``.compute()`` gives the metrics), predicted with
+    :func:`infer_logits` (``options``: mode, TTA, precision) on at most ``max_batches`` batches;
     up to ``num_vis`` samples for a picture, and ``on_prediction(index, image, mask, prediction)``
     for every image (``index`` counts images in loader order)."""
     options = options or InferenceOptions()
@@ -167,8 +184,12 @@ def evaluate_loader(model: nn.Module, loader, num_classes: int, device: torch.de
     model.eval()
     matrix = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=device)
     samples: list[VisSample] = []
+    total = len(loader) if max_batches is None else min(max_batches, len(loader))
     index = 0
-    for images, masks in tqdm(loader, desc="eval", leave=False, disable=not progress):
+    for i, (images, masks) in enumerate(tqdm(loader, total=total, desc="eval", leave=False,
+                                              disable=not progress)):
+        if i >= total:
+            break
         images = images.to(device, non_blocking=True)
         masks = masks.to(device, non_blocking=True)
         prediction = infer_logits(model, images, options).argmax(1)
@@ -201,7 +222,7 @@ def load_run_config(run_dir: str | Path) -> DictConfig:
     for name in ("best", "last"):
         checkpoint = checkpoint_path(run_dir, name)
         if checkpoint.is_file():
-            state = load_checkpoint(checkpoint)
+            state = read_weights_file(checkpoint, "checkpoint")
             config = OmegaConf.create(state["config"]) if state.get("config") else \
                 OmegaConf.load(path) if path.is_file() else None
             if config is not None:
@@ -211,6 +232,24 @@ def load_run_config(run_dir: str | Path) -> DictConfig:
         raise ConfigError(f"{path} not found: {run_dir} is not a train.py run folder (it needs "
                           ".hydra/config.yaml and checkpoints/).")
     return OmegaConf.load(path)
+
+
+def load_trained_model(path: str | Path, config: DictConfig) -> tuple[nn.Module, dict[str, Any]]:
+    """The model ``config`` describes with the weights of the segexp checkpoint at ``path`` (read
+    with ``weights_only=True``), and the checkpoint itself (class names, ...). A class count the
+    config leaves null is taken from the checkpoint."""
+    from segexp.models import build_model
+
+    state = read_weights_file(path, "checkpoint")
+    if not isinstance(state, dict) or "model" not in state:
+        raise ConfigError(f"{path} is not a segexp checkpoint (no 'model' entry).")
+    _fill_num_classes(config, state)
+    model = build_model(config, pretrained=False)  # the checkpoint holds every weight
+    load_weights_into(model, state["model"], option="checkpoint", path=path,
+                      target="the model of this config",
+                      remedy="Use the config the weights were trained with (the run folder's, "
+                             "without overrides that change the model).")
+    return model, state
 
 
 def _fill_num_classes(config: DictConfig, state: dict) -> None:
@@ -287,25 +326,13 @@ class Segmenter:
                         device: str = "auto", **options: Any) -> Segmenter:
         """A checkpoint file (read with ``weights_only=True``) and the composed config it was
         trained with (a config object, a dict or a YAML file)."""
-        from segexp.engine.experiment import resolve_device
-        from segexp.models import build_model
-
         if isinstance(config, (str, Path)):
             config = OmegaConf.load(config)
         elif not isinstance(config, DictConfig):
             config = OmegaConf.create(config)
-        state = load_checkpoint(path)
-        if "model" not in state:
-            raise ConfigError(f"{path} is not a segexp checkpoint (no 'model' entry).")
-        _fill_num_classes(config, state)
-        model = build_model(config, pretrained=False)  # the checkpoint holds every weight
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as err:
-            raise ConfigError(f"the weights in {path} do not fit the model of this config: "
-                              f"{str(err).splitlines()[0][:300]}") from err
+        model, state = load_trained_model(path, config)
         options.setdefault("precision", str(config.get("trainer", {}).get("precision", "32")))
-        return cls(model, config, resolve_device(device), InferenceOptions(**options),
+        return cls(model, config, resolve_device(device, option="device"), InferenceOptions(**options),
                    class_names=[str(n) for n in state.get("class_names", [])])
 
     # -- prediction ---------------------------------------------------------------------------

@@ -22,8 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from segexp.data.base import seed_for
-from segexp.engine.trainer import autocast
+from segexp.runtime import autocast, seed_for
 
 
 def cpu_model() -> str:
@@ -82,17 +81,6 @@ def count_gflops(model: nn.Module, size: tuple[int, int], device: torch.device |
         model(images)
     model.train(was_training)
     return counter.get_total_flops() / 2e9
-
-
-def model_cost(overrides: list[str], size: tuple[int, int] = (512, 512)) -> tuple[float, float]:
-    """(params in millions, GMACs at ``size``) of the model the train overrides compose, built on
-    the meta device (no memory, no weights)."""
-    from segexp.config import compose_train_config  # config -> models -> engine: imported late
-    from segexp.models import build_model
-
-    with torch.device("meta"):
-        model = build_model(compose_train_config(list(overrides))[0], pretrained=False)
-    return count_params(model) / 1e6, count_gflops(model, size, device="meta")
 
 
 def synchronize(device: torch.device) -> None:

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from segexp import atomic
-from segexp.engine.checkpoint import load_checkpoint, save_checkpoint
+from segexp.engine.checkpoint import save_checkpoint
 from segexp.engine.experiment import run_training
 from segexp.errors import StorageError
+from segexp.weights_io import read_weights_file
 from tests.test_train import tiny_config
 
 
@@ -36,7 +37,7 @@ def test_checkpoint_on_a_full_disk_keeps_the_previous_one(tmp_path, monkeypatch)
         save_checkpoint({"iter": 2}, path)
     assert str(path.parent) in str(info.value) and "free" in str(info.value)
     monkeypatch.undo()
-    assert load_checkpoint(path)["iter"] == 1
+    assert read_weights_file(path)["iter"] == 1
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]  # no temporary file
 
 
@@ -136,6 +137,6 @@ def test_resume_with_no_overrides_uses_the_runs_own_config(tmp_path):
     resumed = compose_config(f"hydra.run.dir={tmp_path}", "resume=true", "trainer.max_iters=4")
     assert resumed.head._target_.endswith("UNetHead")  # what the defaults would build
     run_training(resumed, tmp_path)
-    saved = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    saved = read_weights_file(tmp_path / "checkpoints" / "last.pt")
     assert saved["state"]["iter"] == 4
     assert "FCNHead" in saved["config"] and "channels: 16" in saved["config"]

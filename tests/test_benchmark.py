@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from segexp.profiling import model_cost
+from segexp.models.cost import model_cost
 
 ROOT = Path(__file__).resolve().parents[1]
 NUMERIC = ["params_m", "gflops", "latency_ms", "fps", "train_iter_ms"]

@@ -13,9 +13,9 @@ import torch
 
 from segexp.engine import budget
 from segexp.engine import trainer as trainer_module
-from segexp.engine.checkpoint import load_checkpoint
 from segexp.engine.experiment import run_training
 from segexp.errors import ConfigError
+from segexp.weights_io import read_weights_file
 from tests.conftest import ROOT, compose_config
 from tests.test_distributed import _env, _free_port
 from tests.test_train import tiny_config
@@ -56,7 +56,7 @@ def _summary(run_dir: Path) -> dict:
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+    return read_weights_file(run_dir / "checkpoints" / "last.pt")["model"]
 
 
 def test_timed_run_records_its_count_and_ends_at_the_schedule_floor(tmp_path):
@@ -102,7 +102,7 @@ def test_resumed_timed_run_keeps_its_count_and_the_time_spent(tmp_path, monkeypa
     monkeypatch.setattr(trainer_module, "optimizer_step", crashing_step)
     with pytest.raises(KeyboardInterrupt):
         run_training(tiny_config(*overrides), broken)
-    saved = load_checkpoint(broken / "checkpoints" / "last.pt")["state"]
+    saved = read_weights_file(broken / "checkpoints" / "last.pt")["state"]
     assert saved["iter"] == 4 and saved["total_iters"] == 6 and saved["budget_used_s"] > 0
     monkeypatch.setattr(trainer_module, "optimizer_step", real_step)
 
@@ -162,4 +162,4 @@ def test_distributed_ranks_stop_at_rank_0s_count(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]  # a disagreement would hang DDP, not pass
     summary = _summary(tmp_path)
     assert summary["world_size"] == 2 and summary["iters"] == summary["planned_iters"] >= 1
-    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["state"]["iter"] == summary["iters"]
+    assert read_weights_file(tmp_path / "checkpoints" / "last.pt")["state"]["iter"] == summary["iters"]

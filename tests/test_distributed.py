@@ -22,7 +22,7 @@ from torch import nn
 
 from segexp.data.sampler import ContiguousShardSampler, ResumableSampler
 from segexp.engine import distributed
-from segexp.engine.checkpoint import load_checkpoint
+from segexp.weights_io import read_weights_file
 from tests.conftest import ROOT
 
 
@@ -172,8 +172,8 @@ def assert_same_training(one_dir: Path, two_dir: Path) -> None:
         rows = list(csv.reader(open(d / "confusion_matrix.csv")))
         assert np.array([[int(v) for v in r[1:]] for r in rows[1:]]).sum() == 5 * 32 * 32
 
-    one_weights = load_checkpoint(one_dir / "checkpoints" / "last.pt")["model"]
-    two_checkpoint = load_checkpoint(two_dir / "checkpoints" / "last.pt")
+    one_weights = read_weights_file(one_dir / "checkpoints" / "last.pt")["model"]
+    two_checkpoint = read_weights_file(two_dir / "checkpoints" / "last.pt")
     assert len(two_checkpoint["rng_per_rank"]) == 2
     assert set(two_checkpoint["model"]) == set(one_weights)  # plain keys, no "module." prefix
     for name, value in one_weights.items():
@@ -243,8 +243,8 @@ def test_distributed_resume_continues_exactly(tmp_path):
     torchrun(f"hydra.run.dir={tmp_path / 'straight'}")
     torchrun(f"hydra.run.dir={tmp_path / 'resumed'}", "trainer.max_iters=2")
     torchrun(f"hydra.run.dir={tmp_path / 'resumed'}", "resume=true")
-    straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
-    resumed = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    straight = read_weights_file(tmp_path / "straight" / "checkpoints" / "last.pt")
+    resumed = read_weights_file(tmp_path / "resumed" / "checkpoints" / "last.pt")
     assert resumed["state"]["iter"] == 4
     for name, value in straight["model"].items():
         torch.testing.assert_close(resumed["model"][name], value, atol=0, rtol=0, msg=name)

@@ -124,3 +124,13 @@ def test_unknown_group_option_lists_the_choices(tmp_path):
     out = train_py("model=nosuch", f"hydra.run.dir={tmp_path}")
     assert out.returncode != 0
     assert "nosuch" in out.stderr and "Available options" in out.stderr and "upernet" in out.stderr
+
+
+def test_long_lists_in_messages_are_cut_the_same_way():
+    from segexp.errors import first_few, first_line
+
+    assert first_few(list("abcdefgh"), 3) == "a, b, c ... (8 in all)"
+    assert first_few(["x", "y"], 2, sep=" | ") == "x | y"
+    assert first_few([]) == ""
+    assert first_line(ValueError("\n  first\nsecond")) == "first"
+    assert first_line(KeyError()) == "KeyError"

@@ -348,9 +348,9 @@ def test_per_pixel_loss_for_a_mask_model_and_the_converse_are_refused(tmp_path):
 
 def test_training_through_the_loop_writes_metrics_and_resumes_exactly(tmp_path, monkeypatch):
     from segexp.engine import trainer as trainer_module
-    from segexp.engine.checkpoint import load_checkpoint
     from segexp.engine.experiment import run_training
     from segexp.models import build_model
+    from segexp.weights_io import read_weights_file
 
     overrides = [*SMALL, *FAKE_HEAD, "loss=mask_classification", "loss.num_points=64",
                  "loss.class_weights=auto", "trainer.max_iters=4", "trainer.val_interval=2"]
@@ -380,8 +380,8 @@ def test_training_through_the_loop_writes_metrics_and_resumes_exactly(tmp_path, 
         run_training(compose_config(*overrides), broken)
     monkeypatch.setattr(trainer_module, "optimizer_step", real_step)
     run_training(compose_config(*overrides, "resume=true"), broken)
-    a = load_checkpoint(straight / "checkpoints" / "last.pt")["model"]
-    b = load_checkpoint(broken / "checkpoints" / "last.pt")["model"]
+    a = read_weights_file(straight / "checkpoints" / "last.pt")["model"]
+    b = read_weights_file(broken / "checkpoints" / "last.pt")["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from segexp.engine.checkpoint import load_checkpoint
+from segexp.weights_io import read_weights_file
 from tests.conftest import ROOT
 
 RUN = ["trainer=debug", "model=fcn", "head.channels=16", "dataset.image_size=32",
@@ -44,7 +44,7 @@ def test_sigterm_saves_the_iteration_and_resume_continues_exactly(tmp_path):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 1, stderr[-2000:]
     assert "SIGTERM received" in stderr and "resume=true" in stderr
-    saved = load_checkpoint(broken / "checkpoints" / "last.pt")["state"]
+    saved = read_weights_file(broken / "checkpoints" / "last.pt")["state"]
     assert 0 < saved["iter"] < 30
     summary = json.loads((broken / "metrics.json").read_text())
     assert summary["status"] == "interrupted" and summary["iters"] == saved["iter"]
@@ -52,8 +52,8 @@ def test_sigterm_saves_the_iteration_and_resume_continues_exactly(tmp_path):
 
     resumed = _train(broken, "resume=true")
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-2000:]
-    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")["model"]
-    b = load_checkpoint(broken / "checkpoints" / "last.pt")["model"]
+    a = read_weights_file(tmp_path / "straight" / "checkpoints" / "last.pt")["model"]
+    b = read_weights_file(broken / "checkpoints" / "last.pt")["model"]
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
 
@@ -130,7 +130,7 @@ def test_submitit_job_saves_requeues_and_resumes_by_itself(tmp_path, monkeypatch
         assert signal.getsignal(signal.SIGUSR2) == handler.checkpoint_and_try_requeue
     finally:
         signal.signal(signal.SIGUSR2, previous)
-    saved = load_checkpoint(run_dir / "checkpoints" / "last.pt")["state"]
+    saved = read_weights_file(run_dir / "checkpoints" / "last.pt")["state"]
     assert saved["iter"] == 4
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "interrupted"
 

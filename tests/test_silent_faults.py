@@ -102,8 +102,8 @@ def test_diverged_weights_never_replace_the_last_good_checkpoint(tmp_path, monke
     import torch
 
     from segexp.engine import trainer as trainer_module
-    from segexp.engine.checkpoint import load_checkpoint
     from segexp.errors import TrainingError
+    from segexp.weights_io import read_weights_file
     from tests.test_train import tiny_config
 
     real_step = trainer_module.optimizer_step
@@ -120,7 +120,7 @@ def test_diverged_weights_never_replace_the_last_good_checkpoint(tmp_path, monke
         run_training(tiny_config("trainer.max_iters=6", "trainer.val_interval=2",
                                  "trainer.measure_speed=false"), tmp_path)
     assert "keeps iteration 2" in str(info.value)
-    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["state"]["iter"] == 2
+    assert read_weights_file(tmp_path / "checkpoints" / "last.pt")["state"]["iter"] == 2
 
 
 class _RunsCode:

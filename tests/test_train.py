@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from segexp.engine import trainer as trainer_module
-from segexp.engine.checkpoint import load_checkpoint
 from segexp.engine.experiment import run_training
 from segexp.errors import ConfigError, TrainingError
 from segexp.models import build_model
 from segexp.profiling import count_gflops
+from segexp.weights_io import read_weights_file
 from tests.conftest import ROOT, compose_config
 
 # A tiny but real run: 32x32 synthetic images, a small FCN head (unless a test picks another
@@ -45,7 +45,7 @@ def test_run_folder_holds_config_checkpoints_metrics_and_pictures(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / ".hydra" / "config.yaml").is_file()
     for name in ("last.pt", "best.pt"):
-        checkpoint = load_checkpoint(tmp_path / "checkpoints" / name)
+        checkpoint = read_weights_file(tmp_path / "checkpoints" / name)
         assert checkpoint["state"]["iter"] == 2
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("train/loss" in line for line in lines)
@@ -89,7 +89,7 @@ def test_two_job_multirun(tmp_path):
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+    return read_weights_file(run_dir / "checkpoints" / "last.pt")["model"]
 
 
 def test_resume_reaches_the_same_weights_and_metrics(tmp_path, monkeypatch):
@@ -109,7 +109,7 @@ def test_resume_reaches_the_same_weights_and_metrics(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_module, "optimizer_step", crashing_step)
     with pytest.raises(KeyboardInterrupt):
         run_training(tiny_config(*overrides), broken)
-    assert load_checkpoint(broken / "checkpoints" / "last.pt")["state"]["iter"] == 4
+    assert read_weights_file(broken / "checkpoints" / "last.pt")["state"]["iter"] == 4
     assert json.loads((broken / "metrics.json").read_text())["status"] == "failed"
     monkeypatch.setattr(trainer_module, "optimizer_step", real_step)
 
@@ -145,7 +145,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     with pytest.raises(TrainingError, match="iteration 3") as info:
         run_training(cfg, tmp_path)
     assert str(tmp_path / "checkpoints" / "last.pt") in str(info.value)
-    kept = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    kept = read_weights_file(tmp_path / "checkpoints" / "last.pt")
     assert kept["state"]["iter"] == 2
     assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
 
@@ -213,7 +213,7 @@ def test_gradient_accumulation_and_clipping_count_optimizer_steps(tmp_path, monk
     cfg = tiny_config("trainer.max_iters=3", "trainer.val_interval=3",
                       "trainer.accumulate_grad_batches=2", "trainer.grad_clip=0.5")
     run_training(cfg, tmp_path)
-    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["state"]
+    state = read_weights_file(tmp_path / "checkpoints" / "last.pt")["state"]
     assert steps["n"] == 3 and state["iter"] == 3
     assert state["batch_in_epoch"] == 6  # 3 iterations x 2 batches, within the first epoch
 
@@ -239,6 +239,20 @@ def test_bf16_autocast_trains_and_fp16_needs_cuda(tmp_path):
     assert summary["status"] == "completed" and summary["final"]["aAcc"] > 0
     with pytest.raises(ConfigError, match="precision=16 needs a CUDA device"):
         run_training(tiny_config("trainer.max_iters=1", "trainer.precision=16"), tmp_path / "fp16")
+
+
+def test_device_and_precision_are_checked_where_they_are_named():
+    from segexp.runtime import autocast, resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match=r"trainer.precision=8: use"):
+        autocast(torch.device("cpu"), "8")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="--device=cuda but no CUDA device.*use --device=cpu"):
+            resolve_device("cuda", option="--device")
+        with pytest.raises(ConfigError, match=r"trainer.device=cuda:1 .*\(or trainer=cpu\)"):
+            resolve_device("cuda:1")
 
 
 @pytest.mark.parametrize("transforms", ["mmseg", "strong"])
@@ -271,7 +285,7 @@ def test_inductor_compiled_training_runs(tmp_path):
     """The real thing: inductor generates C++ kernels on the CPU (a minute or two)."""
     run_training(tiny_config("trainer.max_iters=2", "trainer.val_interval=2", "trainer.compile=true"),
                  tmp_path)
-    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["state"]["iter"] == 2
+    assert read_weights_file(tmp_path / "checkpoints" / "last.pt")["state"]["iter"] == 2
 
 
 def test_channels_last_training_matches_the_default_layout(tmp_path):
@@ -286,6 +300,6 @@ def test_channels_last_training_matches_the_default_layout(tmp_path):
     losses = [[json.loads(line)["train/loss"] for line in (tmp_path / d / "metrics.jsonl").read_text()
                .splitlines() if "train/loss" in line] for d in ("plain", "nhwc")]
     assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-3)
-    checkpoint = load_checkpoint(tmp_path / "nhwc" / "checkpoints" / "last.pt")
+    checkpoint = read_weights_file(tmp_path / "nhwc" / "checkpoints" / "last.pt")
     assert checkpoint["model"]["backbone.body.conv1.weight"].is_contiguous(
         memory_format=torch.channels_last)

@@ -84,3 +84,50 @@ def test_segexp_checkpoint_round_trip_and_unknown_layout(tmp_path):
     torch.save({"something.else": torch.zeros(1)}, tmp_path / "odd.pth")
     with pytest.raises(ConfigError, match="cannot tell which layout"):
         build_model(compose_config("model=fcn", f"model.checkpoint={tmp_path / 'odd.pth'}"))
+
+
+def test_one_reader_unwraps_every_container_and_refuses_what_is_no_state_dict(tmp_path):
+    from segexp.weights_io import read_state_dict
+
+    state = {"w": torch.arange(3.0), "b": torch.zeros(2)}
+    for name, content in (("plain.pt", state), ("mmseg.pth", {"state_dict": state, "meta": {}}),
+                          ("run.pt", {"model": state, "state": {"iter": 4}}),
+                          ("ema.pth", {"state_dict_ema": state})):
+        torch.save(content, tmp_path / name)
+        read = read_state_dict(tmp_path / name, "model.checkpoint")
+        assert set(read) == {"w", "b"} and torch.equal(read["w"], state["w"]), name
+    torch.save([torch.zeros(1)], tmp_path / "list.pt")
+    with pytest.raises(ConfigError, match="model.checkpoint=.*list.pt holds a list, not a state dict"):
+        read_state_dict(tmp_path / "list.pt", "model.checkpoint")
+    with pytest.raises(ConfigError, match="no such file. Point it at a file of X"):
+        read_state_dict(tmp_path / "nope.pt", "backbone.checkpoint", expected="a file of X")
+
+
+def test_one_loader_names_every_misfit_and_leaves_the_model_untouched():
+    from segexp.weights_io import load_weights_into
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {k: torch.ones_like(v) for k, v in model.state_dict().items()}
+    state["0.weight"] = torch.ones(5, 3, 1, 1)  # shape mismatch
+    state["2.weight"] = torch.ones(1)  # unexpected
+    del state["1.bias"]  # missing
+    with pytest.raises(ConfigError) as info:
+        load_weights_into(model, state, option="resume", path="last.pt", target="this model",
+                          remedy="Do this.")
+    message = str(info.value)
+    first = message.splitlines()[0]
+    assert first.startswith("resume=last.pt does not fit this model: missing 1.bias; unexpected "
+                            "2.weight; shape mismatch 0.weight; 3 key(s)")
+    assert "(5, 3, 1, 1) vs model (4, 3, 1, 1)" in message and message.endswith("Do this.")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    # A classifier with another class count: refused with the remedy, or kept fresh on request.
+    state = {k: torch.ones_like(v) for k, v in model.state_dict().items()}
+    state["0.weight"], state["0.bias"] = torch.ones(6, 3, 1, 1), torch.ones(6)
+    with pytest.raises(ConfigError, match="reinit_classifier=true"):
+        load_weights_into(model, state, option="model.checkpoint", path="x.pth", num_classes=4)
+    fit = load_weights_into(model, state, option="model.checkpoint", path="x.pth", num_classes=4,
+                            reinit_classifier=True)
+    assert fit.reinitialised == ["0.weight", "0.bias"]
+    assert torch.equal(model.state_dict()["1.weight"], torch.ones(4))
+    assert torch.equal(model.state_dict()["0.bias"], before["0.bias"])

@@ -22,7 +22,7 @@ a warning for a custom architecture, which has no published weights).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ from torch import nn
 from segexp.backbones.init import init_weights
 from segexp.backbones.pretrained import checkpoint_source, pretrained_mode, scratch_source, warn_from_scratch
 from segexp.errors import ConfigError
+from segexp.weights_io import load_weights_into, read_state_dict
 
 # name -> (embed dims, depths); heads, sr ratios and MLP ratios are shared by all variants.
 MIT_VARIANTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
@@ -243,32 +244,6 @@ def _convert_foreign(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] 
 # ---------------------------------------------------------------------------------------------
 # Checkpoint files (shared with the MSCAN backbone)
 
-_WRAPPERS = ("state_dict", "model", "state_dict_ema", "module")
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` or ``.pth``/``.bin``/``.pt`` file (``weights_only``), with a
-    ``state_dict`` / ``model`` wrapper (segexp and MMSegmentation checkpoints) removed."""
-    path = Path(path).expanduser()
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return dict(load_file(str(path)))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for wrapper in _WRAPPERS:
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-            break
-    if not isinstance(state, Mapping):
-        raise ConfigError(f"backbone.checkpoint={path} holds a {type(state).__name__}, not a "
-                          "state dict of tensors.")
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-
-
-def _show(keys: Sequence[str]) -> str:
-    return ", ".join(keys[:6]) + (f" ... ({len(keys)} in all)" if len(keys) > 6 else "")
-
-
 def load_backbone_checkpoint(module: nn.Module, checkpoint: str | Path, convert=None) -> None:
     """Load a local file into ``module`` strictly.
 
@@ -278,29 +253,16 @@ def load_backbone_checkpoint(module: nn.Module, checkpoint: str | Path, convert=
     mis-shaped keys, naming them.
     """
     name = getattr(module, "name", type(module).__name__)
-    path = Path(checkpoint).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"backbone.checkpoint={checkpoint}: no such file. Point it at a saved "
-                          f"state dict (.pth, .bin or .safetensors) of backbone '{name}'.")
-    state = read_state_dict(path)
+    state = read_state_dict(checkpoint, "backbone.checkpoint", expected=(
+        f"a saved state dict (.pth, .bin or .safetensors) of backbone '{name}'"))
+    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     converted = convert(state) if convert is not None else None
     if converted is not None:
         state = converted
     if any(k.startswith("backbone.") for k in state):
         state = {k.removeprefix("backbone."): v for k, v in state.items()
                  if k.startswith("backbone.")}
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = sorted(k for k in set(state) & set(expected)
-                        if tuple(state[k].shape) != tuple(expected[k].shape))
-    if missing or unexpected or mismatched:
-        parts = [f"missing {_show(missing)}" if missing else "",
-                 f"unexpected {_show(unexpected)}" if unexpected else "",
-                 ("shape mismatch " + _show([f"{k} {tuple(state[k].shape)} vs "
-                                             f"{tuple(expected[k].shape)}" for k in mismatched]))
-                 if mismatched else ""]
-        raise ConfigError(f"backbone.checkpoint={path} does not fit backbone '{name}': "
-                          f"{'; '.join(p for p in parts if p)}. Use weights of the same variant "
-                          "(or choose the backbone that matches the file).")
-    module.load_state_dict(state, strict=True)
+    load_weights_into(module, state, option="backbone.checkpoint", path=checkpoint,
+                      target=f"backbone '{name}'",
+                      remedy="Use weights of the same variant (or choose the backbone that "
+                             "matches the file).")

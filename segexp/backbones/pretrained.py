@@ -36,7 +36,7 @@ import timm
 import torch
 from torch import nn
 
-from segexp.errors import ConfigError
+from segexp.errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def create_timm_model(name: str, mode: str, kwargs: dict[str, Any], *,
                                       **{**kwargs, "pretrained_cfg_overlay": overlay})
         except Exception as err:
             raise ConfigError(f"backbone '{name}': the cached weights file {cached} could not be "
-                              f"loaded ({type(err).__name__}: {_first_line(err)}). Delete it so it "
+                              f"loaded ({type(err).__name__}: {first_line(err)}). Delete it so it "
                               "is fetched again, or set backbone.pretrained=false.") from err
         return model, PretrainedSource(weights.kind, f"timm: {weights.full_name}, local cache")
 
@@ -180,9 +180,9 @@ def create_timm_model(name: str, mode: str, kwargs: dict[str, Any], *,
         if isinstance(err, RuntimeError) and ("state_dict" in str(err) or "size mismatch" in str(err)):
             raise  # weights that do not fit the model: a bug to see, not a network failure
         if mode == "true":
-            raise _download_error(name, f"{type(err).__name__}: {_first_line(err)[:200]}") from err
+            raise _download_error(name, f"{type(err).__name__}: {first_line(err)[:200]}") from err
         warn_from_scratch(name, f"{not_cached} and downloading it failed ({type(err).__name__}: "
-                          f"{_first_line(err)[:200]})", remedy, frozen)
+                          f"{first_line(err)[:200]})", remedy, frozen)
         return (timm.create_model(name, pretrained=False, **kwargs),
                 scratch_source(mode, "download failed"))
     return model, PretrainedSource(weights.kind, f"timm: {weights.full_name}, downloaded")
@@ -194,10 +194,6 @@ def _download_error(name: str, reason: str) -> ConfigError:
         f"network, download the timm weights for '{name}' elsewhere and pass "
         "backbone.checkpoint=/path/to/weights.pth (or .safetensors), or train from scratch with "
         "backbone.pretrained=false (or auto: the weights when available).")
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).splitlines() or [""])[0]
 
 
 def _weights_kind(tag: str) -> str:

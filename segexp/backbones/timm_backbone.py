@@ -12,8 +12,14 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from torch import nn
 
-from segexp.backbones.pretrained import checkpoint_source, create_timm_model, pretrained_mode
-from segexp.errors import ConfigError
+from segexp.backbones.pretrained import (
+    PretrainedSource,
+    checkpoint_source,
+    create_timm_model,
+    pretrained_mode,
+)
+from segexp.errors import ConfigError, first_line
+from segexp.weights_io import fit_state_dict, misfit_error, read_state_dict
 
 
 class TimmBackbone(nn.Module):
@@ -60,24 +66,8 @@ class TimmBackbone(nn.Module):
             kwargs["drop_path_rate"] = drop_path_rate
         mode = pretrained_mode(pretrained)
         if checkpoint:
-            path = Path(checkpoint).expanduser()
-            if path.is_dir():
-                raise ConfigError(f"backbone.checkpoint={checkpoint} is a folder, not a weights "
-                                  "file: point it at the .pth or .safetensors file inside.")
-            if not path.is_file():
-                raise ConfigError(f"backbone.checkpoint={checkpoint}: no such file. Point it at a "
-                                  f"saved state dict (.pth or .safetensors) of timm's '{name}'.")
-            check_checkpoint_keys(path, name, timm_kwargs)
-            # timm reads the file (weights_only=True for .pth) and adapts it as for a download.
-            kwargs["pretrained_cfg_overlay"] = dict(file=str(path))
-            try:
-                self.body = timm.create_model(name, pretrained=True, **kwargs)
-            except RuntimeError as err:
-                if "state_dict" in str(err) or "size mismatch" in str(err):
-                    raise ConfigError(f"backbone.checkpoint={checkpoint} does not fit timm model "
-                                      f"'{name}': {str(err).splitlines()[0]}") from err
-                raise
-            self.pretrained_source = checkpoint_source(path)
+            self.body, self.pretrained_source = create_from_checkpoint(name, checkpoint, kwargs,
+                                                                       timm_kwargs)
         else:
             self.body, self.pretrained_source = create_timm_model(name, mode, kwargs)
         self.feature_info = self.body.feature_info
@@ -232,42 +222,43 @@ def _swin_attn_pad_first(block, x: torch.Tensor) -> torch.Tensor:
     return x[:, :height, :width, :].contiguous()
 
 
-def _file_keys(path: Path) -> set[str]:
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return set(f.keys())
-        except Exception as err:
-            raise ConfigError(f"backbone.checkpoint {path} cannot be read: it is damaged or not a "
-                              f"safetensors file ({type(err).__name__}: {err}). Copy it again.") from err
-    from segexp.engine.checkpoint import read_weights_file
-
-    state = read_weights_file(path, option="backbone.checkpoint")
-    for wrapper in ("state_dict", "model", "state_dict_ema"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-            break
-    return set(state)
-
-
-def check_checkpoint_keys(path: Path, name: str, timm_kwargs: dict) -> None:
+def check_checkpoint_keys(checkpoint: str | Path, name: str, timm_kwargs: dict) -> Path:
     """timm loads a features-only model non-strictly; refuse a file that does not fit instead of
-    silently training from partly random weights."""
+    silently training from partly random weights. Returns the file's path, for timm to load."""
+    state = read_state_dict(checkpoint, "backbone.checkpoint",
+                            f"a saved state dict (.pth or .safetensors) of timm's '{name}'")
+    path = Path(checkpoint).expanduser()
     with torch.device("meta"):  # key names only: no memory, no initialisation
         reference = timm.create_model(name, **timm_kwargs)
     classifier = reference.pretrained_cfg.get("classifier") or ()
     classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-    expected = {k for k in reference.state_dict() if not k.startswith(tuple(c + "." for c in classifier))}
-    found = _file_keys(path)
-    missing, unexpected = sorted(expected - found), sorted(found - expected - {
-        f"{c}.{p}" for c in classifier for p in ("weight", "bias")})
-    if missing or unexpected:
-        def show(keys: list[str]) -> str:
-            return ", ".join(keys[:6]) + (f" ... ({len(keys)} in all)" if len(keys) > 6 else "")
-        parts = [f"missing {show(missing)}" if missing else "",
-                 f"unexpected {show(unexpected)}" if unexpected else ""]
-        raise ConfigError(f"backbone.checkpoint={path} does not fit timm model '{name}': "
-                          f"{'; '.join(p for p in parts if p)}. Use a state dict saved from timm's "
-                          f"'{name}' (or choose the backbone that matches the file).")
+    model_keys = {k: v for k, v in reference.state_dict().items()
+                  if not k.startswith(tuple(c + "." for c in classifier))}
+    # Keys only: timm adapts shapes itself (e.g. resamples ViT position embeddings to img_size)
+    # and refuses a real mismatch when it loads.
+    fit = fit_state_dict(model_keys, state, compare_shapes=False,
+                         ignored={f"{c}.{p}" for c in classifier for p in ("weight", "bias")})
+    if fit.problems:
+        raise misfit_error("backbone.checkpoint", path, f"timm model '{name}'", fit.problems,
+                           f"Use a state dict saved from timm's '{name}' (or choose the backbone "
+                           "that matches the file).")
+    return path
+
+
+def create_from_checkpoint(name: str, checkpoint: str | Path, kwargs: dict,
+                           timm_kwargs: dict) -> tuple[nn.Module, PretrainedSource]:
+    """``timm.create_model(name, **kwargs)`` with the weights of a local file, checked first by
+    :func:`check_checkpoint_keys` (``timm_kwargs``: the model's own arguments). timm then loads
+    the file as it would a download (``weights_only=True``; it drops the classifier, resamples
+    position embeddings and maps the keys to a features-only model). It reads the file itself:
+    a state dict handed over in ``pretrained_cfg`` would be deep-copied into the model's config."""
+    path = check_checkpoint_keys(checkpoint, name, timm_kwargs)
+    try:
+        body = timm.create_model(name, pretrained=True,
+                                 **{**kwargs, "pretrained_cfg_overlay": dict(file=str(path))})
+    except RuntimeError as err:
+        if "state_dict" in str(err) or "size mismatch" in str(err):
+            raise ConfigError(f"backbone.checkpoint={checkpoint} does not fit timm model "
+                              f"'{name}': {first_line(err)}") from err
+        raise
+    return body, checkpoint_source(path)

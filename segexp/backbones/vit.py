@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 
 import timm
 import torch
@@ -32,12 +31,11 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from segexp.backbones.pretrained import (
-    checkpoint_source,
     create_timm_model,
     pretrained_mode,
     pretrained_skipped,
 )
-from segexp.backbones.timm_backbone import check_checkpoint_keys
+from segexp.backbones.timm_backbone import create_from_checkpoint
 from segexp.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -116,23 +114,10 @@ class ViTBackbone(nn.Module):
             kwargs["drop_path_rate"] = float(drop_path_rate)
         mode = pretrained_mode(pretrained)
         if checkpoint:
-            path = Path(checkpoint).expanduser()
-            if not path.is_file():
-                raise ConfigError(f"backbone.checkpoint={checkpoint}: no such file. Point it at a "
-                                  f"saved state dict (.pth or .safetensors) of timm's '{name}'.")
-            check_checkpoint_keys(path, name, {k: v for k, v in timm_kwargs.items()
-                                               if k not in ("pretrained_cfg_overlay",)})
-            # timm reads the file (weights_only=True for .pth), drops the classifier and resamples
-            # the position embeddings to img_size, as for a download.
-            kwargs["pretrained_cfg_overlay"] = dict(file=str(path))
-            try:
-                body = timm.create_model(name, pretrained=True, **kwargs)
-            except RuntimeError as err:
-                if "state_dict" in str(err) or "size mismatch" in str(err):
-                    raise ConfigError(f"backbone.checkpoint={checkpoint} does not fit timm model "
-                                      f"'{name}': {(str(err).splitlines() or [''])[0]}") from err
-                raise
-            self.pretrained_source = checkpoint_source(path)
+            # timm drops the classifier and resamples the position embeddings to img_size.
+            body, self.pretrained_source = create_from_checkpoint(
+                name, checkpoint, kwargs, {k: v for k, v in timm_kwargs.items()
+                                           if k not in ("pretrained_cfg_overlay",)})
         else:
             # Frozen: auto's warning says that the random backbone never trains.
             body, self.pretrained_source = create_timm_model(name, mode, kwargs,

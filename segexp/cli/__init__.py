@@ -82,3 +82,10 @@ def command(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | N
             interrupted: str | None = None) -> NoReturn:
     """:func:`run_command`, then exit the process with its status."""
     sys.exit(run_command(main, argv, interrupted=interrupted))
+
+
+def run_prepare(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """A ``scripts/prepare_<dataset>.py`` command: as :func:`run_command`, and Ctrl-C says that a
+    re-run resumes (each finished step is skipped)."""
+    return run_command(main, argv, interrupted="run the same command again to resume "
+                                               "(finished steps are skipped).")

@@ -10,7 +10,7 @@ and peak memory, for one model or every model on its default backbone.
 Takes the same overrides as train.py (with ``--all`` they apply to every model). For each model:
 
 - params (M) and GFLOPs (multiply-accumulates x 1e-9, batch 1, at ``--size``) from
-  ``segexp.profiling.model_cost`` (meta device, attention counted through SDPA's math backend);
+  ``segexp.models.cost.model_cost`` (meta device, attention counted through SDPA's math backend);
 - inference: ``--warmup`` untimed then ``--iters`` timed forward passes of ``--batch`` random
   images (eval mode, no grad, ``--amp`` autocast); latency is the median, FPS = batch / latency;
 - training: ``--warmup`` + ``--iters`` iterations of forward (with the auxiliary head, or the
@@ -47,10 +47,12 @@ from tqdm import tqdm
 from segexp.cli import command
 from segexp.config import CONF_DIR, compose_train_config, instantiate
 from segexp.engine.experiment import check_loss_fits_model
-from segexp.engine.trainer import autocast, model_loss
+from segexp.engine.trainer import model_loss
 from segexp.errors import SegexpError
 from segexp.models import build_model
-from segexp.profiling import measure_fps, median_time, model_cost
+from segexp.models.cost import model_cost
+from segexp.profiling import measure_fps, median_time
+from segexp.runtime import autocast, resolve_device
 
 # Under the working directory, as train.py's run folders.
 DEFAULT_OUT = Path("outputs") / "benchmark" / "benchmark.csv"
@@ -166,14 +168,6 @@ def write(rows: list[dict], out: Path, meta: dict, columns: list[str] = COLUMNS)
     return out, json_path
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SegexpError("--device cuda: no CUDA device is available here; use --device cpu.")
-    return torch.device(name)
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -213,7 +207,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         # model=a,b,c (Hydra's sweep syntax) measures several models, each on its default backbone
         jobs = [[f"model={m}", *rest] for m in model.split(",")] if model else [list(rest)]
 
-    device = pick_device(args.device)
+    device = resolve_device(args.device, option="--device")
     if args.amp == "fp16" and device.type != "cuda":
         parser.error("--amp fp16 needs a CUDA device; use --amp bf16 or none on the CPU")
     entries = []

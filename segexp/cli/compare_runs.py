@@ -16,7 +16,7 @@ parameters; vs parameters when GFLOPs are unknown), ``learning_curves.png`` (val
 and training loss against iteration), ``per_class_iou.png`` and ``report.html`` (all of them,
 pictures embedded). GFLOPs and FPS come from metrics.json (``gflops``, ``fps``) when a run
 wrote them; ``--flops`` measures GFLOPs at each run's crop size on the meta device
-(segexp.profiling.model_cost: multiply-accumulates x 1e-9).
+(segexp.models.cost.model_cost: multiply-accumulates x 1e-9).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import yaml
 
 from segexp.cli import command
 from segexp.errors import DataError
-from segexp.profiling import model_cost
+from segexp.models.cost import model_cost
 
 plt.switch_backend("Agg")  # files only, also without a display
 

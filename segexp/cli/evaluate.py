@@ -26,18 +26,17 @@ from torch.utils.data import DataLoader
 from segexp.cli import command
 from segexp.config import instantiate
 from segexp.data.base import pad_collate
-from segexp.engine.checkpoint import load_checkpoint
-from segexp.engine.experiment import resolve_device
 from segexp.inference import (
     InferenceOptions,
     evaluate_loader,
     load_run_config,
+    load_trained_model,
 )
 from segexp.inference import checkpoint_path as run_checkpoint
 from segexp.loggers.base import json_safe
 from segexp.metrics import format_table
-from segexp.models import build_model
 from segexp.reports import save_confusion_matrix
+from segexp.runtime import resolve_device
 from segexp.visualize import colourise, denormalise, prediction_grid, save_png
 
 
@@ -66,11 +65,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     cfg = OmegaConf.merge(load_run_config(args.run_dir), OmegaConf.from_dotlist(args.overrides))
     checkpoint_path = run_checkpoint(args.run_dir, args.checkpoint)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, option="--device")
 
     dataset = instantiate(cfg.dataset, split=args.split, transforms=instantiate(cfg.transforms.val))
-    model = build_model(cfg, pretrained=False)  # the checkpoint holds every weight
-    model.load_state_dict(load_checkpoint(checkpoint_path)["model"])
+    model, _ = load_trained_model(checkpoint_path, cfg)
     model.to(device)
     crop = args.crop
     if args.mode == "slide" and crop is None:

@@ -34,11 +34,9 @@ import torch
 from omegaconf import OmegaConf
 
 from segexp.cli import command
-from segexp.engine.checkpoint import load_checkpoint
 from segexp.errors import SegexpError
 from segexp.inference import checkpoint_path as run_checkpoint
-from segexp.inference import load_run_config
-from segexp.models import build_model
+from segexp.inference import load_run_config, load_trained_model
 
 DEFAULT_OPSET = 17
 
@@ -232,8 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = OmegaConf.merge(load_run_config(args.run_dir), OmegaConf.from_dotlist(args.overrides))
     checkpoint_path = run_checkpoint(args.run_dir, args.checkpoint)
 
-    model = build_model(cfg, pretrained=False)  # the checkpoint holds every weight
-    model.load_state_dict(load_checkpoint(checkpoint_path)["model"])
+    model, _ = load_trained_model(checkpoint_path, cfg)
     model.eval()
     divisor = model.size_divisor
     size = tuple(args.size) if args.size else default_size(cfg, divisor)

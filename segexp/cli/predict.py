@@ -21,19 +21,18 @@ import torch
 from tqdm.auto import tqdm
 
 from segexp.cli import command
-from segexp.data.base import read_image
-from segexp.errors import DataError
+from segexp.data.base import IMAGE_EXTENSIONS, read_image
+from segexp.errors import DataError, first_few
 from segexp.inference import Segmenter
 from segexp.visualize import save_png
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"}
 
 
 def find_images(folder: Path) -> list[Path]:
-    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not images:
-        raise DataError(f"{folder} holds no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))}).")
+        raise DataError(f"{folder} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)}).")
     return images
 
 
@@ -61,7 +60,7 @@ def predict_images(segmenter: Segmenter, paths: list[Path], out_dir: Path) -> li
             continue
         written += save_image_outputs(segmenter, image, segmenter.predict(image), out_dir, path.stem)
     if failed:
-        shown = " | ".join(failed[:3]) + (f" | ... ({len(failed)} in all)" if len(failed) > 3 else "")
+        shown = first_few(failed, 3, sep=" | ")
         raise DataError(f"{len(failed)} of {len(paths)} images could not be read and were skipped "
                         f"(the outputs of the other {len(paths) - len(failed)} are in {out_dir}): "
                         f"{shown}")

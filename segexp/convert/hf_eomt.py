@@ -33,7 +33,7 @@ from collections.abc import Mapping
 
 import torch
 
-from segexp.errors import ConfigError
+from segexp.errors import ConfigError, first_few
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def convert_hf_eomt(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
         else:
             unknown.append(key)
     if unknown:
-        shown = ", ".join(unknown[:6]) + (f" ... ({len(unknown)} in all)" if len(unknown) > 6 else "")
+        shown = first_few(unknown)
         raise ConfigError(f"convert_hf_eomt: keys segexp's EoMT (a timm ViT with an MLP, not "
                           f"SwiGLU) has no place for: {shown}.")
     for (block, kind), parts in qkv.items():

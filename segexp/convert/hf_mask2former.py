@@ -38,7 +38,7 @@ from collections.abc import Mapping
 import torch
 
 from segexp.convert.hf_upernet import add_missing_bn_counters
-from segexp.errors import ConfigError
+from segexp.errors import ConfigError, first_few
 
 _ENC = "model.pixel_level_module.encoder."
 _PIX = "model.pixel_level_module.decoder."
@@ -200,7 +200,7 @@ def convert_hf_mask2former(state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
         else:
             out[target] = torch.cat(parts)
     if unknown:
-        shown = ", ".join(unknown[:6]) + (f" ... ({len(unknown)} in all)" if len(unknown) > 6 else "")
+        shown = first_few(unknown)
         raise ConfigError(f"convert_hf_mask2former: keys not part of a transformers Mask2Former: "
                           f"{shown}.")
     return add_missing_bn_counters(out)

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 
 import torch
 
-from segexp.errors import ConfigError
+from segexp.errors import ConfigError, first_few
 
 # Encoder structure: (pattern on the key without "segformer.", replacement prefix). Both layouts.
 _OUTER = [
@@ -110,7 +110,7 @@ def convert_hf_segformer(state_dict: Mapping[str, torch.Tensor]) -> dict[str, to
             value = value[:, :, None, None]  # nn.Linear (out, in) -> 1x1 conv (out, in, 1, 1)
         out[new] = value
     if unknown:
-        shown = ", ".join(unknown[:6]) + (f" ... ({len(unknown)} in all)" if len(unknown) > 6 else "")
+        shown = first_few(unknown)
         raise ConfigError(f"convert_hf_segformer: keys not part of a transformers SegFormer: "
                           f"{shown}.")
     return out

@@ -36,7 +36,7 @@ from collections.abc import Mapping
 
 import torch
 
-from segexp.errors import ConfigError
+from segexp.errors import ConfigError, first_few
 
 _CONV_MODULE = r"\.(conv|batch_norm)\."
 _CONV_INDEX = {"conv": "0", "batch_norm": "1"}
@@ -118,7 +118,7 @@ def convert_hf_upernet(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torc
         else:
             out[new] = value
     if unknown:
-        shown = ", ".join(unknown[:6]) + (f" ... ({len(unknown)} in all)" if len(unknown) > 6 else "")
+        shown = first_few(unknown)
         raise ConfigError(f"convert_hf_upernet: keys not part of a transformers UPerNet-ConvNeXt: "
                           f"{shown}.")
     return add_missing_bn_counters(out)

@@ -86,7 +86,7 @@ from collections.abc import Mapping
 import torch
 
 from segexp.convert.hf_upernet import add_missing_bn_counters
-from segexp.errors import ConfigError
+from segexp.errors import ConfigError, first_few
 
 _PART = {"conv": "0", "bn": "1"}  # ConvModule -> ConvBNReLU
 
@@ -290,7 +290,7 @@ def convert_mmseg(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
         else:
             out[new] = value
     if unknown:
-        shown = ", ".join(unknown[:6]) + (f" ... ({len(unknown)} in all)" if len(unknown) > 6 else "")
+        shown = first_few(unknown)
         raise ConfigError(
             f"convert_mmseg: keys outside the supported MMSegmentation layouts (backbone read as "
             f"'{backbone}', decode head as '{head}'): {shown}. Supported: ResNetV1c-D8 with "

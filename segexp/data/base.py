@@ -10,7 +10,6 @@ transforms, usually normalised), ``mask`` an int64 tensor ``HxW`` of class indic
 from __future__ import annotations
 
 import logging
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +45,9 @@ def default_palette(num_classes: int, seed: int = 0) -> list[tuple[int, int, int
     return [tuple(int(c) for c in colour) for colour in colours]
 
 
+# Image files segexp reads (OpenCV; GIF through Pillow): what folder datasets and
+# scripts/predict.py accept. A dataset with a published layout takes the subset its files use.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
 # Mask files read with Pillow: it keeps the indices of palette images (OpenCV expands them to
 # colours), reads GIF (which OpenCV builds may lack) and never applies EXIF orientation.
 PILLOW_MASK_EXTENSIONS = (".png", ".gif", ".bmp", ".tif", ".tiff")
@@ -261,11 +263,6 @@ def _orientation_hint(sample: Sample) -> str:
                 "(phone photos carry an orientation tag that viewers apply) looks like this; "
                 "segexp ignores EXIF orientation and reads the pixels as stored.")
     return ""
-
-
-def seed_for(base_seed: int, index: int) -> int:
-    """A stable 31-bit seed from two integers (hash() is salted per process, so not usable)."""
-    return zlib.crc32(f"{base_seed}:{index}".encode()) & 0x7FFFFFFF
 
 
 class SegmentationDataset(Dataset):

@@ -11,9 +11,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from segexp.data.base import IGNORE_INDEX, Sample, SegmentationDataset, read_image, read_mask
+from segexp.data.base import (
+    IGNORE_INDEX,
+    IMAGE_EXTENSIONS,
+    Sample,
+    SegmentationDataset,
+    read_image,
+    read_mask,
+)
 from segexp.data.folder import ColourTable
-from segexp.errors import ConfigError, DataError
+from segexp.errors import ConfigError, DataError, first_few
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +28,8 @@ DOCS = ("https://openvinotoolkit.github.io/datumaro/latest/docs/data-formats/for
         "common_semantic_segmentation.html")
 META_FILE = "dataset_meta.json"
 IMAGES_DIR, MASKS_DIR = "images", "masks"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# Datumaro's own image formats include no GIF (it decodes with OpenCV): an export holds none.
+SAMPLE_EXTENSIONS = tuple(e for e in IMAGE_EXTENSIONS if e != ".gif")
 # Folder names accepted for each split (Datumaro takes any subset name; OTX uses these).
 SUBSET_NAMES = {"train": ("train", "training"), "val": ("val", "validation", "valid"),
                 "test": ("test", "testing")}
@@ -217,7 +225,7 @@ class DatumaroDataset(SegmentationDataset):
             return files
         for path in sorted(folder.rglob("*")):
             if (not path.is_file() or path.name.startswith(".")
-                    or path.suffix.lower() not in IMAGE_EXTENSIONS
+                    or path.suffix.lower() not in SAMPLE_EXTENSIONS
                     or not path.name.startswith(prefix)):
                 continue
             relative = path.relative_to(folder).with_suffix("")
@@ -242,8 +250,7 @@ class DatumaroDataset(SegmentationDataset):
                 else "") + f"; found {_found(masks_dir)}.")
         no_image = sorted(set(masks) - set(images))
         if no_image:
-            shown = ", ".join(no_image[:10]) + (f" ... ({len(no_image)} in all)"
-                                                if len(no_image) > 10 else "")
+            shown = first_few(no_image, 10)
             raise DataError(f"{len(no_image)} mask(s) in {masks_dir} have no image in {images_dir}"
                             f": {shown}. Images and masks pair by file name without extension"
                             + (" (after dataset.image_prefix / mask_prefix)"

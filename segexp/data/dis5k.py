@@ -9,7 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from segexp.data.base import IGNORE_INDEX, Sample, SegmentationDataset, read_image
+from segexp.data.base import IGNORE_INDEX, JPEG_EXTENSIONS, Sample, SegmentationDataset, read_image
 from segexp.errors import ConfigError, DataError
 
 URL = "https://github.com/xuebinqin/DIS"
@@ -21,7 +21,8 @@ SUBSETS = {"train": ("DIS-TR",), "val": ("DIS-VD",), "test": TEST_SUBSETS,
 # Published sizes, for the prepare script's check.
 SUBSET_SIZES = {"DIS-TR": 3000, "DIS-VD": 470, "DIS-TE1": 500, "DIS-TE2": 500, "DIS-TE3": 500,
                 "DIS-TE4": 500}
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# DIS5K ships JPEG images (PNG ground truths); anything else in im/ is not a sample.
+SAMPLE_EXTENSIONS = (*JPEG_EXTENSIONS, ".png")
 THRESHOLD = 128
 
 
@@ -108,7 +109,7 @@ class DIS5KDataset(SegmentationDataset):
                     f"{folder}: {_found(folder)} (and in {self.root}: {_found(self.root)}). "
                     f"Re-extract {ARCHIVE} ({DRIVE_URL}).")
             images = {p.stem: p for p in sorted(images_dir.iterdir())
-                      if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")}
+                      if p.suffix.lower() in SAMPLE_EXTENSIONS and not p.name.startswith(".")}
             gts = {p.stem: p for p in sorted(gts_dir.iterdir())
                    if p.suffix.lower() == ".png" and not p.name.startswith(".")}
             no_gt, no_image = sorted(set(images) - set(gts)), sorted(set(gts) - set(images))

@@ -19,17 +19,17 @@ from PIL import Image
 
 from segexp.data.base import (
     IGNORE_INDEX,
+    IMAGE_EXTENSIONS,
     JPEG_EXTENSIONS,
     Sample,
     SegmentationDataset,
     read_image,
     read_mask,
 )
-from segexp.errors import ConfigError, DataError
+from segexp.errors import ConfigError, DataError, first_few
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 # How many masks the 0/255 check reads at construction.
 BINARY_CHECK_MASKS = 8
 # How many unpaired names the suffix suggestion compares (enough to see the pattern).
@@ -46,10 +46,6 @@ _HOW_TO = ("Put images in <root>/images and class-index PNG masks with the same 
            "(README, 'Public layouts by overrides').")
 
 
-def _shown(names: Sequence[str], limit: int = 10) -> str:
-    return ", ".join(names[:limit]) + (f" ... ({len(names)} in all)" if len(names) > limit else "")
-
-
 def _found(folder: Path) -> str:
     if folder.is_file():
         return "nothing (it is a file, not a folder)"
@@ -57,7 +53,7 @@ def _found(folder: Path) -> str:
         return "nothing (the folder does not exist)"
     entries = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir()
                      if not p.name.startswith("."))
-    return _shown(entries) if entries else "an empty folder"
+    return first_few(entries, 10) if entries else "an empty folder"
 
 
 def _rgb_text(colour: Sequence[int]) -> str:
@@ -431,7 +427,7 @@ class FolderLayout:
         if hint:
             return hint
         if subfolders:
-            return (f" If the images and masks are in {_shown(subfolders, 6)}, name them with "
+            return (f" If the images and masks are in {first_few(subfolders)}, name them with "
                     "dataset.image_dir=<folder> and dataset.mask_dir=<folder> (relative to "
                     "dataset.root, e.g. dataset.mask_dir=annotations/trimaps).")
         return ""
@@ -468,7 +464,7 @@ class FolderLayout:
                 raise DataError(
                     f"split list {list_file} not found ({split!r} reads {name!r}, "
                     f"{self._option_for(split)}={name}), but {list_dir} holds the lists "
-                    f"{_shown([f'{stem}.txt' for stem in lists])}. Set "
+                    f"{first_few([f'{stem}.txt' for stem in lists], 10)}. Set "
                     f"{self._option_for(split)} to one of {', '.join(lists[:6])}, write "
                     f"{name}.txt (one image name or stem per line), or set "
                     "dataset.split_files=null to split by dataset.val_fraction.")
@@ -564,10 +560,10 @@ class FolderLayout:
         parts = []
         if scan.unpaired_images:
             parts.append(f"{len(scan.unpaired_images)} image(s) in {scan.image_dir} have no mask "
-                         f"in {scan.mask_dir}: {_shown([p.name for p in scan.unpaired_images])}")
+                         f"in {scan.mask_dir}: {first_few([p.name for p in scan.unpaired_images], 10)}")
         if scan.unpaired_masks:
             parts.append(f"{len(scan.unpaired_masks)} mask(s) in {scan.mask_dir} have no image in "
-                         f"{scan.image_dir}: {_shown([p.name for p in scan.unpaired_masks])}")
+                         f"{scan.image_dir}: {first_few([p.name for p in scan.unpaired_masks], 10)}")
         for folder, rule in ((scan.image_dir, self.image_rule), (scan.mask_dir, self.mask_rule)):
             rejected = [p for p in scan.rejected if p.parent == folder and rule.stem(p.name) is None]
             if folder == scan.mask_dir == scan.image_dir and rule is self.mask_rule:
@@ -575,7 +571,7 @@ class FolderLayout:
             if rejected:
                 current = ",".join(body + extension for body, extension in rule.suffixes)
                 parts.append(f"{len(rejected)} image file(s) in {folder} do not end in "
-                             f"{rule.text}: {_shown([p.name for p in rejected])} (several "
+                             f"{rule.text}: {first_few([p.name for p in rejected], 10)} (several "
                              f"endings go in a list: {rule.option}='[{current},<another>]')")
         if not parts:
             return ""
@@ -745,7 +741,7 @@ class FolderDataset(SegmentationDataset):
         if scan.missing_entries:
             raise DataError(
                 f"{scan.list_file} lists {len(scan.missing_entries)} entr(ies) with no image or "
-                f"mask in {scan.image_dir} and {scan.mask_dir}: {_shown(scan.missing_entries)}. "
+                f"mask in {scan.image_dir} and {scan.mask_dir}: {first_few(scan.missing_entries, 10)}. "
                 "Fix the list, or the folders / suffixes it is read against (dataset.image_dir, "
                 "dataset.mask_dir, dataset.img_suffix, dataset.mask_suffix).")
         if scan.problems:

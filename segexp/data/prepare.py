@@ -15,9 +15,9 @@ Every prepare script follows the same steps::
                       allowed="0..150", problems=problems, usage="python train.py dataset=...")
     return finish(summary, marker)   # prints; writes the marker, or PrepareError if checks failed
 
-and ends with ``if __name__ == "__main__": sys.exit(run_cli(main))``, which prints a
-:class:`PrepareError` as one message (exit status 1) instead of a traceback (segexp's one command
-wrapper, :func:`segexp.cli.run_command`).
+and ends with ``if __name__ == "__main__": sys.exit(run_prepare(main))``
+(:func:`segexp.cli.run_prepare`, segexp's one command wrapper), which prints a
+:class:`PrepareError` as one message (exit status 1) instead of a traceback.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from segexp.cli import run_command
 from segexp.errors import DataError
 
 CHUNK = 1 << 20
@@ -79,13 +78,6 @@ def parse_args(doc: str | None, name: str, argv: Sequence[str] | None,
     args = parser.parse_args(argv)
     args.dst = args.dst if args.dst is not None else data_dir(name)
     return args
-
-
-def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
-    """Run ``main``; a segexp error (bad input, failed download, failed check) is printed as its
-    message with exit status 1, Ctrl-C as a line saying a re-run resumes."""
-    return run_command(main, argv, interrupted="run the same command again to resume "
-                                               "(finished steps are skipped).")
 
 
 def say(message: str) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
-from segexp.data.base import seed_for
+from segexp.runtime import seed_for
 
 
 class ResumableSampler(Sampler):

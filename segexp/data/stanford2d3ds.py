@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 
 from segexp.data.base import IGNORE_INDEX, Sample, SegmentationDataset, read_image
-from segexp.errors import ConfigError, DataError
+from segexp.errors import ConfigError, DataError, first_few
 
 URL = "http://3Dsemantics.stanford.edu"
 FORM = "https://goo.gl/forms/2YSPaO2UKmn5Td5m2"
@@ -214,8 +214,7 @@ class Stanford2D3DSDataset(SegmentationDataset):
             else:
                 missing.append(image.name)
         if missing:
-            shown = ", ".join(missing[:5]) + (f" ... ({len(missing)} in all)" if len(missing) > 5
-                                              else "")
+            shown = first_few(missing, 5)
             raise DataError(f"{len(missing)} image(s) in {rgb_dir} have no "
                             f"<name>{SEMANTIC_SUFFIX} in {semantic_dir}: {shown}. Re-extract the "
                             "area's archive.")

@@ -127,7 +127,7 @@ def fit_iterations(remaining_s: float, iter_s: float, val_s: float, val_every: i
 def _validation_seconds(run) -> float:
     """One validation's time: a pass over one batch (loader start-up included), then one over
     ``1 + VAL_CALIBRATION_BATCHES``; their difference is the time per batch."""
-    from segexp.engine.trainer import evaluate
+    from segexp.inference import InferenceOptions, evaluate_loader
 
     t = run.trainer
     full = len(run.val_loader) if t.max_val_batches is None else min(t.max_val_batches,
@@ -136,8 +136,8 @@ def _validation_seconds(run) -> float:
     for batches in (1, 1 + VAL_CALIBRATION_BATCHES):
         batches = min(batches, full)
         start = time.perf_counter()
-        evaluate(run.model, run.val_loader, len(run.class_names), run.device, t.precision,
-                 run.ignore_index, batches)
+        evaluate_loader(run.model, run.val_loader, len(run.class_names), run.device,
+                        InferenceOptions(precision=str(t.precision)), run.ignore_index, batches)
         seconds.append((time.perf_counter() - start, batches))
     (first, one), (second, more) = seconds
     per_batch = (second - first) / (more - one) if more > one else first

@@ -1,9 +1,9 @@
-"""Checkpoints: written atomically, read with ``weights_only=True`` (nothing in a file runs)."""
+"""Training checkpoints: written atomically (read with :func:`segexp.weights_io.read_weights_file`),
+where to resume from, and the random state they carry."""
 
 from __future__ import annotations
 
 import os
-import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -35,44 +35,6 @@ def publish_copy(source: str | Path, path: str | Path) -> Path:
         shutil.copyfile(source, tmp)
     os.replace(tmp, path)
     return path
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    return read_weights_file(path, map_location=map_location)
-
-
-def read_weights_file(path: str | Path, map_location: str | torch.device = "cpu",
-                      option: str = "checkpoint") -> Any:
-    """A ``.pt``/``.pth`` file read with ``weights_only=True`` (nothing in it runs) or a
-    ``.safetensors`` file, with an error that says which of the usual faults it is: missing, not
-    a file, damaged or cut short, or refused because it holds code or objects."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{option} {path} does not exist.")
-    if not path.is_file():
-        raise ConfigError(f"{option} {path} is a folder, not a weights file.")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path), device=str(map_location))
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ConfigError(
-            f"{option} {path} was refused: it holds Python objects or code, not only tensors and "
-            "numbers, and segexp never executes what a file contains (torch.load with "
-            f"weights_only=True). Save a plain state dict (torch.save(model.state_dict(), ...)) or "
-            f"a .safetensors file. ({_first_line(err)})") from err
-    except Exception as err:  # zip/EOF/header errors: the bytes are not a whole file
-        raise ConfigError(
-            f"{option} {path} cannot be read: it is damaged or incomplete ({path.stat().st_size} "
-            f"bytes; a copy or download cut short?). Copy it again. ({type(err).__name__}: "
-            f"{_first_line(err)})") from err
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
 
 
 def resolve_resume(resume: bool | str | None, run_dir: Path) -> Path | None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import signal
 import threading
 import time
@@ -15,7 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -30,8 +28,8 @@ from segexp.data.sampler import ContiguousShardSampler, ResumableSampler
 from segexp.data.scan import base_dataset, scan_masks
 from segexp.engine import budget, distributed
 from segexp.engine.budget import parse_duration
-from segexp.engine.checkpoint import load_checkpoint, resolve_resume, set_rng_state
-from segexp.engine.trainer import Run, autocast, fit, plan
+from segexp.engine.checkpoint import resolve_resume, set_rng_state
+from segexp.engine.trainer import Run, fit, plan
 from segexp.errors import ConfigError, DataError, TrainingInterrupted
 from segexp.loggers import JsonlLogger, RunInfo, build_loggers
 from segexp.loggers.base import json_safe
@@ -41,36 +39,10 @@ from segexp.models import build_model
 from segexp.models.mask_classification import is_mask_classification
 from segexp.profiling import count_gflops, count_params, measure_fps
 from segexp.reports import write_run_pictures
+from segexp.runtime import autocast, quiet_worker_init, resolve_device, seed_everything
+from segexp.weights_io import load_weights_into, read_weights_file
 
 log = logging.getLogger(__name__)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
-    """``auto`` -> CUDA if available; in a distributed run each process takes GPU ``local_rank``."""
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={spec} but no CUDA device is available here; use "
-                          "trainer.device=cpu (or trainer=cpu).")
-    if device.type == "cuda" and local_rank is not None and device.index is None:
-        device = torch.device("cuda", local_rank)
-    return device
-
-
-def quiet_worker_init(_worker_id: int) -> None:
-    """Loader workers are the parallelism: OpenCV's and torch's own threads in each of them
-    would only compete for the same cores."""
-    import cv2
-
-    cv2.setNumThreads(0)
-    torch.set_num_threads(1)
 
 
 def wrap_for_training(model: torch.nn.Module, t: DictConfig, device: torch.device,
@@ -455,13 +427,10 @@ def requeued_resume(resume: Any, run_dir: Path) -> Any:
 def resume_run(run: Run, checkpoint: dict[str, Any], checkpoint_path: Path) -> None:
     """Model, optimizer, scheduler, scaler and random state from a checkpoint (its counters,
     ``run.state``, are loaded first: the schedule's length comes from them)."""
-    try:
-        run.model.load_state_dict(checkpoint["model"])
-    except RuntimeError as err:
-        raise ConfigError(f"checkpoint {checkpoint_path} does not fit this model (was it trained "
-                          f"with another model/backbone/head?): {str(err).splitlines()[0]}. To "
-                          "resume with the run's own config, give only resume=... (plus "
-                          "hydra.run.dir and trainer.* values) on the command line.") from err
+    load_weights_into(run.model, checkpoint["model"], option="resume", path=checkpoint_path,
+                      target="this model (was it trained with another model/backbone/head?)",
+                      remedy="To resume with the run's own config, give only resume=... (plus "
+                             "hydra.run.dir and trainer.* values) on the command line.")
     run.optimizer.load_state_dict(checkpoint["optimizer"])
     run.scheduler.load_state_dict(checkpoint["scheduler"])
     run.scaler.load_state_dict(checkpoint["scaler"])
@@ -570,7 +539,7 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> float:
     keep_config_history(run_dir)
     start = time.perf_counter()
     checkpoint_path = resolve_resume(requeued_resume(cfg.get("resume"), run_dir), run_dir)
-    checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path is not None else None
+    checkpoint = read_weights_file(checkpoint_path, "resume") if checkpoint_path is not None else None
     if checkpoint is not None:
         cfg = config_for_resume(cfg, checkpoint, checkpoint_path)
     run = build_run(cfg, run_dir)

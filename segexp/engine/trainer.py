@@ -1,4 +1,5 @@
-"""The training loop, in plain functions: ``train_step``, ``evaluate``, ``validate`` and ``fit``.
+"""The training loop, in plain functions: ``train_step``, ``validate`` and ``fit`` (validation runs
+:func:`segexp.inference.evaluate_loader`, the one evaluation loop).
 
 Counting: an *iteration* is one optimizer step (``accumulate_grad_batches`` batches). The loop
 stops after ``max_iters`` iterations or ``max_epochs`` epochs; each epoch uses the same number of
@@ -22,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -31,11 +31,12 @@ from segexp.data.sampler import ResumableSampler
 from segexp.engine import budget, distributed
 from segexp.engine.checkpoint import publish_copy, rng_state, save_checkpoint
 from segexp.errors import ConfigError, TrainingError, TrainingInterrupted
-from segexp.loggers import Logger, VisSample
-from segexp.metrics import ConfusionMatrix
+from segexp.inference import InferenceOptions, evaluate_loader
+from segexp.loggers import Logger
 from segexp.models.mask_classification import MaskPredictions
 from segexp.reports import save_confusion_matrix
-from segexp.visualize import denormalise, prediction_grid, save_png
+from segexp.runtime import autocast
+from segexp.visualize import prediction_grid, save_png
 
 log = logging.getLogger(__name__)
 
@@ -100,20 +101,6 @@ class Run:
             self.train_model = self.model
 
 
-# -- precision ----------------------------------------------------------------------------------
-def autocast(device: torch.device, precision: str):
-    """Mixed precision context; ``"32"`` is plain float32."""
-    precision = str(precision)
-    if precision not in ("32", "bf16", "16"):
-        raise ConfigError(f"trainer.precision={precision}: use \"32\", \"bf16\" or \"16\".")
-    if precision == "32":
-        return contextlib.nullcontext()
-    if precision == "16" and device.type != "cuda":
-        raise ConfigError("trainer.precision=16 needs a CUDA device; use \"32\" or \"bf16\" here.")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 # -- one step -----------------------------------------------------------------------------------
 def to_device(run: Run, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A training batch on the run's device (asynchronous from pinned memory), images in the
@@ -172,53 +159,16 @@ def optimizer_step(run: Run) -> None:
 
 
 # -- evaluation ---------------------------------------------------------------------------------
-def predict(model: nn.Module, images: torch.Tensor, precision: str = "32") -> torch.Tensor:
-    """Logits for whole images of any size: pad to the backbone's size divisor, crop back."""
-    height, width = images.shape[-2:]
-    divisor = getattr(model, "size_divisor", 1)
-    pad_h, pad_w = (-height) % divisor, (-width) % divisor
-    if pad_h or pad_w:
-        images = F.pad(images, (0, pad_w, 0, pad_h))
-    with autocast(images.device, precision):
-        logits = model(images)
-    return logits[..., :height, :width].float()
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: torch.device,
-             precision: str = "32", ignore_index: int = 255, max_batches: int | None = None,
-             num_vis: int = 0, progress: bool = False) -> tuple[ConfusionMatrix, list[VisSample]]:
-    """The confusion matrix over ``loader`` (``.compute()`` gives the metrics) and up to
-    ``num_vis`` samples for pictures."""
-    was_training = model.training
-    model.eval()
-    matrix = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=device)
-    samples: list[VisSample] = []
-    total = len(loader) if max_batches is None else min(max_batches, len(loader))
-    for i, (images, masks) in enumerate(tqdm(loader, total=total, desc="val", leave=False,
-                                              disable=not progress)):
-        if i >= total:
-            break
-        images = images.to(device, non_blocking=True)
-        masks = masks.to(device, non_blocking=True)
-        prediction = predict(model, images, precision).argmax(1)
-        matrix.update(prediction, masks)
-        for j in range(min(num_vis - len(samples), len(images))):
-            samples.append(VisSample(denormalise(images[j]), masks[j].cpu().numpy(),
-                                     prediction[j].cpu().numpy()))
-    model.train(was_training)
-    return matrix, samples
-
-
 def validate(run: Run) -> bool:
     """Evaluate, log, write checkpoints and a prediction picture. Returns True to stop early.
     Its own time goes to ``val_time_s`` and ``budget_used_s``."""
     t, s = run.trainer, run.state
     started = time.perf_counter()
-    matrix, samples = evaluate(run.model, run.val_loader, len(run.class_names), run.device,
-                               t.precision, run.ignore_index, t.max_val_batches,
-                               t.num_vis_images if run.dist.is_main else 0,
-                               progress=t.progress_bar and run.dist.is_main)
+    matrix, samples = evaluate_loader(run.model, run.val_loader, len(run.class_names), run.device,
+                                      InferenceOptions(precision=str(t.precision)),
+                                      run.ignore_index, t.max_val_batches,
+                                      t.num_vis_images if run.dist.is_main else 0,
+                                      progress=t.progress_bar and run.dist.is_main)
     matrix.all_reduce()  # each rank saw its share of the split: sum to the whole split
     results = matrix.compute()
     confusion = matrix.mat.cpu().numpy()

@@ -8,29 +8,12 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from segexp.errors import ConfigError
+from segexp.weights_io import load_weights_into, read_state_dict
 
 log = logging.getLogger(__name__)
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    from segexp.engine.checkpoint import read_weights_file
-
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise ConfigError(f"model.checkpoint={path}: no such file.")
-    state = read_weights_file(path, option="model.checkpoint")
-    if isinstance(state, dict) and isinstance(state.get("model"), dict) and "state" in state:
-        return state["model"]  # a segexp training checkpoint
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        return state["state_dict"]  # MMSegmentation / Lightning style wrapper
-    if not isinstance(state, dict):
-        raise ConfigError(f"model.checkpoint={path} holds a {type(state).__name__}, not a "
-                          "state dict.")
-    return state
 
 
 def _converters() -> dict[str, tuple[Callable[[dict], bool], Callable[[dict], dict]]]:
@@ -92,47 +75,17 @@ def convert(state: dict, model_keys: set[str], checkpoint_format: str = "auto") 
     return formats[checkpoint_format][1](state), checkpoint_format
 
 
-def problems_table(rows: list[tuple[str, str, str]]) -> str:
-    width = max(len(r[0]) for r in rows)
-    lines = [f"{'key'.ljust(width)}  {'problem':<22}  detail", "-" * (width + 40)]
-    lines += [f"{key.ljust(width)}  {problem:<22}  {detail}" for key, problem, detail in rows]
-    return "\n".join(lines)
-
-
 def load_weights(model: nn.Module, path: str | Path, checkpoint_format: str = "auto",
                  reinit_classifier: bool = False, num_classes: int | None = None) -> str:
     """Load ``path`` into ``model``; raise a ConfigError with a table of every key that does not
     fit. With ``reinit_classifier`` a classifier whose class count differs keeps its fresh
     initialisation (fine-tuning on a dataset with other classes)."""
-    target = model.state_dict()
-    state, fmt = convert(read_state_dict(path), set(target), checkpoint_format)
-    rows: list[tuple[str, str, str]] = []
-    reinitialised = []
-    loadable = {}
-    for key, value in state.items():
-        if key not in target:
-            rows.append((key, "unexpected", f"in the file {tuple(value.shape)}, not in the model"))
-        elif value.shape != target[key].shape:
-            # (K + 1 rows: a mask-classification head's, whose last class is "no object")
-            is_classifier = (num_classes is not None and target[key].ndim >= 1
-                             and target[key].shape[0] in (num_classes, num_classes + 1)
-                             and value.shape[1:] == target[key].shape[1:])
-            if is_classifier and reinit_classifier:
-                reinitialised.append(key)
-            else:
-                hint = " (a classifier: set model.reinit_classifier=true to fine-tune on other " \
-                       "classes)" if is_classifier else ""
-                rows.append((key, "shape mismatch",
-                             f"file {tuple(value.shape)} vs model {tuple(target[key].shape)}{hint}"))
-        else:
-            loadable[key] = value
-    rows += [(key, "missing", f"in the model {tuple(target[key].shape)}, not in the file")
-             for key in target if key not in state]
-    if rows:
-        raise ConfigError(f"model.checkpoint={path} (read as '{fmt}') does not fit this model; "
-                          f"{len(rows)} key(s):\n{problems_table(rows)}\nCheck model=, backbone= "
-                          "and head= against the model the file was saved from.")
-    model.load_state_dict(loadable, strict=False)
-    note = f", re-initialised {', '.join(reinitialised)}" if reinitialised else ""
-    log.info(f"Loaded {len(loadable)} tensors from {path} ({fmt} layout{note}).")
+    state = read_state_dict(path, "model.checkpoint")
+    state, fmt = convert(state, set(model.state_dict()), checkpoint_format)
+    fit = load_weights_into(model, state, option="model.checkpoint", path=path, fmt=fmt,
+                            num_classes=num_classes, reinit_classifier=reinit_classifier,
+                            remedy="Check model=, backbone= and head= against the model the file "
+                                   "was saved from.")
+    note = f", re-initialised {', '.join(fit.reinitialised)}" if fit.reinitialised else ""
+    log.info(f"Loaded {len(fit.loadable)} tensors from {path} ({fmt} layout{note}).")
     return fmt
