@@ -14,7 +14,7 @@ from torch import nn
 
 from segexp.backbones.pretrained import pretrained_mode, scratch_source
 from segexp.errors import ConfigError
-from segexp.heads.unet import DoubleConv
+from segexp.nn import DoubleConv
 
 
 class UNetEncoder(nn.Module):
