@@ -7,6 +7,8 @@ the checkpoint format (``0`` = conv, ``1`` = norm inside the Sequentials; conver
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from timm.layers import DropPath
 from torch import nn
@@ -67,6 +69,16 @@ class ChannelLayerNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def stage_outputs(stages: Iterable[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+    """Run an encoder's ``stages`` one after another and keep every stage's output: the
+    multi-scale feature list a backbone returns (shallow to deep)."""
+    features = []
+    for stage in stages:
+        x = stage(x)
+        features.append(x)
+    return features
 
 
 def drop_path_or_identity(rate: float) -> nn.Module:

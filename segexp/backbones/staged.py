@@ -19,7 +19,7 @@ from torch import nn
 
 from segexp.backbones.pretrained import checkpoint_source, pretrained_mode, scratch_source, warn_from_scratch
 from segexp.errors import ConfigError
-from segexp.nn import drop_path_rates
+from segexp.nn import drop_path_rates, stage_outputs
 
 NUM_STAGES = 4
 
@@ -126,8 +126,4 @@ class StagedEncoder(nn.Module):
                 mode, f"a custom {self.family} has no published weights" if custom else cannot)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        features = []
-        for stage in self.stages:
-            x = stage(x)
-            features.append(x)
-        return features
+        return stage_outputs(self.stages, x)

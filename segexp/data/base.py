@@ -3,8 +3,9 @@
 A dataset yields ``(image, mask)`` pairs: ``image`` a float tensor ``3xHxW`` (after the configured
 transforms, usually normalised), ``mask`` an int64 tensor ``HxW`` of class indices with
 ``ignore_index`` (255) for pixels that count nowhere. It also carries ``class_names`` and a colour
-``palette`` for pictures. A new dataset subclasses :class:`SegmentationDataset` and implements
-``__len__`` and :meth:`load`; checks, transforms and reproducible augmentation live here once.
+``palette`` for pictures. A new dataset subclasses :class:`SegmentationDataset`, fills ``samples``
+and implements :meth:`load`; length, file list, checks, transforms, reproducible augmentation and
+the "expected ..., found ..." message for a wrong ``dataset.root`` live here once.
 """
 
 from __future__ import annotations
@@ -315,7 +316,7 @@ class SegmentationDataset(Dataset):
         self.ignore_index = ignore_index
         self._declared_num_classes = num_classes
 
-    # -- to implement -------------------------------------------------------------------------
+    # -- to implement (or keep) ---------------------------------------------------------------
     def __len__(self) -> int:
         return len(self.samples)
 
