@@ -39,6 +39,17 @@ def _untimed(max_time: Any, value: Any) -> Any:
 OmegaConf.register_new_resolver("untimed", _untimed, replace=True)
 
 
+def model_label(model: Any, head: Any) -> str:
+    """``${model_label:<model>,<head>}``: the model's name in run names, with the decode head after
+    a dash when ``head=...`` chose another than the model's own (``setr-setr_mla``); a head
+    named like the model (the default, ``head: ${model}``) or none adds nothing."""
+    model, head = str(model), "" if head is None else str(head)
+    return model if head in ("", model) else f"{model}-{head}"
+
+
+OmegaConf.register_new_resolver("model_label", model_label, replace=True)
+
+
 def instantiate(node: Any, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate``, but an error of ours raised inside a target comes out as
     itself: Hydra wraps it, and our messages already say what is wrong and what to do."""

@@ -13,6 +13,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
+import segexp.config  # noqa: F401  (registers the resolvers conf/train.yaml uses: run names)
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 SHARED_DATASETS = ROOT.parent / "shared" / "datasets"

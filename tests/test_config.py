@@ -104,3 +104,42 @@ def test_the_brief_command_composes():
     assert cfg.backbone.name == "convnext_tiny" and cfg.head._target_.endswith("UPerHead")
     assert cfg.dataset._target_.endswith("CityscapesDataset") and cfg.model.num_classes == 19
     assert cfg.backbone.out_norms is True  # the sized file whole, not a copy of part of it
+
+
+ALL_MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+SHARED_KEYS = OmegaConf.load(CONF / "model" / "shared" / "keys.yaml")
+
+
+@pytest.mark.parametrize("model", ALL_MODELS)
+def test_every_model_config_builds_on_the_shared_keys(model):
+    own = OmegaConf.load(CONF / "model" / f"{model}.yaml")
+    assert own.defaults[0] == "shared/keys@_here_" and own.defaults[-1] == "_self_"
+    cfg = compose_config(f"model={model}")
+    assert cfg.model._target_ in ("segexp.models.Segmentor", "segexp.models.eomt.EoMT")
+    assert cfg.model.num_classes == cfg.dataset.num_classes
+    for key in ("align_corners", "checkpoint", "checkpoint_format", "reinit_classifier"):
+        assert cfg.model[key] == SHARED_KEYS[key], key
+    # A model file states only what differs from the shared keys (restating the checkpoint keys
+    # is allowed: there a model documents which weight files it reads).
+    restated = {k for k in own if k in SHARED_KEYS and own[k] == SHARED_KEYS[k]}
+    assert restated <= {"checkpoint", "checkpoint_format"}, restated
+
+
+def test_shared_keys_are_no_model_option():
+    assert "shared" not in ALL_MODELS and "keys" not in ALL_MODELS
+    with pytest.raises(MissingConfigException):
+        compose_config("model=keys")
+
+
+def test_run_name_and_tags_name_an_overridden_head(tmp_path):
+    from segexp.engine.experiment import hydra_run_info
+
+    base = ("model=setr", "backbone=vit_base", "dataset=stanford_background")
+    cfg = compose_config(*base)
+    assert cfg.name == "setr_vit_base_stanford_background"
+    assert not [t for t in hydra_run_info(cfg, tmp_path).tags if t.startswith("head:")]
+    cfg = compose_config(*base, "head=setr_mla")
+    assert cfg.name == "setr-setr_mla_vit_base_stanford_background"
+    assert hydra_run_info(cfg, tmp_path).tags == ["model:setr", "head:setr_mla", "backbone:vit_base",
+                                                  "dataset:stanford_background"]
+    assert compose_config("model=pspnet", "head=pspnet").name == "pspnet_resnet18_synthetic"

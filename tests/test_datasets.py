@@ -316,6 +316,15 @@ def _write_stanford(root: Path, labels: dict[str, np.ndarray]) -> None:
         (root / "labels" / f"{sample_id}.surfaces.txt").write_text(text)  # ignored
 
 
+def stanford_ids(ds: StanfordBackgroundDataset) -> list[str]:
+    """The ids of a Stanford Background split, checking each sample pairs <id>.jpg with its
+    labels/<id>.regions.txt."""
+    ids = [image.name[:-4] for image, _ in ds.samples]
+    assert [labels for _, labels in ds.samples] == [
+        ds.root / "labels" / f"{i}.regions.txt" for i in ids]
+    return ids
+
+
 def test_stanford_fixture_parser_and_split(tmp_path):
     rng = np.random.default_rng(0)
     labels = {"0000001": rng.integers(-1, 8, size=(5, 7)),
@@ -324,10 +333,10 @@ def test_stanford_fixture_parser_and_split(tmp_path):
     _write_stanford(tmp_path, labels)
     train = StanfordBackgroundDataset(root=tmp_path)
     val = StanfordBackgroundDataset(split="val", root=tmp_path)
-    assert len(train) == len(val) == 1 and set(train.ids + val.ids) == set(labels)
+    assert len(train) == len(val) == 1 and set(stanford_ids(train) + stanford_ids(val)) == set(labels)
     for ds in (train, val):
         sample = ds.load(0)
-        expected = labels[ds.ids[0]]
+        expected = labels[stanford_ids(ds)[0]]
         np.testing.assert_array_equal(sample.mask, np.where(expected < 0, 255, expected))
         assert sample.image.shape == (5, 7, 3)
     parsed = read_regions(tmp_path / "labels" / "0000001.regions.txt")
@@ -373,10 +382,10 @@ def test_stanford_real_split(stanford_root):
     train = StanfordBackgroundDataset(root=stanford_root)
     val = StanfordBackgroundDataset(split="val", root=stanford_root)
     assert len(train) == 572 and len(val) == 143
-    assert not set(train.ids) & set(val.ids)
+    assert not set(stanford_ids(train)) & set(stanford_ids(val))
     all_ids = sorted(p.name[:-4] for p in (stanford_root / "images").glob("*.jpg"))
-    assert sorted(train.ids + val.ids) == all_ids
-    assert StanfordBackgroundDataset(root=stanford_root).ids == train.ids
+    assert sorted(stanford_ids(train) + stanford_ids(val)) == all_ids
+    assert stanford_ids(StanfordBackgroundDataset(root=stanford_root)) == stanford_ids(train)
 
 
 def test_stanford_real_sample(stanford_root):
@@ -384,7 +393,7 @@ def test_stanford_real_sample(stanford_root):
     unknown_found = False
     for index in range(0, len(ds), 40):
         sample = ds.load(index)
-        raw = np.loadtxt(stanford_root / "labels" / f"{ds.ids[index]}.regions.txt", dtype=int)
+        raw = np.loadtxt(stanford_root / "labels" / f"{stanford_ids(ds)[index]}.regions.txt", dtype=int)
         np.testing.assert_array_equal(sample.mask, np.where(raw < 0, 255, raw))
         assert sample.image.shape[:2] == sample.mask.shape
         assert set(np.unique(sample.mask).tolist()) <= set(range(8)) | {255}
@@ -392,3 +401,33 @@ def test_stanford_real_sample(stanford_root):
         image, mask = ds[index]
         assert mask.shape == sample.mask.shape
     assert unknown_found  # the real data has unknown pixels in some of these samples
+
+
+def test_stanford_samples_drive_len_files_and_drop(tmp_path):
+    _write_stanford(tmp_path, {f"{i:07d}": np.zeros((4, 6), int) for i in range(10)})
+    ds = StanfordBackgroundDataset(root=tmp_path)
+    ids = stanford_ids(ds)
+    assert len(ds) == len(ds.samples) == 8
+    assert ds.files() == [p for i in ids for p in (tmp_path / "images" / f"{i}.jpg",
+                                                   tmp_path / "labels" / f"{i}.regions.txt")]
+    ds.drop_samples([0, 3])
+    assert len(ds) == 6 and stanford_ids(ds) == [i for k, i in enumerate(ids) if k not in (0, 3)]
+
+
+def test_found_in_and_root_hint(tmp_path):
+    from segexp.data.base import found_in, root_hint
+
+    assert found_in(tmp_path / "nope") == f"no folder {tmp_path / 'nope'}"
+    assert found_in(tmp_path) == "an empty folder"
+    for name in "abcdefghijkl":
+        (tmp_path / name).touch()
+    (tmp_path / "sub").mkdir()
+    assert found_in(tmp_path) == "a, b, c, d, e, f, g, h, i, j ..."
+    assert found_in(tmp_path, 12) == "a, b, c, d, e, f, g, h, i, j, k, l ..."
+    assert found_in(tmp_path, 13) == "a, b, c, d, e, f, g, h, i, j, k, l, sub/"
+    assert root_hint(tmp_path, [tmp_path / "sub"], holds=" with subsets") == (
+        f" It holds sub/ with subsets: did you mean dataset.root={tmp_path / 'sub'}?")
+    assert root_hint(tmp_path / "images", [], ("images",)) == (
+        f" {tmp_path / 'images'} is itself one of the sub-folders: did you mean "
+        f"dataset.root={tmp_path}?")
+    assert root_hint(tmp_path / "x", [], ("images",)) == ""

@@ -20,10 +20,10 @@ from torch import nn
 
 from segexp.convert.mmseg import convert_mmseg, looks_like_mmseg
 from segexp.errors import ConfigError
-from segexp.heads.common import ConvBNReLU
 from segexp.heads.segformer import SegFormerHead
 from segexp.models import build_model
 from segexp.models import weights as weights_module
+from segexp.nn import ConvBNReLU
 from tests.conftest import compose_config
 from tests.test_weights import randomise_batchnorm
 

@@ -374,16 +374,36 @@ def test_camvid_values_above_void_are_refused(tmp_path):
 
 
 # -- KITTI --------------------------------------------------------------------------------------
+def kitti_names(ds: KITTIDataset) -> list[str]:
+    """The file names of a KITTI split, checking each sample pairs image_2/<name> with
+    semantic/<name>."""
+    names = [image.name for image, _ in ds.samples]
+    assert ds.samples == [(ds.root / "training" / "image_2" / n, ds.root / "training" / "semantic" / n)
+                          for n in names]
+    return names
+
+
+def test_kitti_samples_drive_len_files_and_drop(tmp_path):
+    write_kitti(tmp_path, n=10)
+    ds = KITTIDataset(split="trainval", root=tmp_path)
+    names = kitti_names(ds)
+    assert len(ds) == 10 and ds.files() == [
+        folder / name for name in names
+        for folder in (tmp_path / "training" / "image_2", tmp_path / "training" / "semantic")]
+    ds.drop_samples([1])
+    assert len(ds) == 9 and kitti_names(ds) == names[:1] + names[2:]
+
+
 def test_kitti_fixture_converts_label_ids_and_splits(tmp_path):
     labels = write_kitti(tmp_path, n=10)
     train, val = KITTIDataset(root=tmp_path), KITTIDataset(split="val", root=tmp_path)
     trainval = KITTIDataset(split="trainval", root=tmp_path)
     assert (len(train), len(val), len(trainval)) == (8, 2, 10)
-    assert sorted(train.names + val.names) == trainval.names == sorted(labels)
+    assert sorted(kitti_names(train) + kitti_names(val)) == kitti_names(trainval) == sorted(labels)
     assert train.num_classes == 19 and train.class_names == CityscapesDataset.class_names
     assert train.palette == CityscapesDataset.palette
     for ds in (train, val):
-        for index, name in enumerate(ds.names):
+        for index, name in enumerate(kitti_names(ds)):
             sample = ds.load(index)
             np.testing.assert_array_equal(sample.mask, expected_train_ids(labels[name]))
             assert sample.source == str(tmp_path / "training" / "semantic" / name)
@@ -391,7 +411,7 @@ def test_kitti_fixture_converts_label_ids_and_splits(tmp_path):
     assert tuple(trainval.load(0).image[0, 0]) == (0, 10, 200)
     image, mask = val[0]
     assert image.dtype == torch.float32 and image.shape == (3, 6, 14) and mask.dtype == torch.int64
-    assert KITTIDataset(root=tmp_path, train_split="trainval").names == trainval.names
+    assert kitti_names(KITTIDataset(root=tmp_path, train_split="trainval")) == kitti_names(trainval)
     with pytest.raises(ConfigError, match="train, val or trainval"):
         KITTIDataset(split="test", root=tmp_path)
     with pytest.raises(ConfigError, match="train_split"):

@@ -27,12 +27,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
 from torch import nn
 
-from segexp.backbones.init import init_weights
-from segexp.backbones.pretrained import checkpoint_source, pretrained_mode, scratch_source, warn_from_scratch
+from segexp.backbones.staged import StagedEncoder
 from segexp.errors import ConfigError
+from segexp.nn import drop_path_or_identity
 from segexp.weights_io import load_weights_into, read_state_dict
 
 # name -> (embed dims, depths); heads, sr ratios and MLP ratios are shared by all variants.
@@ -130,7 +129,7 @@ class MiTBlock(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=BLOCK_NORM_EPS)
         self.attn = EfficientSelfAttention(dim, num_heads, sr_ratio, qkv_bias, attn_drop, drop)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = drop_path_or_identity(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=BLOCK_NORM_EPS)
         self.mlp = MixFFN(dim, int(dim * mlp_ratio), drop)
 
@@ -158,12 +157,16 @@ class MiTStage(nn.Module):
         return x.transpose(1, 2).reshape(x.shape[0], -1, *hw)  # back to NCHW
 
 
-class MixVisionTransformer(nn.Module):
+class MixVisionTransformer(StagedEncoder):
     """MiT-B0..B5 as a segexp backbone: 4 maps, ``channels`` = embed dims, strides 4..32.
 
     ``depths`` / ``embed_dims`` / ``num_heads`` / ``sr_ratios`` / ``mlp_ratios`` override the
     variant's values (e.g. a shallow B2 for quick experiments).
     """
+
+    family = "MiT"
+    prefix = "mit"
+    variants = MIT_VARIANTS
 
     def __init__(self, variant: str = "b0", in_chans: int = 3, drop_path_rate: float = 0.1,
                  pretrained: bool | str = False, checkpoint: str | None = None, *,
@@ -172,66 +175,28 @@ class MixVisionTransformer(nn.Module):
                  mlp_ratios: Sequence[float] | None = None, qkv_bias: bool = True,
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  size_divisor: int = 32) -> None:
-        super().__init__()
-        variant = str(variant).lower().removeprefix("mit_").removeprefix("mit-")
-        if variant not in MIT_VARIANTS:
-            raise ConfigError(f"MixVisionTransformer: unknown variant '{variant}'; choose one of "
-                              f"{', '.join(MIT_VARIANTS)} (backbone=mit_b0 ... mit_b5).")
-        self.variant = variant
-        self.name = f"mit_{variant}"
-        dims, default_depths = MIT_VARIANTS[variant]
-        dims = tuple(int(d) for d in (embed_dims or dims))
-        depths = tuple(int(d) for d in (depths or default_depths))
-        heads = tuple(int(h) for h in (num_heads or NUM_HEADS))
-        srs = tuple(int(s) for s in (sr_ratios or SR_RATIOS))
-        mlps = tuple(float(m) for m in (mlp_ratios or MLP_RATIOS))
-        if not len(dims) == len(depths) == len(heads) == len(srs) == len(mlps) == 4:
-            raise ConfigError("MixVisionTransformer: embed_dims, depths, num_heads, sr_ratios and "
-                              "mlp_ratios need one entry per stage (4).")
-        total = sum(depths)
-        # Stochastic depth grows linearly from 0 to drop_path_rate over all blocks.
-        rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
-        stages, c, start = [], in_chans, 0
-        for i in range(4):
-            stages.append(MiTStage(
-                c, dims[i], depths[i], patch_size=PATCH_SIZES[i], stride=STRIDES[i],
-                num_heads=heads[i], sr_ratio=srs[i], mlp_ratio=mlps[i], qkv_bias=qkv_bias,
-                drop=drop_rate, attn_drop=attn_drop_rate,
-                drop_paths=rates[start:start + depths[i]]))
-            c, start = dims[i], start + depths[i]
-        self.stages = nn.ModuleList(stages)
-        self.channels: list[int] = list(dims)
-        self.reductions: list[int] = [4, 8, 16, 32]
-        self.size_divisor = size_divisor
-        self.apply(init_weights)
+        super().__init__(variant, embed_dims, depths)
+        self.num_heads = tuple(int(h) for h in (num_heads or NUM_HEADS))
+        self.sr_ratios = tuple(int(s) for s in (sr_ratios or SR_RATIOS))
+        self.mlp_ratios = tuple(float(m) for m in (mlp_ratios or MLP_RATIOS))
+        self.check_per_stage(embed_dims=self.dims, depths=self.depths, num_heads=self.num_heads,
+                             sr_ratios=self.sr_ratios, mlp_ratios=self.mlp_ratios)
+        self.block_options = dict(qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate)
+        self.build_stages(in_chans, drop_path_rate, size_divisor)
+        # The published weights fit the paper's variants only: a custom MiT expects none.
+        custom = (self.dims, self.depths, self.num_heads, self.sr_ratios, self.mlp_ratios) != (
+            self.default_dims, self.default_depths, NUM_HEADS, SR_RATIOS, MLP_RATIOS)
+        self.load_weights(
+            pretrained, checkpoint, custom=custom, convert=_convert_foreign,
+            remedy=(f"download the ImageNet-pretrained encoder 'nvidia/mit-{self.variant}' from "
+                    "the Hugging Face Hub elsewhere (its pytorch_model.bin or model.safetensors) "
+                    "and pass backbone.checkpoint=/path/to/that/file (converted on load)"))
 
-        mode = pretrained_mode(pretrained)
-        remedy = (f"download the ImageNet-pretrained encoder 'nvidia/mit-{variant}' from the "
-                  "Hugging Face Hub elsewhere (its pytorch_model.bin or model.safetensors) and pass "
-                  "backbone.checkpoint=/path/to/that/file (converted on load)")
-        if checkpoint:
-            load_backbone_checkpoint(self, checkpoint, convert=_convert_foreign)
-            self.pretrained_source = checkpoint_source(checkpoint)
-        elif mode == "true":
-            raise ConfigError(f"backbone.pretrained=true: segexp cannot download MiT weights. "
-                              f"To use them, {remedy}, or train from scratch with "
-                              "backbone.pretrained=false.")
-        else:
-            # The published weights fit the paper's variants only: a custom MiT expects none.
-            custom = (dims, depths, heads, srs, mlps) != (
-                MIT_VARIANTS[variant][0], default_depths, NUM_HEADS, SR_RATIOS, MLP_RATIOS)
-            if mode == "auto" and not custom:
-                warn_from_scratch(self.name, "segexp cannot download MiT weights", remedy)
-            self.pretrained_source = scratch_source(
-                mode, "a custom MiT has no published weights" if custom
-                else "segexp cannot download MiT weights")
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        features = []
-        for stage in self.stages:
-            x = stage(x)
-            features.append(x)
-        return features
+    def make_stage(self, index: int, in_chans: int, drop_paths: Sequence[float]) -> nn.Module:
+        i = index
+        return MiTStage(in_chans, self.dims[i], self.depths[i], patch_size=PATCH_SIZES[i],
+                        stride=STRIDES[i], num_heads=self.num_heads[i], sr_ratio=self.sr_ratios[i],
+                        mlp_ratio=self.mlp_ratios[i], drop_paths=drop_paths, **self.block_options)
 
 
 def _convert_foreign(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:

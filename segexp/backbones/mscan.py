@@ -40,13 +40,10 @@ import re
 from collections.abc import Sequence
 
 import torch
-from timm.layers import DropPath
 from torch import nn
 
-from segexp.backbones.init import init_weights
-from segexp.backbones.mit import load_backbone_checkpoint
-from segexp.backbones.pretrained import checkpoint_source, pretrained_mode, scratch_source, warn_from_scratch
-from segexp.errors import ConfigError
+from segexp.backbones.staged import StagedEncoder
+from segexp.nn import ChannelLayerNorm, drop_path_or_identity
 
 # name -> (embed dims, depths)
 MSCAN_VARIANTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
@@ -144,7 +141,7 @@ class MSCANBlock(nn.Module):
         super().__init__()
         self.norm1 = nn.BatchNorm2d(dim)
         self.attn = SpatialAttention(dim, strip_sizes)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = drop_path_or_identity(drop_path)
         self.norm2 = nn.BatchNorm2d(dim)
         self.mlp = ConvMlp(dim, int(dim * mlp_ratio), drop)
         self.layer_scale_1 = nn.Parameter(torch.full((dim,), layer_scale_init))
@@ -162,79 +159,47 @@ class MSCANStage(nn.Module):
         self.embed = embed
         self.blocks = nn.Sequential(*(MSCANBlock(dim, mlp_ratio, drop, dp, strip_sizes=strip_sizes)
                                       for dp in drop_paths))
-        self.norm = nn.LayerNorm(dim)
+        self.norm = ChannelLayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(self.embed(x))
-        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
+        return self.norm(self.blocks(self.embed(x))).contiguous()
 
 
-class MSCAN(nn.Module):
+class MSCAN(StagedEncoder):
     """MSCAN-T/S/B/L as a segexp backbone: 4 maps, ``channels`` = embed dims, strides 4..32.
 
     ``embed_dims`` / ``depths`` / ``mlp_ratios`` override the variant's values.
     """
+
+    family = "MSCAN"
+    prefix = "mscan"
+    variants = MSCAN_VARIANTS
 
     def __init__(self, variant: str = "t", in_chans: int = 3, drop_path_rate: float = 0.1,
                  pretrained: bool | str = False, checkpoint: str | None = None, *,
                  embed_dims: Sequence[int] | None = None, depths: Sequence[int] | None = None,
                  mlp_ratios: Sequence[float] | None = None, drop_rate: float = 0.0,
                  strip_sizes: Sequence[int] = (7, 11, 21), size_divisor: int = 32) -> None:
-        super().__init__()
-        variant = str(variant).lower().removeprefix("mscan_").removeprefix("mscan-")
-        if variant not in MSCAN_VARIANTS:
-            raise ConfigError(f"MSCAN: unknown variant '{variant}'; choose one of "
-                              f"{', '.join(MSCAN_VARIANTS)} (backbone=mscan_t ... mscan_l).")
-        self.variant = variant
-        self.name = f"mscan_{variant}"
-        dims, default_depths = MSCAN_VARIANTS[variant]
-        dims = tuple(int(d) for d in (embed_dims or dims))
-        depths = tuple(int(d) for d in (depths or default_depths))
-        mlps = tuple(float(m) for m in (mlp_ratios or MLP_RATIOS))
-        if not len(dims) == len(depths) == len(mlps) == 4:
-            raise ConfigError("MSCAN: embed_dims, depths and mlp_ratios need one entry per "
-                              "stage (4).")
-        total = sum(depths)
-        rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
-        stages, start = [], 0
-        for i in range(4):
-            embed = StemConv(in_chans, dims[0]) if i == 0 else PatchEmbed(dims[i - 1], dims[i])
-            stages.append(MSCANStage(embed, dims[i], mlps[i], drop_rate,
-                                     rates[start:start + depths[i]], strip_sizes))
-            start += depths[i]
-        self.stages = nn.ModuleList(stages)
-        self.channels: list[int] = list(dims)
-        self.reductions: list[int] = [4, 8, 16, 32]
-        self.size_divisor = size_divisor
-        self.apply(init_weights)
+        super().__init__(variant, embed_dims, depths)
+        self.mlp_ratios = tuple(float(m) for m in (mlp_ratios or MLP_RATIOS))
+        self.check_per_stage(embed_dims=self.dims, depths=self.depths, mlp_ratios=self.mlp_ratios)
+        self.drop_rate = drop_rate
+        self.strip_sizes = tuple(strip_sizes)
+        self.build_stages(in_chans, drop_path_rate, size_divisor)
+        # The published weights fit the paper's variants only: a custom MSCAN expects none.
+        custom = (self.dims, self.depths, self.mlp_ratios, self.strip_sizes) != (
+            self.default_dims, self.default_depths, MLP_RATIOS, (7, 11, 21))
+        self.load_weights(
+            pretrained, checkpoint, custom=custom, convert=convert_mmseg_mscan,
+            remedy=(f"download MMSegmentation's ImageNet-pretrained MSCAN-{self.variant.upper()} "
+                    f"elsewhere ({PRETRAINED_URLS[self.variant]}) and pass "
+                    "backbone.checkpoint=/path/to/that/file (converted on load)"))
 
-        mode = pretrained_mode(pretrained)
-        remedy = (f"download MMSegmentation's ImageNet-pretrained MSCAN-{variant.upper()} elsewhere "
-                  f"({PRETRAINED_URLS[variant]}) and pass backbone.checkpoint=/path/to/that/file "
-                  "(converted on load)")
-        if checkpoint:
-            load_backbone_checkpoint(self, checkpoint, convert=convert_mmseg_mscan)
-            self.pretrained_source = checkpoint_source(checkpoint)
-        elif mode == "true":
-            raise ConfigError(f"backbone.pretrained=true: segexp cannot download MSCAN weights. "
-                              f"To use them, {remedy}, or train from scratch with "
-                              "backbone.pretrained=false.")
-        else:
-            # The published weights fit the paper's variants only: a custom MSCAN expects none.
-            custom = (dims, depths, mlps, tuple(strip_sizes)) != (
-                MSCAN_VARIANTS[variant][0], default_depths, MLP_RATIOS, (7, 11, 21))
-            if mode == "auto" and not custom:
-                warn_from_scratch(self.name, "segexp cannot download MSCAN weights", remedy)
-            self.pretrained_source = scratch_source(
-                mode, "a custom MSCAN has no published weights" if custom
-                else "segexp cannot download MSCAN weights")
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        features = []
-        for stage in self.stages:
-            x = stage(x)
-            features.append(x)
-        return features
+    def make_stage(self, index: int, in_chans: int, drop_paths: Sequence[float]) -> nn.Module:
+        # Stage 1 starts with the stem; in_chans is the image's there and the previous stage's after.
+        embed = StemConv(in_chans, self.dims[0]) if index == 0 else PatchEmbed(in_chans, self.dims[index])
+        return MSCANStage(embed, self.dims[index], self.mlp_ratios[index], self.drop_rate, drop_paths,
+                          self.strip_sizes)
 
 
 # MMSegmentation MSCAN key -> ours, inside a block (after "block{i}.{j}.").

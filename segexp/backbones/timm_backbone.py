@@ -9,7 +9,6 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import LayerNorm2d
 from torch import nn
 
 from segexp.backbones.pretrained import (
@@ -19,6 +18,7 @@ from segexp.backbones.pretrained import (
     pretrained_mode,
 )
 from segexp.errors import ConfigError, first_line
+from segexp.nn import ChannelLayerNorm
 from segexp.weights_io import fit_state_dict, misfit_error, read_state_dict
 
 
@@ -78,7 +78,7 @@ class TimmBackbone(nn.Module):
         # Swin (and other transformer stages in timm) hand back channels-last maps.
         self.channels_last = str(getattr(self.body, "output_fmt", "NCHW")).endswith("NHWC")
         _pad_windows_before_shift(self.body)
-        self.out_norms = nn.ModuleList(LayerNorm2d(c, eps=out_norm_eps) for c in self.channels) \
+        self.out_norms = nn.ModuleList(ChannelLayerNorm(c, eps=out_norm_eps) for c in self.channels) \
             if out_norms else None
         if lr_decay_type not in ("stage_wise", "layer_wise"):
             raise ConfigError(f"backbone.lr_decay_type={lr_decay_type}: choose stage_wise or "

@@ -14,7 +14,7 @@ from torch import nn
 
 from segexp.backbones.pretrained import pretrained_mode, scratch_source
 from segexp.errors import ConfigError
-from segexp.heads.unet import DoubleConv
+from segexp.nn import DoubleConv, stage_outputs
 
 
 class UNetEncoder(nn.Module):
@@ -43,8 +43,4 @@ class UNetEncoder(nn.Module):
         self.stages = nn.ModuleList(stages)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        features = []
-        for stage in self.stages:
-            x = stage(x)
-            features.append(x)
-        return features
+        return stage_outputs(self.stages, x)

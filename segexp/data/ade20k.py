@@ -7,7 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
-from segexp.data.base import IGNORE_INDEX, Sample, SegmentationDataset, read_image, read_mask
+from segexp.data.base import (
+    IGNORE_INDEX,
+    Sample,
+    SegmentationDataset,
+    read_image,
+    read_mask,
+    root_hint,
+)
 from segexp.errors import ConfigError, DataError
 
 URL = "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip"
@@ -75,13 +82,6 @@ def reduce_zero_label(mask: np.ndarray, ignore_index: int = IGNORE_INDEX) -> np.
     return lut[mask.astype(np.intp)]
 
 
-def _found(root: Path) -> str:
-    if not root.is_dir():
-        return f"no folder {root}"
-    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
-    return ", ".join(entries[:10]) + (" ..." if len(entries) > 10 else "") or "an empty folder"
-
-
 class ADE20KDataset(SegmentationDataset):
     """ADE20K SceneParsing (MIT Scene Parsing Benchmark): 20210 training and 2000 validation
     images of varied sizes labelled with 150 classes.
@@ -114,18 +114,12 @@ class ADE20KDataset(SegmentationDataset):
         folder = SPLIT_FOLDERS[self.split]
         images, annotations = self.root / "images" / folder, self.root / "annotations" / folder
         if not images.is_dir() or not annotations.is_dir():
-            hint = ""
-            if (self.root / "ADEChallengeData2016").is_dir():
-                hint = (" It holds ADEChallengeData2016/: did you mean "
-                        f"dataset.root={self.root / 'ADEChallengeData2016'}?")
-            elif self.root.name in ("images", "annotations"):
-                hint = (f" {self.root} is itself one of the sub-folders: did you mean "
-                        f"dataset.root={self.root.parent}?")
-            raise DataError(
-                f"ADE20K data not found: expected the sub-folders {images} and {annotations} "
-                f"(ADEChallengeData2016 layout), found {_found(self.root)}.{hint} Download {URL}, "
-                "extract it and set dataset.root=<path>/ADEChallengeData2016 or SEGEXP_DATA=<dir> "
-                "with <dir>/ade20k/ADEChallengeData2016.")
+            nested = [p for p in (self.root / "ADEChallengeData2016",) if p.is_dir()]
+            raise self.data_not_found(
+                "ADE20K", f"the sub-folders {images} and {annotations} (ADEChallengeData2016 layout)",
+                f"Download {URL}, extract it and set dataset.root=<path>/ADEChallengeData2016 or "
+                "SEGEXP_DATA=<dir> with <dir>/ade20k/ADEChallengeData2016.",
+                hint=root_hint(self.root, nested, ("images", "annotations")))
         image_paths = sorted(p for p in images.iterdir() if p.suffix == ".jpg")
         if not image_paths:
             raise DataError(f"no <name>.jpg images in {images}. Re-extract {URL}.")
@@ -141,9 +135,6 @@ class ADE20KDataset(SegmentationDataset):
             raise DataError(f"{len(missing)} image(s) in {images} have no {annotations}/<name>.png: "
                             f"{shown}. Re-extract {URL}.")
         return samples
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
     def load(self, index: int) -> Sample:
         image_path, annotation_path = self.samples[index]

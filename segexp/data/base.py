@@ -3,14 +3,15 @@
 A dataset yields ``(image, mask)`` pairs: ``image`` a float tensor ``3xHxW`` (after the configured
 transforms, usually normalised), ``mask`` an int64 tensor ``HxW`` of class indices with
 ``ignore_index`` (255) for pixels that count nowhere. It also carries ``class_names`` and a colour
-``palette`` for pictures. A new dataset subclasses :class:`SegmentationDataset` and implements
-``__len__`` and :meth:`load`; checks, transforms and reproducible augmentation live here once.
+``palette`` for pictures. A new dataset subclasses :class:`SegmentationDataset`, fills ``samples``
+and implements :meth:`load`; length, file list, checks, transforms, reproducible augmentation and
+the "expected ..., found ..." message for a wrong ``dataset.root`` live here once.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -265,9 +266,34 @@ def _orientation_hint(sample: Sample) -> str:
     return ""
 
 
+def found_in(folder: Path, limit: int = 10) -> str:
+    """What ``folder`` holds, for "expected ..., found ..." messages: its first ``limit`` entries
+    (sub-folders marked with ``/``), "an empty folder", or "no folder <path>"."""
+    if not folder.is_dir():
+        return f"no folder {folder}"
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    return ", ".join(entries[:limit]) + (" ..." if len(entries) > limit else "") or "an empty folder"
+
+
+def root_hint(root: Path, nested: Sequence[Path] = (), subfolders: Collection[str] = (), *,
+              holds: str = "", itself: str = "one of the sub-folders") -> str:
+    """The usual reasons a ``dataset.root`` misses its layout, as a hint (" ..." or ""): the data
+    sits one level down (``nested``: the folders under ``root`` found to hold it, first wins;
+    ``holds`` describes them, e.g. " with subsets"), or ``root`` is one of the layout's own
+    sub-folders (its name in ``subfolders``; ``itself`` says which kind)."""
+    if nested:
+        return (f" It holds {nested[0].relative_to(root)}/{holds}: did you mean "
+                f"dataset.root={nested[0]}?")
+    if root.name in subfolders:
+        return f" {root} is itself {itself}: did you mean dataset.root={root.parent}?"
+    return ""
+
+
 class SegmentationDataset(Dataset):
-    """Base class: subclasses set ``class_names`` (and optionally ``palette``) and implement
-    ``__len__`` and :meth:`load`.
+    """Base class: subclasses set ``class_names`` (and optionally ``palette``) and ``samples``
+    (one entry per sample, usually ``(image path, mask path, ...)`` tuples) and implement
+    :meth:`load`. A dataset without such a list (generated data) overrides ``__len__`` and
+    :meth:`files`.
 
     ``__getitem__`` accepts an int, or ``(index, seed)`` from
     :class:`segexp.data.sampler.ResumableSampler`; with a seed the random transforms draw from an
@@ -277,6 +303,8 @@ class SegmentationDataset(Dataset):
 
     class_names: Sequence[str] = ()
     palette: Sequence[tuple[int, int, int]] | None = None
+    samples: list  # set by the subclass; what __len__, files() and drop_samples() work on
+    root: Path  # the data folder, for datasets read from disk
 
     def __init__(self, split: str = "train", transforms: Callable | None = None,
                  ignore_index: int = IGNORE_INDEX, num_classes: int | None = None) -> None:
@@ -285,9 +313,9 @@ class SegmentationDataset(Dataset):
         self.ignore_index = ignore_index
         self._declared_num_classes = num_classes
 
-    # -- to implement -------------------------------------------------------------------------
+    # -- to implement (or keep) ---------------------------------------------------------------
     def __len__(self) -> int:
-        raise NotImplementedError
+        return len(self.samples)
 
     def load(self, index: int) -> Sample:
         """Read sample ``index`` from disk (or generate it), before any transform."""
@@ -297,7 +325,7 @@ class SegmentationDataset(Dataset):
         """Every file this split's samples are read from, so that anything derived from the data
         (the mask scan of :mod:`segexp.data.scan`) notices when one changes; ``[]`` for data that
         is generated, None when unknown (then nothing derived is cached). By default the paths in
-        ``self.samples`` (a list of path tuples, as most datasets keep); override otherwise."""
+        ``self.samples``; override otherwise."""
         samples = getattr(self, "samples", None)
         if samples is None:
             return None
@@ -308,15 +336,21 @@ class SegmentationDataset(Dataset):
     # -- shared behaviour ---------------------------------------------------------------------
     def drop_samples(self, indices) -> None:
         """Leave out the samples at ``indices`` (``skip_bad_files=true``: files that cannot be
-        read). Works on the list the dataset indexes its samples by."""
+        read). Works on ``self.samples``, the list the dataset indexes its samples by."""
         drop = set(indices)
-        for attr in ("samples", "ids", "names"):
-            items = getattr(self, attr, None)
-            if isinstance(items, list) and len(items) == len(self):
-                setattr(self, attr, [item for i, item in enumerate(items) if i not in drop])
-                return
+        items = getattr(self, "samples", None)
+        if isinstance(items, list) and len(items) == len(self):
+            self.samples = [item for i, item in enumerate(items) if i not in drop]
+            return
         raise ConfigError(f"{type(self).__name__} cannot leave samples out, so skip_bad_files "
                           "does not apply to it: remove or repair the files named.")
+
+    def data_not_found(self, title: str, expected: str, remedy: str, *, hint: str = "",
+                       limit: int = 10) -> DataError:
+        """The error for a ``dataset.root`` without the expected layout: ``"<title> data not found:
+        expected <expected>, found <what root holds>.<hint> <remedy>"``."""
+        return DataError(f"{title} data not found: expected {expected}, found "
+                         f"{found_in(self.root, limit)}.{hint} {remedy}")
 
     @property
     def num_classes(self) -> int:

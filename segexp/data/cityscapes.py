@@ -7,7 +7,15 @@ from pathlib import Path
 
 import numpy as np
 
-from segexp.data.base import IGNORE_INDEX, Sample, SegmentationDataset, read_image, read_mask
+from segexp.data.base import (
+    IGNORE_INDEX,
+    Sample,
+    SegmentationDataset,
+    found_in,
+    read_image,
+    read_mask,
+    root_hint,
+)
 from segexp.errors import ConfigError, DataError
 
 URL = "https://www.cityscapes-dataset.com/downloads/"
@@ -39,13 +47,6 @@ def label_ids_to_train_ids(label_ids: np.ndarray, ignore_index: int = IGNORE_IND
                         f"{int(label_ids.max())}); Cityscapes labelIds are 0..33. Re-extract "
                         f"{ARCHIVES} from {URL}.")
     return id_to_train_id_lut(ignore_index)[label_ids.astype(np.intp)]
-
-
-def _found(root: Path) -> str:
-    if not root.is_dir():
-        return f"no folder {root}"
-    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
-    return ", ".join(entries[:10]) + (" ..." if len(entries) > 10 else "") or "an empty folder"
 
 
 class CityscapesDataset(SegmentationDataset):
@@ -88,27 +89,23 @@ class CityscapesDataset(SegmentationDataset):
     def _find_samples(self) -> list[tuple[Path, Path, bool]]:
         images_root, labels_root = self.root / "leftImg8bit", self.root / "gtFine"
         if not images_root.is_dir() or not labels_root.is_dir():
-            hint = ""
-            if (self.root / "cityscapes" / "leftImg8bit").is_dir():
-                hint = f" It holds cityscapes/: did you mean dataset.root={self.root / 'cityscapes'}?"
-            elif self.root.name in ("leftImg8bit", "gtFine"):
-                hint = (f" {self.root} is itself one of the sub-folders: did you mean "
-                        f"dataset.root={self.root.parent}?")
-            elif images_root.is_dir() or labels_root.is_dir():
+            nested = [p for p in (self.root / "cityscapes",) if (p / "leftImg8bit").is_dir()]
+            hint = root_hint(self.root, nested, ("leftImg8bit", "gtFine"))
+            if not hint and (images_root.is_dir() or labels_root.is_dir()):
                 missing = "gtFine_trainvaltest.zip" if images_root.is_dir() else \
                     "leftImg8bit_trainvaltest.zip"
                 hint = f" Extract {missing} there as well."
-            raise DataError(
-                f"Cityscapes data not found: expected the sub-folders {images_root} and "
-                f"{labels_root}, found {_found(self.root)}.{hint} Download {ARCHIVES} from "
-                f"{URL} (free login), extract both into one folder and set "
-                "dataset.root=<that folder> or SEGEXP_DATA=<dir> with <dir>/cityscapes.")
+            raise self.data_not_found(
+                "Cityscapes", f"the sub-folders {images_root} and {labels_root}",
+                f"Download {ARCHIVES} from {URL} (free login), extract both into one folder and "
+                "set dataset.root=<that folder> or SEGEXP_DATA=<dir> with <dir>/cityscapes.",
+                hint=hint)
         split_images, split_labels = images_root / self.split, labels_root / self.split
         if not split_images.is_dir() or not split_labels.is_dir():
             raise DataError(
                 f"Cityscapes split {self.split!r} not found: expected {split_images} and "
-                f"{split_labels}; {images_root} holds {_found(images_root)} and {labels_root} "
-                f"holds {_found(labels_root)}. Re-extract {ARCHIVES} from {URL}.")
+                f"{split_labels}; {images_root} holds {found_in(images_root)} and {labels_root} "
+                f"holds {found_in(labels_root)}. Re-extract {ARCHIVES} from {URL}.")
         images = sorted(split_images.glob(f"*/*{IMAGE_SUFFIX}"))
         if not images:
             raise DataError(f"no <city>/<name>{IMAGE_SUFFIX} images in {split_images}. "
@@ -131,9 +128,6 @@ class CityscapesDataset(SegmentationDataset):
                 f"<name>{TRAIN_ID_SUFFIX} nor <name>{LABEL_ID_SUFFIX} in {split_labels}/<city>/: "
                 f"{shown}. Re-extract gtFine_trainvaltest.zip from {URL}.")
         return samples
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
     def load(self, index: int) -> Sample:
         image_path, label_path, convert = self.samples[index]

@@ -16,8 +16,10 @@ from segexp.data.base import (
     IMAGE_EXTENSIONS,
     Sample,
     SegmentationDataset,
+    found_in,
     read_image,
     read_mask,
+    root_hint,
 )
 from segexp.data.folder import ColourTable
 from segexp.errors import ConfigError, DataError, first_few
@@ -37,13 +39,6 @@ BACKGROUND = "background"
 
 _LAYOUT = (f"<root>/<subset>/{META_FILE} (or one <root>/{META_FILE}), <root>/<subset>/{IMAGES_DIR}/ "
            f"and <root>/<subset>/{MASKS_DIR}/ with subsets train, val (or validation) and test")
-
-
-def _found(root: Path) -> str:
-    if not root.is_dir():
-        return f"no folder {root}"
-    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
-    return ", ".join(entries[:12]) + (" ..." if len(entries) > 12 else "") or "an empty folder"
 
 
 def parse_meta(path: Path) -> tuple[tuple[str, ...], list | None, int]:
@@ -174,26 +169,23 @@ class DatumaroDataset(SegmentationDataset):
                 f"Datumaro subset for split {split!r} not found: expected {expected} (with "
                 f"{IMAGES_DIR}/ and {MASKS_DIR}/); {self.root} has the subsets "
                 f"{', '.join(subsets)}. Export the {split} subset too, or rename its folder.")
-        hint = ""
         if (self.root / MASKS_DIR).is_dir():
             hint = (f" {self.root} holds {IMAGES_DIR}/ and {MASKS_DIR}/ directly: a single-subset "
                     f"dataset. Move them into {self.root / 'train'}/ and add a val/ subset, or "
                     f"use dataset=folder (class-index masks) on it.")
-        elif self.root.is_dir():
+        elif not self.root.is_dir():
+            hint = ""
+        else:
             nested = [p for p in sorted(self.root.iterdir())
                       if p.is_dir() and any((p / n / MASKS_DIR).is_dir() for n in names)]
-            if nested:
-                hint = f" It holds {nested[0].name}/ with subsets: did you mean " \
-                       f"dataset.root={nested[0]}?"
-            elif self.root.name in {n for ns in SUBSET_NAMES.values() for n in ns}:
-                hint = f" {self.root} is itself a subset folder: did you mean " \
-                       f"dataset.root={self.root.parent}?"
-        raise DataError(
-            f"Datumaro semantic-segmentation data not found: expected the sub-folders {expected} "
-            f"(each with {IMAGES_DIR}/ and {MASKS_DIR}/) and a {META_FILE}, found "
-            f"{_found(self.root)}.{hint} The layout is {_LAYOUT} (Datumaro's "
-            f"common_semantic_segmentation format, {DOCS}); export the dataset in that format "
-            "and set dataset.root=<its folder> or SEGEXP_DATA=<dir> with <dir>/datumaro.")
+            hint = root_hint(self.root, nested, {n for ns in SUBSET_NAMES.values() for n in ns},
+                             holds=" with subsets", itself="a subset folder")
+        raise self.data_not_found(
+            "Datumaro semantic-segmentation", f"the sub-folders {expected} (each with "
+            f"{IMAGES_DIR}/ and {MASKS_DIR}/) and a {META_FILE}",
+            f"The layout is {_LAYOUT} (Datumaro's common_semantic_segmentation format, {DOCS}); "
+            "export the dataset in that format and set dataset.root=<its folder> or "
+            "SEGEXP_DATA=<dir> with <dir>/datumaro.", hint=hint, limit=12)
 
     def _meta_path(self, subset_dir: Path) -> Path:
         for path in (subset_dir / META_FILE, self.root / META_FILE):
@@ -240,14 +232,14 @@ class DatumaroDataset(SegmentationDataset):
         images_dir, masks_dir = self.subset_dir / IMAGES_DIR, self.subset_dir / MASKS_DIR
         if not masks_dir.is_dir():
             raise DataError(f"Datumaro subset {self.subset_dir} has no {MASKS_DIR}/ folder (found "
-                            f"{_found(self.subset_dir)}); expected {masks_dir} with one PNG mask "
+                            f"{found_in(self.subset_dir, 12)}); expected {masks_dir} with one PNG mask "
                             f"per image in {images_dir}.")
         images = self._files(images_dir, self.image_prefix)
         masks = self._files(masks_dir, self.mask_prefix)
         if not masks:
             raise DataError(f"no masks in {masks_dir}" + (
                 f" starting with dataset.mask_prefix={self.mask_prefix!r}" if self.mask_prefix
-                else "") + f"; found {_found(masks_dir)}.")
+                else "") + f"; found {found_in(masks_dir, 12)}.")
         no_image = sorted(set(masks) - set(images))
         if no_image:
             shown = first_few(no_image, 10)
@@ -263,9 +255,6 @@ class DatumaroDataset(SegmentationDataset):
         return [(images[key], masks[key]) for key in sorted(masks)]
 
     # -- samples -------------------------------------------------------------------------------
-    def __len__(self) -> int:
-        return len(self.samples)
-
     def read_mask(self, path: Path) -> np.ndarray:
         """Class indices from a mask PNG: index masks as they are, colour masks (and palette
         masks, when segmentation_colors are given) through the colours."""

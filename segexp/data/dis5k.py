@@ -9,7 +9,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from segexp.data.base import IGNORE_INDEX, JPEG_EXTENSIONS, Sample, SegmentationDataset, read_image
+from segexp.data.base import (
+    IGNORE_INDEX,
+    JPEG_EXTENSIONS,
+    Sample,
+    SegmentationDataset,
+    found_in,
+    read_image,
+    root_hint,
+)
 from segexp.errors import ConfigError, DataError
 
 URL = "https://github.com/xuebinqin/DIS"
@@ -39,13 +47,6 @@ def read_gt(path: str | Path) -> np.ndarray:
         raise DataError(f"cannot read ground-truth mask {path}: it is missing, empty or not an "
                         f"image. Re-extract {ARCHIVE} ({URL}).")
     return gt
-
-
-def _found(root: Path) -> str:
-    if not root.is_dir():
-        return f"no folder {root}"
-    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
-    return ", ".join(entries[:12]) + (" ..." if len(entries) > 12 else "") or "an empty folder"
 
 
 class DIS5KDataset(SegmentationDataset):
@@ -84,29 +85,24 @@ class DIS5KDataset(SegmentationDataset):
     def _find_samples(self) -> list[tuple[Path, Path]]:
         folders = [self.root / subset for subset in self.subsets]
         if not any((self.root / subset).is_dir() for subset in SUBSET_SIZES):
-            hint = ""
-            if (self.root / "DIS5K" / "DIS-TR").is_dir():
-                hint = f" It holds DIS5K/: did you mean dataset.root={self.root / 'DIS5K'}?"
-            elif self.root.name in SUBSET_SIZES:
-                hint = (f" {self.root} is itself a subset folder: did you mean "
-                        f"dataset.root={self.root.parent}?")
-            elif self.root.name in ("im", "gt") and self.root.parent.name in SUBSET_SIZES:
+            nested = [p for p in (self.root / "DIS5K",) if (p / "DIS-TR").is_dir()]
+            hint = root_hint(self.root, nested, SUBSET_SIZES, itself="a subset folder")
+            if not hint and self.root.name in ("im", "gt") and self.root.parent.name in SUBSET_SIZES:
                 hint = (f" {self.root} is a subset's {self.root.name}/ folder: did you mean "
                         f"dataset.root={self.root.parent.parent}?")
-            raise DataError(
-                f"DIS5K data not found: expected the sub-folders "
-                f"{', '.join(str(self.root / s) for s in SUBSET_SIZES)} (each with im/ and gt/), "
-                f"found {_found(self.root)}.{hint} Download {ARCHIVE} from Google Drive "
-                f"({DRIVE_URL}, linked from {URL}), unzip it and set dataset.root=<path>/DIS5K or "
-                "SEGEXP_DATA=<dir> with <dir>/DIS5K (python scripts/prepare_dis5k.py prints the "
-                "steps).")
+            raise self.data_not_found(
+                "DIS5K", f"the sub-folders {', '.join(str(self.root / s) for s in SUBSET_SIZES)} "
+                "(each with im/ and gt/)",
+                f"Download {ARCHIVE} from Google Drive ({DRIVE_URL}, linked from {URL}), unzip it "
+                "and set dataset.root=<path>/DIS5K or SEGEXP_DATA=<dir> with <dir>/DIS5K (python "
+                "scripts/prepare_dis5k.py prints the steps).", hint=hint, limit=12)
         samples = []
         for folder in folders:
             images_dir, gts_dir = folder / "im", folder / "gt"
             if not images_dir.is_dir() or not gts_dir.is_dir():
                 raise DataError(
                     f"DIS5K {self.split!r} needs {images_dir} and {gts_dir}; found in "
-                    f"{folder}: {_found(folder)} (and in {self.root}: {_found(self.root)}). "
+                    f"{folder}: {found_in(folder, 12)} (and in {self.root}: {found_in(self.root, 12)}). "
                     f"Re-extract {ARCHIVE} ({DRIVE_URL}).")
             images = {p.stem: p for p in sorted(images_dir.iterdir())
                       if p.suffix.lower() in SAMPLE_EXTENSIONS and not p.name.startswith(".")}
@@ -126,9 +122,6 @@ class DIS5KDataset(SegmentationDataset):
                 raise DataError(f"no images in {images_dir}. Re-extract {ARCHIVE} ({DRIVE_URL}).")
             samples.extend((images[stem], gts[stem]) for stem in sorted(images))
         return samples
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
     def load(self, index: int) -> Sample:
         image_path, gt_path = self.samples[index]

@@ -677,9 +677,6 @@ class FolderDataset(SegmentationDataset):
             if jpeg is not None:
                 self._read_index_mask(jpeg)
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
     def load(self, index: int) -> Sample:
         image_path, mask_path = self.samples[index]
         image = read_image(image_path)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segexp.data.base import IGNORE_INDEX, Sample, SegmentationDataset, read_image, read_mask
+from segexp.data.base import IGNORE_INDEX, Sample, SegmentationDataset, read_image, read_mask, root_hint
 from segexp.data.cityscapes import CityscapesDataset, label_ids_to_train_ids
 from segexp.errors import ConfigError, DataError
 
@@ -18,13 +18,6 @@ SPLITS = ("train", "val", "trainval")
 TRAIN_SPLITS = ("train", "trainval")
 SPLIT_SEED = 0
 VAL_FRACTION = 0.2
-
-
-def _found(root: Path) -> str:
-    if not root.is_dir():
-        return f"no folder {root}"
-    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
-    return ", ".join(entries[:10]) + (" ..." if len(entries) > 10 else "") or "an empty folder"
 
 
 def split_names(names: Sequence[str], split: str) -> list[str]:
@@ -75,7 +68,8 @@ class KITTIDataset(SegmentationDataset):
         self.list_name = train_split if split == "train" else split
         self.crop_size = tuple(crop_size) if crop_size is not None else None
         self.base_size = tuple(base_size) if base_size is not None else None
-        self.names = split_names(self._find_names(), self.list_name)
+        self.samples = [(self.images / name, self.labels / name)
+                        for name in split_names(self._find_names(), self.list_name)]
         self.check_num_classes()
 
     @property
@@ -89,21 +83,17 @@ class KITTIDataset(SegmentationDataset):
     def _find_names(self) -> list[str]:
         images, labels = self.images, self.labels
         if not images.is_dir() or not labels.is_dir():
-            hint = ""
-            if (self.root / "data_semantics" / "training").is_dir():
-                hint = (" It holds data_semantics/: did you mean "
-                        f"dataset.root={self.root / 'data_semantics'}?")
-            elif self.root.name in ("training", "testing"):
-                hint = (f" {self.root} is itself one of the sub-folders: did you mean "
-                        f"dataset.root={self.root.parent}?")
-            elif self.root.name in ("image_2", "semantic"):
+            nested = [p for p in (self.root / "data_semantics",) if (p / "training").is_dir()]
+            hint = root_hint(self.root, nested, ("training", "testing"))
+            if not hint and self.root.name in ("image_2", "semantic"):
                 hint = (f" {self.root} is an image/label folder: did you mean "
                         f"dataset.root={self.root.parent.parent}?")
-            raise DataError(
-                f"KITTI semantics data not found: expected the sub-folders {images} and {labels} "
-                f"(the layout {ARCHIVE} unpacks to), found {_found(self.root)}.{hint} Download "
-                f"{ARCHIVE} from {URL} (free registration), unzip it into a folder and set "
-                "dataset.root=<that folder> or SEGEXP_DATA=<dir> with <dir>/kitti/data_semantics.")
+            raise self.data_not_found(
+                "KITTI semantics", f"the sub-folders {images} and {labels} (the layout {ARCHIVE} "
+                "unpacks to)",
+                f"Download {ARCHIVE} from {URL} (free registration), unzip it into a folder and "
+                "set dataset.root=<that folder> or SEGEXP_DATA=<dir> with <dir>/kitti/data_semantics.",
+                hint=hint)
         names = sorted(p.name for p in images.iterdir() if p.suffix.lower() == ".png")
         if not names:
             raise DataError(f"no <name>.png images in {images}. Re-extract {ARCHIVE} from {URL}.")
@@ -114,19 +104,12 @@ class KITTIDataset(SegmentationDataset):
                             f"{shown}. Re-extract {ARCHIVE} from {URL}.")
         return names
 
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def files(self) -> list[Path]:
-        return [folder / name for name in self.names for folder in (self.images, self.labels)]
-
     def load(self, index: int) -> Sample:
-        name = self.names[index]
-        label_path = self.labels / name
+        image_path, label_path = self.samples[index]
         label_ids = read_mask(label_path)
         if label_ids.size and (int(label_ids.min()) < 0 or int(label_ids.max()) > 255):
             raise DataError(f"KITTI label {label_path} holds values outside 0..255 "
                             f"({int(label_ids.min())}..{int(label_ids.max())}); the semantic/ PNGs "
                             f"hold Cityscapes label ids 0..33. Re-extract {ARCHIVE} from {URL}.")
         mask = label_ids_to_train_ids(label_ids, self.ignore_index, source=str(label_path))
-        return Sample(image=read_image(self.images / name), mask=mask, source=str(label_path))
+        return Sample(image=read_image(image_path), mask=mask, source=str(label_path))

@@ -11,7 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from segexp.data.base import IGNORE_INDEX, Sample, SegmentationDataset, read_image
+from segexp.data.base import IGNORE_INDEX, Sample, SegmentationDataset, found_in, read_image
 from segexp.errors import ConfigError, DataError, first_few
 
 URL = "http://3Dsemantics.stanford.edu"
@@ -78,13 +78,6 @@ def load_labels(path: Path) -> list[str]:
         raise DataError(f"{path} is not the 2D-3D-S label list (a JSON list of strings like "
                         f"\"chair_1_office_3_5\"). Download it again from {LABELS_URL}.")
     return labels
-
-
-def _found(root: Path) -> str:
-    if not root.is_dir():
-        return f"no folder {root}"
-    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
-    return ", ".join(entries[:12]) + (" ..." if len(entries) > 12 else "") or "an empty folder"
 
 
 def find_areas(root: Path) -> dict[int, list[Path]]:
@@ -174,7 +167,7 @@ class Stanford2D3DSDataset(SegmentationDataset):
                 f"Stanford 2D-3D-S data not found: expected the sub-folders "
                 f"{self.root / 'area_1'} ... {self.root / 'area_6'} (area 5 as area_5a/ and "
                 f"area_5b/), each with data/rgb/ and data/semantic/, and {self.root / LABELS_FILE}; "
-                f"found {_found(self.root)}.{hint} Request access with the form at {FORM} (see "
+                f"found {found_in(self.root, 12)}.{hint} Request access with the form at {FORM} (see "
                 f"{URL}), download {ARCHIVES}, extract them into one folder, put {LABELS_URL} in "
                 "its assets/ and set dataset.root=<that folder> or SEGEXP_DATA=<dir> with "
                 "<dir>/stanford2d3ds (python scripts/prepare_stanford2d3ds.py prints the steps).")
@@ -204,7 +197,7 @@ class Stanford2D3DSDataset(SegmentationDataset):
         if not rgb_dir.is_dir() or not semantic_dir.is_dir():
             raise DataError(
                 f"2D-3D-S area folder {folder} lacks its 2D data: expected {rgb_dir} and "
-                f"{semantic_dir}, found in {folder / 'data'}: {_found(folder / 'data')}. "
+                f"{semantic_dir}, found in {folder / 'data'}: {found_in(folder / 'data', 12)}. "
                 f"Re-extract the area's archive ({ARCHIVES}).")
         samples, missing = [], []
         for image in sorted(rgb_dir.glob(f"*{RGB_SUFFIX}")):
@@ -219,9 +212,6 @@ class Stanford2D3DSDataset(SegmentationDataset):
                             f"<name>{SEMANTIC_SUFFIX} in {semantic_dir}: {shown}. Re-extract the "
                             "area's archive.")
         return samples
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
     def load(self, index: int) -> Sample:
         image_path, label_path = self.samples[index]

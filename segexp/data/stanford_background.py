@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segexp.data.base import IGNORE_INDEX, Sample, SegmentationDataset, read_image
+from segexp.data.base import IGNORE_INDEX, Sample, SegmentationDataset, read_image, root_hint
 from segexp.errors import ConfigError, DataError
 
 URL = "http://dags.stanford.edu/data/iccv09Data.tar.gz"
@@ -64,7 +64,8 @@ class StanfordBackgroundDataset(SegmentationDataset):
         self.root = Path(root)
         self.crop_size = tuple(crop_size) if crop_size is not None else None
         self.base_size = tuple(base_size) if base_size is not None else None
-        self.ids = self.split_ids(self._find_ids(), split)
+        self.samples = [(self.root / "images" / f"{i}.jpg", self.root / "labels" / f"{i}.regions.txt")
+                        for i in self.split_ids(self._find_ids(), split)]
         self.check_num_classes()
 
     @staticmethod
@@ -80,20 +81,12 @@ class StanfordBackgroundDataset(SegmentationDataset):
     def _find_ids(self) -> list[str]:
         images, labels = self.root / "images", self.root / "labels"
         if not images.is_dir() or not labels.is_dir():
-            if self.root.is_dir():
-                entries = sorted(p.name + ("/" if p.is_dir() else "") for p in self.root.iterdir())
-                found = ", ".join(entries[:10]) or "an empty folder"
-            else:
-                found = f"no folder {self.root}"
-            hint = ""
-            if (self.root / "iccv09Data").is_dir():
-                hint = (" It holds iccv09Data/: did you mean "
-                        f"dataset.root={self.root / 'iccv09Data'}?")
-            raise DataError(
-                f"Stanford Background data not found: expected the sub-folders {images} and "
-                f"{labels} (iccv09Data layout), found {found}.{hint} Download {URL}, extract it "
-                "and set dataset.root=<path>/iccv09Data or SEGEXP_DATA=<dir> with "
-                "<dir>/stanford_background/iccv09Data.")
+            nested = [p for p in (self.root / "iccv09Data",) if p.is_dir()]
+            raise self.data_not_found(
+                "Stanford Background", f"the sub-folders {images} and {labels} (iccv09Data layout)",
+                f"Download {URL}, extract it and set dataset.root=<path>/iccv09Data or "
+                "SEGEXP_DATA=<dir> with <dir>/stanford_background/iccv09Data.",
+                hint=root_hint(self.root, nested))
         ids = sorted(p.name[:-4] for p in images.iterdir() if p.name.endswith(".jpg"))
         if not ids:
             raise DataError(f"no <id>.jpg images in {images}. Re-extract {URL}.")
@@ -104,16 +97,8 @@ class StanfordBackgroundDataset(SegmentationDataset):
                             f"{shown}. Re-extract {URL}.")
         return ids
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def files(self) -> list[Path]:
-        return [path for i in self.ids for path in (self.root / "images" / f"{i}.jpg",
-                                                    self.root / "labels" / f"{i}.regions.txt")]
-
     def load(self, index: int) -> Sample:
-        sample_id = self.ids[index]
-        label_path = self.root / "labels" / f"{sample_id}.regions.txt"
-        image = read_image(self.root / "images" / f"{sample_id}.jpg")
+        image_path, label_path = self.samples[index]
+        image = read_image(image_path)
         mask = read_regions(label_path, self.ignore_index)
         return Sample(image=image, mask=mask, source=str(label_path))

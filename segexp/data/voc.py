@@ -7,7 +7,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from segexp.data.base import IGNORE_INDEX, Sample, SegmentationDataset, read_image, read_mask
+from segexp.data.base import (
+    IGNORE_INDEX,
+    Sample,
+    SegmentationDataset,
+    found_in,
+    read_image,
+    read_mask,
+    root_hint,
+)
 from segexp.errors import ConfigError, DataError
 
 URL = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"
@@ -41,13 +49,6 @@ def voc_colormap(n: int = 256) -> list[tuple[int, int, int]]:
 
 
 PALETTE = tuple(voc_colormap(len(CLASS_NAMES)))
-
-
-def _found(root: Path) -> str:
-    if not root.is_dir():
-        return f"no folder {root}"
-    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
-    return ", ".join(entries[:10]) + (" ..." if len(entries) > 10 else "") or "an empty folder"
 
 
 def read_split_list(path: Path) -> list[str]:
@@ -101,25 +102,19 @@ class VOCDataset(SegmentationDataset):
         labels = self.root / (AUG_LABELS if aug else "SegmentationClass")
         lists = self.root / "ImageSets" / "Segmentation"
         if not images.is_dir() or not (self.root / "SegmentationClass").is_dir() or not lists.is_dir():
-            hint = ""
-            for candidate in (self.root / "VOCdevkit" / "VOC2012", self.root / "VOC2012"):
-                if (candidate / "JPEGImages").is_dir():
-                    hint = (f" It holds {candidate.relative_to(self.root)}/: did you mean "
-                            f"dataset.root={candidate}?")
-                    break
-            else:
-                if self.root.name in ("JPEGImages", "SegmentationClass", AUG_LABELS, "ImageSets"):
-                    hint = (f" {self.root} is itself one of the sub-folders: did you mean "
-                            f"dataset.root={self.root.parent}?")
-                elif self.root.name == "Segmentation" and self.root.parent.name == "ImageSets":
-                    hint = (f" {self.root} is the split-list folder: did you mean "
-                            f"dataset.root={self.root.parent.parent}?")
-            raise DataError(
-                f"PASCAL VOC 2012 data not found: expected the sub-folders {images}, "
-                f"{self.root / 'SegmentationClass'} and {lists} (VOCdevkit/VOC2012 layout), found "
-                f"{_found(self.root)}.{hint} Download {URL} (or run {PREPARE}), extract it and set "
+            nested = [c for c in (self.root / "VOCdevkit" / "VOC2012", self.root / "VOC2012")
+                      if (c / "JPEGImages").is_dir()]
+            hint = root_hint(self.root, nested,
+                             ("JPEGImages", "SegmentationClass", AUG_LABELS, "ImageSets"))
+            if not hint and self.root.name == "Segmentation" and self.root.parent.name == "ImageSets":
+                hint = (f" {self.root} is the split-list folder: did you mean "
+                        f"dataset.root={self.root.parent.parent}?")
+            raise self.data_not_found(
+                "PASCAL VOC 2012", f"the sub-folders {images}, {self.root / 'SegmentationClass'} "
+                f"and {lists} (VOCdevkit/VOC2012 layout)",
+                f"Download {URL} (or run {PREPARE}), extract it and set "
                 "dataset.root=<path>/VOCdevkit/VOC2012 or SEGEXP_DATA=<dir> with "
-                "<dir>/voc/VOCdevkit/VOC2012.")
+                "<dir>/voc/VOCdevkit/VOC2012.", hint=hint)
         list_file = lists / f"{self.list_name}.txt"
         if aug and (not labels.is_dir() or not list_file.is_file()):
             raise DataError(
@@ -127,7 +122,7 @@ class VOCDataset(SegmentationDataset):
                 f"not ship: they are built from SBD ({SBD_URL}). Run {PREPARE} (it downloads "
                 "VOC2012 and SBD when they are not there), or train on dataset.train_split=train.")
         if not list_file.is_file():
-            raise DataError(f"VOC split list {list_file} not found; {lists} holds {_found(lists)}. "
+            raise DataError(f"VOC split list {list_file} not found; {lists} holds {found_in(lists)}. "
                             f"Re-extract {URL}.")
         ids = read_split_list(list_file)
         if not ids:
@@ -148,9 +143,6 @@ class VOCDataset(SegmentationDataset):
                 f"{labels}/<id>.png: {shown}. "
                 + (f"Re-run {PREPARE}." if aug else f"Re-extract {URL}."))
         return samples
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
     def load(self, index: int) -> Sample:
         image_path, label_path = self.samples[index]

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader
 
 from segexp.atomic import write_json, write_text
-from segexp.config import instantiate
+from segexp.config import instantiate, model_label
 from segexp.data.base import pad_collate
 from segexp.data.sampler import ContiguousShardSampler, ResumableSampler
 from segexp.data.scan import base_dataset, scan_masks
@@ -220,6 +220,8 @@ def hydra_run_info(cfg: DictConfig, run_dir: Path) -> RunInfo:
             choices["backbone"] = cfg.default_backbone
         tags = [f"{key}:{choices.get(key)}" for key in ("model", "backbone", "dataset")
                 if choices.get(key)]
+        if model_label(choices.get("model"), choices.get("head")) != str(choices.get("model")):
+            tags.insert(1, f"head:{choices['head']}")  # head=... chose another than the model's own
         if hc.mode == RunMode.MULTIRUN:
             sweep_dir = Path(hc.sweep.dir)
             group = f"sweep-{sweep_dir.parent.name}_{sweep_dir.name}"

@@ -9,14 +9,8 @@ import torch
 from torch import nn
 
 from segexp.errors import IncompatibleBackboneError
-from segexp.heads.common import (
-    Classifier,
-    ConvBNReLU,
-    DepthwiseSeparableConvBNReLU,
-    resize,
-    resolve_single_index,
-    select_features,
-)
+from segexp.heads.common import Classifier, resize, resolve_single_index, select_features
+from segexp.nn import ConvBNReLU, DepthwiseSeparableConvBNReLU
 
 # Atrous rates per output stride of the map ASPP reads. The paper uses (6, 12, 18) at stride 16
 # and doubles them when the stride halves; the leading 1 is the 1x1 branch.

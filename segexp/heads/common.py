@@ -15,33 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segexp.errors import IncompatibleBackboneError
-
-
-class ConvBNReLU(nn.Sequential):
-    """Conv (no bias: BN follows) + BatchNorm + ReLU, "same" padding for any kernel/dilation."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, *,
-                 dilation: int = 1, groups: int = 1) -> None:
-        padding = dilation * (kernel_size - 1) // 2
-        super().__init__(
-            nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation,
-                      groups=groups, bias=False),
-            nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True),
-        )
-
-
-class DepthwiseSeparableConvBNReLU(nn.Sequential):
-    """Depthwise kxk ConvBNReLU then pointwise 1x1 ConvBNReLU (DeepLabV3+'s separable conv, with
-    BN + ReLU after both parts as in MMSegmentation's DepthwiseSeparableConvModule)."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, *,
-                 dilation: int = 1) -> None:
-        super().__init__(
-            ConvBNReLU(in_channels, in_channels, kernel_size, dilation=dilation,
-                       groups=in_channels),
-            ConvBNReLU(in_channels, out_channels, 1),
-        )
+from segexp.nn import ConvBNReLU
 
 
 def resize(x: torch.Tensor, size: Sequence[int], align_corners: bool = False) -> torch.Tensor:

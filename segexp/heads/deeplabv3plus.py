@@ -15,14 +15,8 @@ from torch import nn
 
 from segexp.errors import IncompatibleBackboneError
 from segexp.heads.aspp import ASPP, default_dilations
-from segexp.heads.common import (
-    Classifier,
-    ConvBNReLU,
-    DepthwiseSeparableConvBNReLU,
-    resize,
-    resolve_single_index,
-    select_features,
-)
+from segexp.heads.common import Classifier, resize, resolve_single_index, select_features
+from segexp.nn import ConvBNReLU, DepthwiseSeparableConvBNReLU
 
 
 class DeepLabV3PlusHead(nn.Module):

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from segexp.errors import ConfigError, IncompatibleBackboneError
-from segexp.heads.common import Classifier, ConvBNReLU, resolve_single_index, select_features
+from segexp.heads.common import Classifier, resolve_single_index, select_features
+from segexp.nn import ConvBNReLU
 
 
 class FCNHead(nn.Module):

@@ -32,15 +32,7 @@ from torch import nn
 
 from segexp.errors import ConfigError, IncompatibleBackboneError
 from segexp.heads.common import Classifier, resize, resolve_in_index, select_features
-
-
-class ConvGNReLU(nn.Sequential):
-    """1x1 conv (no bias) + GroupNorm + optional ReLU (MMCV's ConvModule with a GN config)."""
-
-    def __init__(self, in_channels: int, out_channels: int, groups: int, relu: bool = True) -> None:
-        super().__init__(nn.Conv2d(in_channels, out_channels, 1, bias=False),
-                         nn.GroupNorm(groups, out_channels),
-                         *([nn.ReLU(inplace=True)] if relu else []))
+from segexp.nn import ConvGNReLU
 
 
 class NMF2D(nn.Module):
@@ -94,7 +86,7 @@ class Hamburger(nn.Module):
         super().__init__()
         self.ham_in = nn.Conv2d(channels, channels, 1)
         self.ham = NMF2D(channels, **nmf_kwargs)
-        self.ham_out = ConvGNReLU(channels, channels, groups, relu=False)
+        self.ham_out = ConvGNReLU(channels, channels, groups=groups, relu=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.ham_out(self.ham(F.relu(self.ham_in(x))))
@@ -122,11 +114,11 @@ class LightHamHead(nn.Module):
                                   f"norm_groups={norm_groups} (GroupNorm).")
         self.align_corners = align_corners
         self.squeeze = ConvGNReLU(sum(in_channels[i] for i in self.in_index), ham_channels,
-                                  norm_groups)
+                                  groups=norm_groups)
         self.hamburger = Hamburger(ham_channels, norm_groups, md_s=md_s, md_r=md_r,
                                    train_steps=train_steps, eval_steps=eval_steps, inv_t=inv_t,
                                    rand_init=rand_init)
-        self.align = ConvGNReLU(ham_channels, channels, norm_groups)
+        self.align = ConvGNReLU(ham_channels, channels, groups=norm_groups)
         self.classifier = Classifier(channels, num_classes, dropout)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:

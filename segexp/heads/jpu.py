@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from segexp.errors import IncompatibleBackboneError
-from segexp.heads.common import ConvBNReLU, resize, resolve_in_index
+from segexp.heads.common import resize, resolve_in_index
+from segexp.nn import ConvBNReLU
 
 
 class SeparableConvBNReLU(nn.Sequential):

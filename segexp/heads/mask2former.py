@@ -33,6 +33,7 @@ from torch import nn
 from segexp.errors import ConfigError, IncompatibleBackboneError
 from segexp.heads.common import resolve_in_index, select_features
 from segexp.models.mask_classification import MaskPredictions
+from segexp.nn import ConvGNReLU
 
 # --- shared building blocks (also used by MaskFormer) ----------------------------------------
 
@@ -231,11 +232,13 @@ class DeformableEncoder(nn.Module):
         return x
 
 
-def _group_norm(channels: int) -> nn.GroupNorm:
-    if channels % 32:
-        raise ConfigError(f"GroupNorm(32) needs a width divisible by 32, got {channels}: set "
+def conv_gn32(in_channels: int, out_channels: int, kernel_size: int, *, relu: bool,
+              bias: bool = False) -> ConvGNReLU:
+    """The pixel decoders' conv + GroupNorm(32) (+ ReLU), refusing widths GN(32) cannot split."""
+    if out_channels % 32:
+        raise ConfigError(f"GroupNorm(32) needs a width divisible by 32, got {out_channels}: set "
                           "head.feature_dim (and mask_dim) to a multiple of 32.")
-    return nn.GroupNorm(32, channels)
+    return ConvGNReLU(in_channels, out_channels, kernel_size, relu=relu, bias=bias)
 
 
 def _c2_xavier_fill(conv: nn.Conv2d) -> None:
@@ -257,7 +260,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.num_levels = num_levels
         coarse = list(in_channels)[-num_levels:][::-1]  # coarse to fine, as the encoder's levels
         self.input_projections = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, feature_dim, 1), _group_norm(feature_dim)) for c in coarse)
+            conv_gn32(c, feature_dim, 1, relu=False, bias=True) for c in coarse)
         for proj in self.input_projections:
             nn.init.xavier_uniform_(proj[0].weight)
             nn.init.zeros_(proj[0].bias)
@@ -269,12 +272,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
         # Finer maps, used coarse to fine after the encoder's finest level.
         fine = list(in_channels)[:-num_levels][::-1]
         self.lateral_convs = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, feature_dim, 1, bias=False), _group_norm(feature_dim))
-            for c in fine)
+            conv_gn32(c, feature_dim, 1, relu=False) for c in fine)
         self.output_convs = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(feature_dim, feature_dim, 3, padding=1, bias=False),
-                          _group_norm(feature_dim), nn.ReLU())
-            for _ in fine)
+            conv_gn32(feature_dim, feature_dim, 3, relu=True) for _ in fine)
         for block in [*self.lateral_convs, *self.output_convs]:
             _c2_xavier_fill(block[0])
         self.mask_projection = nn.Conv2d(feature_dim, mask_dim, 1)

@@ -26,18 +26,17 @@ from segexp.heads.mask2former import (
     MLP,
     Attention,
     _c2_xavier_fill,
-    _group_norm,
     check_multiscale,
+    conv_gn32,
     sine_position_embedding,
 )
 from segexp.models.mask_classification import MaskPredictions
 
 
 def _conv_gn(c_in: int, c_out: int, kernel_size: int, relu: bool) -> nn.Sequential:
-    conv = nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2, bias=False)
-    _c2_xavier_fill(conv)
-    layers = [conv, _group_norm(c_out)] + ([nn.ReLU(inplace=True)] if relu else [])
-    return nn.Sequential(*layers)
+    block = conv_gn32(c_in, c_out, kernel_size, relu=relu)
+    _c2_xavier_fill(block[0])
+    return block
 
 
 class FPNPixelDecoder(nn.Module):

@@ -8,13 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from segexp.heads.common import (
-    Classifier,
-    ConvBNReLU,
-    PyramidPoolingModule,
-    resolve_single_index,
-    select_features,
-)
+from segexp.heads.common import Classifier, PyramidPoolingModule, resolve_single_index, select_features
+from segexp.nn import ConvBNReLU
 
 
 class PSPHead(nn.Module):

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from segexp.errors import IncompatibleBackboneError
-from segexp.heads.common import Classifier, ConvBNReLU, resize, resolve_in_index, select_features
+from segexp.heads.common import Classifier, resize, resolve_in_index, select_features
+from segexp.nn import ConvBNReLU
 
 
 class SegFormerHead(nn.Module):

@@ -26,7 +26,7 @@ from torch import nn
 
 from segexp.errors import ConfigError, IncompatibleBackboneError
 from segexp.heads.common import Classifier, resolve_single_index, select_features
-from segexp.heads.setr import ChannelLayerNorm
+from segexp.nn import ChannelLayerNorm, drop_path_rates
 
 
 class SegmenterLinearHead(nn.Module):
@@ -93,9 +93,7 @@ class SegmenterMaskHead(nn.Module):
         self.norm = nn.LayerNorm(c_in) if input_norm else nn.Identity()
         self.proj_dec = nn.Linear(c_in, dims)
         self.cls_emb = nn.Parameter(torch.zeros(1, num_classes, dims))
-        # Stochastic depth rising linearly to drop_path_rate (as torch.linspace, but plain floats so
-        # the head can be built on the meta device).
-        rates = [float(drop_path_rate) * i / max(num_layers - 1, 1) for i in range(num_layers)]
+        rates = drop_path_rates(drop_path_rate, num_layers)
         self.blocks = nn.Sequential(*(
             Block(dims, self.num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, proj_drop=dropout,
                   attn_drop=attn_dropout, drop_path=rate) for rate in rates))

@@ -36,13 +36,8 @@ import torch
 from torch import nn
 
 from segexp.errors import ConfigError, IncompatibleBackboneError
-from segexp.heads.common import (
-    Classifier,
-    ConvBNReLU,
-    resolve_in_index,
-    resolve_single_index,
-    select_features,
-)
+from segexp.heads.common import Classifier, resolve_in_index, resolve_single_index, select_features
+from segexp.nn import ChannelLayerNorm, ConvBNReLU
 
 PLAIN_VIT_BACKBONES = ("backbone=vit_tiny/vit_small/vit_base/vit_large, or "
                        "dinov2_vits14/dinov2_vitb14/dinov2_vitl14")
@@ -56,13 +51,6 @@ def check_plain_vit(head: str, in_channels: Sequence[int], in_reductions: Sequen
             "maps at one stride (the patch size) with one channel count, as the paper's "
             f"ViT-L/16; this backbone gives channels {list(in_channels)} at strides "
             f"{list(in_reductions)}.")
-
-
-class ChannelLayerNorm(nn.LayerNorm):
-    """LayerNorm over the channels of an NCHW map: the per-token LayerNorm of a transformer."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 def _upsample(scale: int, align_corners: bool) -> nn.Module:

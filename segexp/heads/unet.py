@@ -18,15 +18,8 @@ import torch
 from torch import nn
 
 from segexp.errors import ConfigError, IncompatibleBackboneError
-from segexp.heads.common import ConvBNReLU, resize, resolve_in_index, select_features
-
-
-class DoubleConv(nn.Sequential):
-    """Two 3x3 ConvBNReLU: the unit of both U-Net paths."""
-
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__(ConvBNReLU(in_channels, out_channels, 3),
-                         ConvBNReLU(out_channels, out_channels, 3))
+from segexp.heads.common import resize, resolve_in_index, select_features
+from segexp.nn import DoubleConv
 
 
 class UpBlock(nn.Module):

@@ -9,14 +9,8 @@ import torch
 from torch import nn
 
 from segexp.errors import IncompatibleBackboneError
-from segexp.heads.common import (
-    Classifier,
-    ConvBNReLU,
-    PyramidPoolingModule,
-    resize,
-    resolve_in_index,
-    select_features,
-)
+from segexp.heads.common import Classifier, PyramidPoolingModule, resize, resolve_in_index, select_features
+from segexp.nn import ConvBNReLU
 
 
 class UPerHead(nn.Module):

@@ -43,15 +43,9 @@ from torch import nn
 from segexp.errors import ConfigError
 from segexp.models.mask_classification import MaskPredictions
 from segexp.models.segmentor import InputSizeCheck
+from segexp.nn import ChannelLayerNorm
 
 log = logging.getLogger(__name__)
-
-
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of an NCHW map."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class ScaleBlock(nn.Module):
@@ -64,7 +58,7 @@ class ScaleBlock(nn.Module):
         self.act = nn.GELU()
         self.conv2 = nn.Conv2d(channels, channels, kernel_size=3, padding=1, groups=channels,
                                bias=False)
-        self.norm = LayerNorm2d(channels, eps=1e-6)
+        self.norm = ChannelLayerNorm(channels, eps=1e-6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.conv2(self.act(self.conv1(x))))
