@@ -299,9 +299,13 @@ def _unreachable(url: str, timeout: float) -> str | None:
             outcome.append(None)
         except Exception as err:
             reason = getattr(err, "reason", err)
-            outcome.append(f"{host} cannot be reached ({type(err).__name__}: {reason})")
+            if isinstance(reason, TimeoutError):  # the socket's own timeout: the same silence
+                outcome.append(silent)
+            else:
+                outcome.append(f"{host} cannot be reached ({type(err).__name__}: {reason})")
 
+    silent = f"{host} did not answer within {timeout:g} s"
     thread = threading.Thread(target=probe, name="segexp-hub-probe", daemon=True)
     thread.start()
     thread.join(timeout)
-    return outcome[0] if outcome else f"{host} did not answer within {timeout:g} s"
+    return outcome[0] if outcome else silent
