@@ -23,7 +23,6 @@ a warning for a custom architecture, which has no published weights).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +31,6 @@ from torch import nn
 from segexp.backbones.staged import StagedEncoder
 from segexp.errors import ConfigError
 from segexp.nn import drop_path_or_identity
-from segexp.weights_io import load_weights_into, read_state_dict
 
 # name -> (embed dims, depths); heads, sr ratios and MLP ratios are shared by all variants.
 MIT_VARIANTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
@@ -206,28 +204,3 @@ def _convert_foreign(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] 
     return convert_hf_segformer(state) if is_hf_segformer(state) else None
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoint files (shared with the MSCAN backbone)
-
-def load_backbone_checkpoint(module: nn.Module, checkpoint: str | Path, convert=None) -> None:
-    """Load a local file into ``module`` strictly.
-
-    Accepted layouts: the module's own state dict; a segexp model / training checkpoint (keys
-    ``backbone.*``, other keys ignored); whatever ``convert(state)`` recognises (it returns the
-    converted dict, with ``backbone.*`` keys, or None). Refuses a file with missing, unexpected or
-    mis-shaped keys, naming them.
-    """
-    name = getattr(module, "name", type(module).__name__)
-    state = read_state_dict(checkpoint, "backbone.checkpoint", expected=(
-        f"a saved state dict (.pth, .bin or .safetensors) of backbone '{name}'"))
-    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    converted = convert(state) if convert is not None else None
-    if converted is not None:
-        state = converted
-    if any(k.startswith("backbone.") for k in state):
-        state = {k.removeprefix("backbone."): v for k, v in state.items()
-                 if k.startswith("backbone.")}
-    load_weights_into(module, state, option="backbone.checkpoint", path=checkpoint,
-                      target=f"backbone '{name}'",
-                      remedy="Use weights of the same variant (or choose the backbone that "
-                             "matches the file).")

@@ -12,6 +12,7 @@ A subclass declares the table and builds one stage in :meth:`StagedEncoder.make_
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -20,6 +21,7 @@ from torch import nn
 from segexp.backbones.pretrained import checkpoint_source, pretrained_mode, scratch_source, warn_from_scratch
 from segexp.errors import ConfigError
 from segexp.nn import drop_path_rates, stage_outputs
+from segexp.weights_io import load_weights_into, read_state_dict
 
 NUM_STAGES = 4
 
@@ -107,10 +109,6 @@ class StagedEncoder(nn.Module):
         ``remedy``: where to get the published file and how to pass it; ``convert``: the foreign
         layouts ``checkpoint`` may be in (see ``load_backbone_checkpoint``).
         """
-        # The checkpoint reader lives with MiT, the first encoder that needed it (and which
-        # imports this module).
-        from segexp.backbones.mit import load_backbone_checkpoint
-
         mode = pretrained_mode(pretrained)
         cannot = f"segexp cannot download {self.family} weights"
         if checkpoint:
@@ -127,3 +125,28 @@ class StagedEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return stage_outputs(self.stages, x)
+
+
+# -- checkpoint files (MiT and MSCAN) ---------------------------------------------------------------
+def load_backbone_checkpoint(module: nn.Module, checkpoint: str | Path, convert=None) -> None:
+    """Load a local file into ``module`` strictly.
+
+    Accepted layouts: the module's own state dict; a segexp model / training checkpoint (keys
+    ``backbone.*``, other keys ignored); whatever ``convert(state)`` recognises (it returns the
+    converted dict, with ``backbone.*`` keys, or None). Refuses a file with missing, unexpected or
+    mis-shaped keys, naming them.
+    """
+    name = getattr(module, "name", type(module).__name__)
+    state = read_state_dict(checkpoint, "backbone.checkpoint", expected=(
+        f"a saved state dict (.pth, .bin or .safetensors) of backbone '{name}'"))
+    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    converted = convert(state) if convert is not None else None
+    if converted is not None:
+        state = converted
+    if any(k.startswith("backbone.") for k in state):
+        state = {k.removeprefix("backbone."): v for k, v in state.items()
+                 if k.startswith("backbone.")}
+    load_weights_into(module, state, option="backbone.checkpoint", path=checkpoint,
+                      target=f"backbone '{name}'",
+                      remedy="Use weights of the same variant (or choose the backbone that "
+                             "matches the file).")
