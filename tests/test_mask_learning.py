@@ -1,8 +1,9 @@
 """Learning checks of the mask-classification models (marked slow: minutes on a CPU core each).
 
 Each trains from scratch on the synthetic scenes, with its own criterion, through `train.py`'s
-loop, and must end far above chance (about 25 % for 4 classes; the threshold is 75 % mIoU). The figures were measured with the
-command in each test's docstring; the thresholds leave room for other CPUs."""
+loop, and must end far above chance (about 25 % for 4 classes; the threshold is 75 % mIoU). The
+figures were measured with the command in each test's docstring; the thresholds leave room for
+other CPUs."""
 
 from __future__ import annotations
 
