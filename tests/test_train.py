@@ -299,7 +299,10 @@ def test_channels_last_training_matches_the_default_layout(tmp_path):
     run_training(tiny_config(*overrides, "trainer.channels_last=true"), tmp_path / "nhwc")
     losses = [[json.loads(line)["train/loss"] for line in (tmp_path / d / "metrics.jsonl").read_text()
                .splitlines() if "train/loss" in line] for d in ("plain", "nhwc")]
-    assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-3)
+    # The first loss comes from identical weights (kernel rounding only); later ones after steps
+    # whose rounding differences grow (rel 1.3e-3 after two steps with oneDNN capped at AVX2).
+    assert len(losses[0]) == 3 and losses[1][0] == pytest.approx(losses[0][0], rel=1e-4)
+    assert losses[1] == pytest.approx(losses[0], rel=5e-3)
     checkpoint = read_weights_file(tmp_path / "nhwc" / "checkpoints" / "last.pt")
     assert checkpoint["model"]["backbone.body.conv1.weight"].is_contiguous(
         memory_format=torch.channels_last)
