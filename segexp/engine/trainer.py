@@ -121,14 +121,9 @@ def train_step(run: Run, images: torch.Tensor, masks: torch.Tensor,
 
 def _forward_backward(run: Run, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     with autocast(run.device, run.trainer.precision):
-        loss = training_loss(run, run.train_model(images, return_aux=True), masks)
+        loss = model_loss(run.criterion, run.model, run.train_model(images, return_aux=True), masks)
     run.scaler.scale(loss / run.trainer.accumulate_grad_batches).backward()
     return loss.detach()
-
-
-def training_loss(run: Run, output, masks: torch.Tensor) -> torch.Tensor:
-    """The criterion on what the model returned in training (see :func:`model_loss`)."""
-    return model_loss(run.criterion, run.model, output, masks)
 
 
 def model_loss(criterion: nn.Module, model: nn.Module, output, masks: torch.Tensor) -> torch.Tensor:
