@@ -41,6 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from segexp.cli import command
 from segexp.config import compose_train_config, instantiate
 from segexp.engine.experiment import check_loss_fits_model
+from segexp.engine.options import TrainerOptions
 from segexp.engine.trainer import Run, optimizer_step, to_device, train_step
 from segexp.errors import SegexpError
 from segexp.models import build_model
@@ -69,7 +70,7 @@ def peak_for(device: torch.device, given: float | None) -> float | None:
 
 def build(cfg, split: str, device: torch.device, iters: int, warmup: int):
     """The loop's pieces for ``cfg``: a Run whose loader cycles ``split`` long enough."""
-    t = cfg.trainer
+    t = TrainerOptions.from_config(cfg.trainer)
     dataset = instantiate(cfg.dataset, split=split, transforms=instantiate(cfg.transforms.train))
     if len(dataset) == 0:
         raise SegexpError(f"the {split} split of dataset.root={cfg.dataset.get('root')} is empty; "
@@ -80,22 +81,24 @@ def build(cfg, split: str, device: torch.device, iters: int, warmup: int):
     needed = t.batch_size * (iters + warmup) * 2  # the loader is run twice (alone, end to end)
     workers = {"num_workers": t.num_workers, "pin_memory": device.type == "cuda"}
     if t.num_workers > 0:
-        workers.update(worker_init_fn=quiet_worker_init, prefetch_factor=t.get("prefetch_factor", 2),
+        workers.update(worker_init_fn=quiet_worker_init, prefetch_factor=t.prefetch_factor,
                        persistent_workers=True)
     loader = DataLoader(Cycled(dataset, needed, cfg.seed), batch_size=t.batch_size, drop_last=True,
                         **workers)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, pretrained=False).to(device)  # speed does not depend on weights
     check_loss_fits_model(cfg, model)  # e.g. loss=ce for a mask-classification model
-    if t.get("channels_last"):
+    if t.channels_last:
         model.to(memory_format=torch.channels_last)
     model.train()
     optimizer = instantiate(cfg.optimizer)(model)
-    run = Run(model=model, criterion=instantiate(cfg.loss).to(device), optimizer=optimizer,
-              scheduler=None, scaler=torch.amp.GradScaler(device.type, enabled=str(t.precision) == "16"),
-              train_loader=loader, sampler=None, val_loader=None, device=device, trainer=t,
-              run_dir=Path("."), class_names=list(dataset.class_names), palette=[], loggers=[])
-    return run
+    # A Run of the parts a training step uses (no schedule, sampler or validation here).
+    return Run(model=model, train_model=model, criterion=instantiate(cfg.loss).to(device),
+               optimizer=optimizer, scheduler=None,
+               scaler=torch.amp.GradScaler(device.type, enabled=t.precision == "16"),
+               train_loader=loader, sampler=None, val_loader=None, device=device, options=t,
+               plan=None, run_dir=Path("."), class_names=list(dataset.class_names), palette=[],
+               loggers=[])
 
 
 def step(run: Run, images: torch.Tensor, masks: torch.Tensor) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import hydra.utils
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -82,11 +83,14 @@ def require_conf_dir() -> Path:
 
 def compose_train_config(overrides: list[str]) -> tuple[DictConfig, str]:
     """The config ``python train.py <overrides>`` would run with, and the chosen dataset's name,
-    for scripts. ``name`` (built from ``${hydra:...}`` resolvers) is left unresolved."""
+    for scripts and notebooks (``segexp.engine.experiment.run_training(cfg, run_dir)`` trains
+    it). ``name``, built from Hydra's runtime choices, is resolved here, while they are known."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
     dataset_name = str(cfg.hydra.runtime.choices.get("dataset") or "dataset")
+    HydraConfig.instance().set_config(cfg)  # ${hydra:...} resolves against the current config
     with open_dict(cfg):
+        cfg.name = str(cfg.name)
         del cfg["hydra"]
     return cfg, dataset_name
 

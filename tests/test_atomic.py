@@ -129,6 +129,7 @@ def test_a_refused_resume_loses_no_config(tmp_path):
 def test_resume_with_no_overrides_uses_the_runs_own_config(tmp_path):
     """The first run used options that are not the defaults; `resume=true` alone (plus a longer
     trainer.max_iters) continues that run, not a run of today's defaults."""
+    from segexp.cli.train import hydra_launch
     from tests.conftest import compose_config
 
     first = ["trainer=debug", "model=fcn", "head.channels=16", "dataset.image_size=32",
@@ -136,7 +137,7 @@ def test_resume_with_no_overrides_uses_the_runs_own_config(tmp_path):
     run_training(compose_config(*first), tmp_path)
     resumed = compose_config(f"hydra.run.dir={tmp_path}", "resume=true", "trainer.max_iters=4")
     assert resumed.head._target_.endswith("UNetHead")  # what the defaults would build
-    run_training(resumed, tmp_path)
+    run_training(resumed, tmp_path, hydra_launch())  # train.py's command line: resume alone
     saved = read_weights_file(tmp_path / "checkpoints" / "last.pt")
     assert saved["state"]["iter"] == 4
     assert "FCNHead" in saved["config"] and "channels: 16" in saved["config"]

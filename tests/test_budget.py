@@ -49,6 +49,20 @@ def test_iteration_count_fills_the_budget_with_its_validations():
     n = budget.fit_iterations(100.0, 1.0, 5.0, val_every=None)
     assert n == 100 - 5 * budget.VALIDATIONS_PER_RUN
     assert budget.validation_every(None, n) * (budget.VALIDATIONS_PER_RUN - 1) < n
+    # ... as many as fit in 5 % of the budget: here 1 (the final validation) of 5 s each.
+    assert budget.fit_iterations(100.0, 1.0, 5.0, val_every=None, count=1) == 95
+    assert budget.validations_in(95, None, count=1) == 1
+
+
+@pytest.mark.parametrize("budget_s, val_s, count", [
+    (1200, 71, 1),     # 20 minutes, a slow validation: only the final one (60 s of room)
+    (1200, 25, 2),     # 60 s of room: two of 25 s
+    (7200, 30, 4),     # 2 hours: all four (360 s of room), never more
+    (60, 100, 1),      # a validation longer than the budget: the final one still happens
+    (600, 0.0, 4),     # nothing measured (no validation batches): the usual four
+])
+def test_validations_take_at_most_a_twentieth_of_a_budget(budget_s, val_s, count):
+    assert budget.validations_for_budget(budget_s, val_s) == count
 
 
 def _summary(run_dir: Path) -> dict:

@@ -81,7 +81,8 @@ def test_cfg_job_prints_the_composed_config():
 
 @pytest.mark.parametrize("family, size", sorted(FAMILIES.items()))
 def test_family_name_picks_its_default_size(family, size, tmp_path):
-    from segexp.engine.experiment import hydra_run_info
+    from segexp.cli.train import hydra_launch
+    from segexp.engine.experiment import run_info
 
     model = "setr" if family == "vit" else "upernet"  # a plain ViT needs a ViT head
     cfg = compose_config(f"model={model}", f"backbone={family}")
@@ -89,7 +90,7 @@ def test_family_name_picks_its_default_size(family, size, tmp_path):
     assert OmegaConf.to_container(cfg.backbone) == OmegaConf.to_container(sized.backbone)
     # Run names and tags say the size, not the family.
     assert cfg.name == f"{model}_{size}_synthetic" and cfg.default_backbone == size
-    assert f"backbone:{size}" in hydra_run_info(cfg, tmp_path).tags
+    assert f"backbone:{size}" in run_info(cfg, tmp_path, hydra_launch()).tags
     # The sized file's options override as on the sized option itself.
     cfg = compose_config(f"model={model}", f"backbone={family}", "backbone.pretrained=false",
                          "backbone.checkpoint=/weights/x.pth")
@@ -132,14 +133,15 @@ def test_shared_keys_are_no_model_option():
 
 
 def test_run_name_and_tags_name_an_overridden_head(tmp_path):
-    from segexp.engine.experiment import hydra_run_info
+    from segexp.cli.train import hydra_launch
+    from segexp.engine.experiment import run_info
 
     base = ("model=setr", "backbone=vit_base", "dataset=stanford_background")
     cfg = compose_config(*base)
     assert cfg.name == "setr_vit_base_stanford_background"
-    assert not [t for t in hydra_run_info(cfg, tmp_path).tags if t.startswith("head:")]
+    assert not [t for t in run_info(cfg, tmp_path, hydra_launch()).tags if t.startswith("head:")]
     cfg = compose_config(*base, "head=setr_mla")
     assert cfg.name == "setr-setr_mla_vit_base_stanford_background"
-    assert hydra_run_info(cfg, tmp_path).tags == ["model:setr", "head:setr_mla", "backbone:vit_base",
-                                                  "dataset:stanford_background"]
+    assert run_info(cfg, tmp_path, hydra_launch()).tags == [
+        "model:setr", "head:setr_mla", "backbone:vit_base", "dataset:stanford_background"]
     assert compose_config("model=pspnet", "head=pspnet").name == "pspnet_resnet18_synthetic"

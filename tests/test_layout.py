@@ -169,3 +169,24 @@ def test_relative_imports_resolve_to_their_modules():
         "segexp.data", "segexp.data.folder"}
     assert imported_modules("segexp.models.weights", "from ..engine import trainer\n") == {
         "segexp.engine", "segexp.engine.trainer"}
+
+
+# Hydra's runtime (the job's choices, overrides, output folder) is read at the entry points only
+# (segexp.cli.train.hydra_launch): the engine takes a plain config and a Launch record.
+HYDRA_RUNTIME = ("hydra.core", "hydra.types", "hydra.main", "hydra._internal")
+
+
+def hydra_runtime_imports(module: str, source: str, is_package: bool) -> set[str]:
+    return {t for t in imported_modules(module, source, is_package)
+            if t == "hydra" or t.startswith(HYDRA_RUNTIME)} | (
+        {"HydraConfig"} if "HydraConfig" in source else set())
+
+
+def test_the_engine_does_not_read_hydras_runtime():
+    sources = package_sources()
+    engine = {m: s for m, s in sources.items() if m == ENGINE or m.startswith(ENGINE + ".")}
+    assert {"segexp.engine.experiment", "segexp.engine.trainer"} <= set(engine)
+    found = {m: hydra_runtime_imports(m, *s) for m, s in engine.items()}
+    assert not any(found.values()), {m: f for m, f in found.items() if f}
+    # the check sees such an import where there is one
+    assert hydra_runtime_imports("segexp.cli.train", *sources["segexp.cli.train"])

@@ -325,17 +325,18 @@ def test_bad_inputs_are_explained():
 
 # -- the training loop ----------------------------------------------------------------------------
 def test_per_pixel_loss_for_a_mask_model_and_the_converse_are_refused(tmp_path):
+    from segexp.cli.train import hydra_launch
     from segexp.engine.experiment import run_training
 
-    with pytest.raises(ConfigError) as err:
-        run_training(compose_config(*SMALL, *FAKE_HEAD, "loss=ce"), tmp_path / "a")
+    with pytest.raises(ConfigError) as err:  # the messages name the options chosen (train.py's)
+        run_training(compose_config(*SMALL, *FAKE_HEAD, "loss=ce"), tmp_path / "a", hydra_launch())
     message = str(err.value)
     assert "mask-classification model" in message and "loss=ce" in message
     assert "loss=mask_classification" in message and "TinyMaskHead" in message
 
     with pytest.raises(ConfigError) as err:
         run_training(compose_config(*SMALL, "model=fcn", "head.channels=8",
-                                    "loss=mask_classification"), tmp_path / "b")
+                                    "loss=mask_classification"), tmp_path / "b", hydra_launch())
     message = str(err.value)
     assert "loss=mask_classification" in message and "model=fcn" in message
     assert "loss=ce" in message

@@ -12,9 +12,10 @@ directory; run folders go under ``outputs/`` of the working directory.
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -22,10 +23,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from segexp.atomic import write_json, write_text
 from segexp.cli import explained_error, message_of, print_error
 from segexp.config import CONF_DIR, require_conf_dir
 from segexp.engine import distributed
 from segexp.engine.experiment import run_training
+from segexp.engine.launch import Launch
 from segexp.errors import SegexpError
 
 log = logging.getLogger("train")
@@ -36,8 +39,10 @@ log = logging.getLogger("train")
 # ("train": train.log in the run folder) whichever of them started it.
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    keep_config_history(run_dir)
     try:
-        return run_training(cfg)
+        return run_training(cfg, run_dir, hydra_launch())
     except Exception as err:
         known = explained_error(err)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
@@ -46,6 +51,36 @@ def main(cfg: DictConfig) -> float:
             raise
         print_error(message_of(known))
         sys.exit(1)
+
+
+def hydra_launch() -> Launch:
+    """What the engine needs to know of Hydra's runtime (it never reads it itself): the option
+    chosen in each config group, the command line's overrides, and the sweep of a multirun job."""
+    hc = HydraConfig.get()
+    group = job_num = None
+    if hc.mode == RunMode.MULTIRUN:
+        sweep_dir = Path(hc.sweep.dir)
+        group, job_num = f"sweep-{sweep_dir.parent.name}_{sweep_dir.name}", hc.job.num
+    choices = {str(k): str(v) for k, v in hc.runtime.choices.items() if v is not None}
+    return Launch(choices=choices, overrides=tuple(hc.overrides.task), sweep_group=group,
+                  job_num=job_num)
+
+
+def keep_config_history(run_dir: Path) -> None:
+    """Hydra rewrites ``.hydra/`` at every start in a folder (a resume too, even one refused for a
+    wrong override): copy this start's files to ``.hydra/history/<NN>_<time>/`` so the first run's
+    config and each resume's are all kept."""
+    hydra_dir = run_dir / ".hydra"
+    # Before the process group starts: rank 0 of a torchrun / SLURM job copies, the others not.
+    rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
+    if not (hydra_dir / "config.yaml").is_file() or rank != "0":
+        return
+    history = hydra_dir / "history"
+    number = len([p for p in history.iterdir() if p.is_dir()]) if history.is_dir() else 0
+    target = history / f"{number:02d}_{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+    for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):
+        if (hydra_dir / name).is_file():
+            write_text(target / name, (hydra_dir / name).read_text())
 
 
 def failed_job(err: Exception, known: SegexpError | None) -> float:
@@ -58,7 +93,7 @@ def failed_job(err: Exception, known: SegexpError | None) -> float:
     summary = Path(HydraConfig.get().runtime.output_dir) / "metrics.json"
     if not summary.exists():
         summary.parent.mkdir(parents=True, exist_ok=True)
-        summary.write_text(json.dumps({"status": "failed", "error": message}, indent=2))
+        write_json(summary, {"status": "failed", "error": message}, indent=2)
     return float("-inf")
 
 

@@ -10,9 +10,12 @@ keeps the recorded count and the time already spent.
 
 What counts against the budget: everything from the start of the run's set-up to the end of the
 last validation, validations included (a user who says ``20m`` expects the run to be done after
-20 minutes; validations are part of that). Not counted: the cost measurement (GFLOPs / FPS) and
-the pictures written after training, a few seconds. If the machine slows down so much that the run
-passes its budget by more than :func:`overrun_limit` allows, training stops there, validates and says so.
+20 minutes; validations are part of that). So that they take little of it, a budget run with
+``trainer.val_interval=null`` validates at most :data:`VALIDATIONS_PER_RUN` times and only as
+often as fits in :data:`VALIDATION_SHARE` of the budget (the final validation always happens).
+Not counted: the cost measurement (GFLOPs / FPS) and the pictures written after training, a few
+seconds. If the machine slows down so much that the run passes its budget by more than
+:func:`overrun_limit` allows, training stops there, validates and says so.
 """
 
 from __future__ import annotations
@@ -48,8 +51,12 @@ CALIBRATION_FRACTION = 0.02
 MIN_TIMED_STEPS = 3
 MAX_TIMED_STEPS = 100
 VAL_CALIBRATION_BATCHES = 2
-# trainer.val_interval=null: this many validations spread over the run (the last at its end).
+# trainer.val_interval=null: this many validations spread over the run (the last at its end);
+# under a time budget, only as many as fit in VALIDATION_SHARE of it (at least the final one):
+# a validation is time not spent training, and on a slow machine or a short budget four of them
+# would cost a tenth of it or more.
 VALIDATIONS_PER_RUN = 4
+VALIDATION_SHARE = 0.05
 
 _UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "min": 60.0, "s": 1.0}
 _PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(d|h|min|m|s)")
@@ -89,31 +96,40 @@ def format_duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
 
 
-def validation_every(val_interval: int | None, units: int) -> int:
+def validations_for_budget(budget_s: float, val_s: float) -> int:
+    """How many validations a budget run spreads (``trainer.val_interval=null``): as many as fit
+    in :data:`VALIDATION_SHARE` of the budget, at least 1 (the final one), at most
+    :data:`VALIDATIONS_PER_RUN`."""
+    if val_s <= 0:
+        return VALIDATIONS_PER_RUN
+    return max(1, min(VALIDATIONS_PER_RUN, int(VALIDATION_SHARE * budget_s / val_s)))
+
+
+def validation_every(val_interval: int | None, units: int, count: int = VALIDATIONS_PER_RUN) -> int:
     """Validate every this many iterations (or epochs) in a run of ``units`` of them:
-    ``trainer.val_interval``, or with null :data:`VALIDATIONS_PER_RUN` evenly spread."""
+    ``trainer.val_interval``, or with null ``count`` validations evenly spread."""
     if val_interval is not None:
         return max(1, int(val_interval))
-    return max(1, math.ceil(units / VALIDATIONS_PER_RUN))
+    return max(1, math.ceil(units / max(1, count)))
 
 
-def validations_in(iters: int, val_every: int | None) -> int:
-    """Validations a run of ``iters`` iterations does: every ``val_every`` (None: spread as
-    :func:`validation_every`) and always at the end."""
-    val_every = validation_every(val_every, iters)
+def validations_in(iters: int, val_every: int | None, count: int = VALIDATIONS_PER_RUN) -> int:
+    """Validations a run of ``iters`` iterations does: every ``val_every`` (None: ``count``
+    spread as :func:`validation_every`) and always at the end."""
+    val_every = validation_every(val_every, iters, count)
     return iters // val_every + (1 if iters % val_every else 0)
 
 
 def fit_iterations(remaining_s: float, iter_s: float, val_s: float, val_every: int | None,
-                   cap: int | None = None) -> int:
+                   cap: int | None = None, count: int = VALIDATIONS_PER_RUN) -> int:
     """The largest iteration count whose training and validations fit in ``remaining_s``
-    (at least 1, at most ``cap``); ``val_every=None``: :data:`VALIDATIONS_PER_RUN` of them."""
+    (at least 1, at most ``cap``); ``val_every=None``: ``count`` of them, spread."""
 
     def cost(n: int) -> float:
-        return n * iter_s + validations_in(n, val_every) * val_s
+        return n * iter_s + validations_in(n, val_every, count) * val_s
 
     per_iter = iter_s + (val_s / val_every if val_every else 0.0)
-    spread = VALIDATIONS_PER_RUN * val_s if val_every is None else 0.0
+    spread = count * val_s if val_every is None else 0.0
     n = max(1, int((remaining_s - spread) / per_iter)) if per_iter > 0 else (cap or 1)
     if cap is not None:
         n = min(n, cap)
@@ -129,7 +145,7 @@ def _validation_seconds(run) -> float:
     ``1 + VAL_CALIBRATION_BATCHES``; their difference is the time per batch."""
     from segexp.inference import InferenceOptions, evaluate_loader
 
-    t = run.trainer
+    t = run.options
     full = len(run.val_loader) if t.max_val_batches is None else min(t.max_val_batches,
                                                                      len(run.val_loader))
     seconds = []
@@ -163,7 +179,7 @@ def calibrate(run, budget_s: float, cap: int | None = None) -> Calibration:
     saved = {"model": copy.deepcopy(run.model.state_dict()),
              "optimizer": copy.deepcopy(run.optimizer.state_dict()),
              "scaler": copy.deepcopy(run.scaler.state_dict()), "rng": rng_state()}
-    t = run.trainer
+    t = run.options
     accumulate = t.accumulate_grad_batches
     steps, timed, timed_s, step_start = 0, 0, 0.0, None
     run.model.train()

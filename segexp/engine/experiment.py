@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader
@@ -27,9 +25,10 @@ from segexp.data.base import pad_collate
 from segexp.data.sampler import ContiguousShardSampler, ResumableSampler
 from segexp.data.scan import base_dataset, scan_masks
 from segexp.engine import budget, distributed
-from segexp.engine.budget import parse_duration
 from segexp.engine.checkpoint import resolve_resume, set_rng_state
-from segexp.engine.trainer import Run, fit, plan
+from segexp.engine.launch import Launch
+from segexp.engine.options import TrainerOptions
+from segexp.engine.trainer import Plan, Run, TrainState, fit, plan
 from segexp.errors import ConfigError, DataError, TrainingInterrupted
 from segexp.loggers import JsonlLogger, RunInfo, build_loggers
 from segexp.loggers.base import json_safe
@@ -45,7 +44,7 @@ from segexp.weights_io import load_weights_into, read_weights_file
 log = logging.getLogger(__name__)
 
 
-def wrap_for_training(model: torch.nn.Module, t: DictConfig, device: torch.device,
+def wrap_for_training(model: torch.nn.Module, t: TrainerOptions, device: torch.device,
                       dist: distributed.DistInfo) -> torch.nn.Module:
     """What the training step calls: DistributedDataParallel across processes, then
     ``torch.compile`` if asked. Evaluation and checkpoints keep using the plain module."""
@@ -55,11 +54,10 @@ def wrap_for_training(model: torch.nn.Module, t: DictConfig, device: torch.devic
 
         train_model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=bool(t.get("find_unused_parameters", False)))
-    if t.get("compile"):
+            find_unused_parameters=t.find_unused_parameters)
+    if t.compile:
         mode = None if t.compile is True else str(t.compile)
-        train_model = torch.compile(train_model, mode=mode,
-                                    backend=str(t.get("compile_backend", "inductor")))
+        train_model = torch.compile(train_model, mode=mode, backend=t.compile_backend)
     return train_model
 
 
@@ -84,7 +82,7 @@ def build_datasets(cfg: DictConfig):
 SCALAR_METRICS = ("mIoU", "aAcc", "mAcc", "mDice")
 
 
-def check_compatible(cfg: DictConfig, model, dataset) -> None:
+def check_compatible(cfg: DictConfig, options: TrainerOptions, model, dataset) -> None:
     """Mismatches that would otherwise surface as shape errors deep in training."""
     if cfg.metric not in SCALAR_METRICS:
         raise ConfigError(f"metric={cfg.metric} is not a validation metric; choose one of "
@@ -94,7 +92,7 @@ def check_compatible(cfg: DictConfig, model, dataset) -> None:
     pools_to_one_pixel = any(isinstance(m, torch.nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1))
                              for m in model.modules())
     has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    if cfg.trainer.batch_size < 2 and has_batchnorm and pools_to_one_pixel:
+    if options.batch_size < 2 and has_batchnorm and pools_to_one_pixel:
         raise ConfigError("trainer.batch_size=1: the model has BatchNorm layers after global "
                           "pooling (PSP / ASPP branches), which cannot train on a batch of one. Use "
                           "trainer.batch_size>=2, or trainer.accumulate_grad_batches to save memory.")
@@ -112,22 +110,15 @@ def check_compatible(cfg: DictConfig, model, dataset) -> None:
             f"dataset.crop_size=[{_round(crop[0], divisor)},{_round(crop[1], divisor)}].")
 
 
-def _choice(cfg: DictConfig, group: str) -> str | None:
-    """The option of ``group`` the command line picked, if Hydra knows it."""
-    if not HydraConfig.initialized():
-        return None
-    return HydraConfig.get().runtime.choices.get(group) or None
-
-
-def _loss_name(cfg: DictConfig) -> str:
-    choice = _choice(cfg, "loss")
+def _loss_name(cfg: DictConfig, launch: Launch) -> str:
+    choice = launch.choice("loss")
     return f"loss={choice}" if choice else f"loss._target_={cfg.loss.get('_target_')}"
 
 
-def _model_name(cfg: DictConfig) -> str:
+def _model_name(cfg: DictConfig, launch: Launch) -> str:
     """``model=X``, with the head when it is not the model's own (``head=Y`` or a head given
     key by key); the head's ``_target_`` for a config built in code."""
-    model, head = _choice(cfg, "model"), _choice(cfg, "head")
+    model, head = launch.choice("model"), launch.choice("head")
     target = f"head._target_={(cfg.get('head') or {}).get('_target_')}"
     if model is None:
         return target
@@ -149,13 +140,14 @@ def loss_is_mask_classification(loss_cfg: DictConfig) -> bool:
     return bool(getattr(loss_class, "mask_classification", False))
 
 
-def check_loss_fits_model(cfg: DictConfig, model) -> None:
+def check_loss_fits_model(cfg: DictConfig, model, launch: Launch | None = None) -> None:
     """A mask-classification model (MaskFormer, Mask2Former, EoMT: it predicts queries' classes
     and masks) trains only with the mask criterion, and a per-pixel model only with a per-pixel
     loss; either mismatch would fail inside the first step, so it is refused here."""
     model_is_mask = is_mask_classification(model)
     loss_is_mask = loss_is_mask_classification(cfg.loss)
-    model_name, loss_name = _model_name(cfg), _loss_name(cfg)
+    launch = launch or Launch()
+    model_name, loss_name = _model_name(cfg, launch), _loss_name(cfg, launch)
     if model_is_mask and not loss_is_mask:
         raise ConfigError(
             f"{model_name} is a mask-classification model (it predicts a class and a mask per "
@@ -210,54 +202,85 @@ def check_data(train_set, val_set, run_dir: Path, progress: bool, skip_bad_files
                         "reported as undefined ('-') where no validation mask holds them either.")
 
 
-def hydra_run_info(cfg: DictConfig, run_dir: Path) -> RunInfo:
-    """Name, sweep group and tags for loggers, from Hydra's runtime state."""
-    tags, group, job_num = [], None, None
-    if HydraConfig.initialized():
-        hc = HydraConfig.get()
-        choices = dict(hc.runtime.choices)
-        if cfg.get("default_backbone"):  # the model's default, not "model_default/<model>"
-            choices["backbone"] = cfg.default_backbone
-        tags = [f"{key}:{choices.get(key)}" for key in ("model", "backbone", "dataset")
-                if choices.get(key)]
-        if model_label(choices.get("model"), choices.get("head")) != str(choices.get("model")):
-            tags.insert(1, f"head:{choices['head']}")  # head=... chose another than the model's own
-        if hc.mode == RunMode.MULTIRUN:
-            sweep_dir = Path(hc.sweep.dir)
-            group = f"sweep-{sweep_dir.parent.name}_{sweep_dir.name}"
-            job_num = hc.job.num
+def run_info(cfg: DictConfig, run_dir: Path, launch: Launch) -> RunInfo:
+    """Name, sweep group and tags for loggers."""
+    choices = dict(launch.choices)
+    if choices and cfg.get("default_backbone"):  # the model's default, not model_default/<model>
+        choices["backbone"] = cfg.default_backbone
+    tags = [f"{key}:{choices.get(key)}" for key in ("model", "backbone", "dataset")
+            if choices.get(key)]
+    if choices.get("model") and \
+            model_label(choices.get("model"), choices.get("head")) != str(choices.get("model")):
+        tags.insert(1, f"head:{choices['head']}")  # head=... chose another than the model's own
     return RunInfo(run_dir=run_dir, name=str(cfg.get("name", run_dir.name)),
-                   config=OmegaConf.to_container(cfg, resolve=True), group=group, tags=tags,
-                   job_num=job_num)
+                   config=OmegaConf.to_container(cfg, resolve=True), group=launch.sweep_group,
+                   tags=tags, job_num=launch.job_num)
 
 
-def build_run(cfg: DictConfig, run_dir: Path) -> Run:
-    t = cfg.trainer
-    dist = distributed.init_distributed(t.get("dist_backend", "auto"))
+def build_run(cfg: DictConfig, run_dir: Path, launch: Launch, started: float,
+              checkpoint: dict[str, Any] | None = None, checkpoint_path: Path | None = None) -> Run:
+    """The one place a :class:`Run` is built: the trainer options read and checked, data, model
+    and optimiser built and checked against each other, the run's length settled (for a time
+    budget, measured), the lr schedule over it, the checkpoint's state loaded when resuming, and
+    the loggers (rank 0). ``started``: when the run's set-up began (it counts against a budget)."""
+    options = TrainerOptions.from_config(cfg.trainer)  # before any work: a wrong option is named
+    dist = distributed.init_distributed(options.dist_backend)
     seed_everything(cfg.seed)  # the same initial weights on every rank
-    device = resolve_device(t.device, dist.local_rank if dist.enabled else None)
-    autocast(device, t.precision)  # refuses a precision this device cannot run, before any work
-    torch.backends.cudnn.benchmark = bool(t.cudnn_benchmark)
+    device = resolve_device(options.device, dist.local_rank if dist.enabled else None)
+    autocast(device, options.precision)  # refuses a precision this device cannot run
+    torch.backends.cudnn.benchmark = options.cudnn_benchmark
     train_set, val_set = build_datasets(cfg)
     model = build_model(cfg)
-    check_compatible(cfg, model, train_set)
-    check_loss_fits_model(cfg, model)
-    check_data(train_set, val_set, run_dir, progress=dist.is_main and bool(t.progress_bar),
+    check_compatible(cfg, options, model, train_set)
+    check_loss_fits_model(cfg, model, launch)
+    check_data(train_set, val_set, run_dir, progress=dist.is_main and options.progress_bar,
                skip_bad_files=bool(cfg.get("skip_bad_files", False)))
-    if t.get("sync_bn") and dist.enabled:  # BatchNorm statistics over the global batch
+    if options.sync_bn and dist.enabled:  # BatchNorm statistics over the global batch
         model = distributed.convert_sync_batchnorm(model, device)
     model.to(device)
-    if t.get("channels_last"):
+    if options.channels_last:
         model.to(memory_format=torch.channels_last)
     if dist.rank:  # dropout / drop-path masks differ between ranks; rank 0 draws as one process
         torch.manual_seed(cfg.seed + dist.rank)
 
     sampler = ResumableSampler(len(train_set), seed=cfg.seed, rank=dist.rank,
                                num_replicas=dist.world_size)
+    run_plan = plan(options, sampler.samples_per_replica, dist.world_size)
+    train_loader, val_loader = build_loaders(options, train_set, val_set, sampler, device, dist)
+    optimizer = instantiate(cfg.optimizer)(model)
+    # class_weights: auto -> from the training masks, scanned once (cached in the run folder).
+    loss_cfg = resolve_auto_class_weights(cfg.loss, train_set, run_dir,
+                                          progress=dist.is_main and options.progress_bar)
+    parts = dict(model=model, train_model=wrap_for_training(model, options, device, dist),
+                 criterion=instantiate(loss_cfg).to(device), optimizer=optimizer,
+                 scaler=torch.amp.GradScaler(device.type, enabled=options.precision == "16"),
+                 train_loader=train_loader, sampler=sampler, val_loader=val_loader, device=device,
+                 options=options, plan=run_plan, run_dir=run_dir,
+                 class_names=list(train_set.class_names), palette=list(train_set.colours),
+                 metric=cfg.metric, ignore_index=train_set.ignore_index,
+                 config_yaml=OmegaConf.to_yaml(cfg, resolve=True), dist=dist)
+    state = TrainState()
+    if checkpoint is not None:
+        state.load_state_dict(checkpoint["state"])  # the recorded length, before the schedule
+    settle_length(state, parts, resumed=checkpoint is not None,
+                  elapsed_s=time.perf_counter() - started)
+    # Other ranks log nothing: rank 0 reports the reduced figures of all. The run folder's log is
+    # always kept; the `logger` group adds none, one or several (logger=[csv,tensorboard]).
+    loggers = [JsonlLogger()] + build_loggers(cfg.get("logger")) if dist.is_main else []
+    run = Run(**parts, scheduler=build_scheduler(cfg, optimizer, run_plan, state.total_iters),
+              loggers=loggers, state=state)
+    if checkpoint is not None:  # after the scheduler, whose construction resets the lr
+        resume_run(run, checkpoint, checkpoint_path)
+    return run
+
+
+def build_loaders(options: TrainerOptions, train_set, val_set, sampler: ResumableSampler,
+                  device: torch.device, dist: distributed.DistInfo) -> tuple[DataLoader, DataLoader]:
+    t = options
     pin_memory = device.type == "cuda" if t.pin_memory == "auto" else bool(t.pin_memory)
     workers = {"num_workers": t.num_workers, "pin_memory": pin_memory}
     if t.num_workers > 0:
-        workers.update(worker_init_fn=quiet_worker_init, prefetch_factor=t.get("prefetch_factor", 2))
+        workers.update(worker_init_fn=quiet_worker_init, prefetch_factor=t.prefetch_factor)
     # Own generators, so creating a loader iterator never draws from the global RNG (exact resume).
     # Workers persist across epochs: the sampler runs in this process, so set_epoch still applies,
     # and augmentation is seeded per sample, not per worker.
@@ -267,84 +290,76 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     val_loader = DataLoader(val_set, batch_size=t.val_batch_size,
                             sampler=ContiguousShardSampler(len(val_set), dist.rank, dist.world_size),
                             collate_fn=pad_collate, generator=torch.Generator(), **workers)
-    optimizer = instantiate(cfg.optimizer)(model)
-    # class_weights: auto -> from the training masks, scanned once (cached in the run folder).
-    loss_cfg = resolve_auto_class_weights(cfg.loss, train_set, run_dir,
-                                          progress=dist.is_main and bool(t.progress_bar))
-    run = Run(model=model, criterion=instantiate(loss_cfg).to(device), optimizer=optimizer,
-              scheduler=None, scaler=torch.amp.GradScaler(device.type, enabled=str(t.precision) == "16"),
-              train_loader=train_loader, sampler=sampler, val_loader=val_loader, device=device,
-              trainer=t, run_dir=run_dir, class_names=list(train_set.class_names),
-              palette=list(train_set.colours), loggers=[], metric=cfg.metric,
-              ignore_index=train_set.ignore_index,
-              config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
-              train_model=wrap_for_training(model, t, device, dist), dist=dist)
-    run.budget_s = parse_duration(t.get("max_time"))
-    return run
+    return train_loader, val_loader
 
 
-def build_scheduler(cfg: DictConfig, run: Run) -> None:
-    """The lr schedule over ``run.state.total_iters`` (in epochs for ``interval: epoch``)."""
-    batches_per_epoch, _ = plan(run)
-    iters_per_epoch = batches_per_epoch // run.trainer.accumulate_grad_batches
-    total_iters = run.state.total_iters
+def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, run_plan: Plan,
+                    total_iters: int):
+    """The lr schedule over ``total_iters`` (in epochs for ``interval: epoch``)."""
     interval = cfg.scheduler.get("interval", "iter")
-    total_steps = total_iters if interval == "iter" else -(-total_iters // iters_per_epoch)
-    run.scheduler = instantiate(cfg.scheduler)(run.optimizer, total_steps=total_steps)
+    total_steps = total_iters if interval == "iter" else -(-total_iters // run_plan.iters_per_epoch)
+    return instantiate(cfg.scheduler)(optimizer, total_steps=total_steps)
 
 
-def settle_length(run: Run, resumed: bool, elapsed_s: float) -> None:
-    """Fix ``run.state.total_iters`` once: the config's limit, or for ``trainer.max_time`` the
-    count that fills what is left of the budget (measured by :func:`budget.calibrate`). A
-    resumed budget run keeps the count it recorded, so its schedule continues unchanged."""
-    s, t = run.state, run.trainer
-    _, limit = plan(run)
-    if run.budget_s is None:
-        s.total_iters = limit
+def settle_length(state: TrainState, parts: dict[str, Any], resumed: bool, elapsed_s: float) -> None:
+    """Fix ``state.total_iters`` once: the config's limit, or for ``trainer.max_time`` the count
+    that fills what is left of the budget, measured by :func:`budget.calibrate` on a throw-away
+    run of the same parts (which it puts back as they were). A resumed budget run keeps the count
+    it recorded, so its schedule continues unchanged."""
+    t, run_plan = parts["options"], parts["plan"]
+    if t.budget_s is None:
+        state.total_iters = run_plan.limit
         return
-    if resumed and s.total_iters:
-        s.budget_used_s += elapsed_s
-        log.info(f"Time budget {budget.format_duration(run.budget_s)}: "
-                 f"{budget.format_duration(s.budget_used_s)} used so far; continuing the "
-                 f"recorded {s.total_iters} iterations.")
+    if resumed and state.total_iters:
+        state.budget_used_s += elapsed_s
+        log.info(f"Time budget {budget.format_duration(t.budget_s)}: "
+                 f"{budget.format_duration(state.budget_used_s)} used so far; continuing the "
+                 f"recorded {state.total_iters} iterations.")
         return
-    calibration = budget.calibrate(run, run.budget_s, cap=limit)
-    s.calibration_s += calibration.seconds
-    s.budget_used_s += elapsed_s + calibration.seconds
-    batches_per_epoch, _ = plan(run)
-    iters_per_epoch = batches_per_epoch // t.accumulate_grad_batches
+    calibration = budget.calibrate(Run(**parts, scheduler=None, loggers=[]), t.budget_s,
+                                   cap=run_plan.limit)
+    state.calibration_s += calibration.seconds
+    state.budget_used_s += elapsed_s + calibration.seconds
     val_every = None if t.val_interval is None else \
-        t.val_interval * (iters_per_epoch if t.max_epochs is not None else 1)
-    count = budget.fit_iterations(run.budget_s - s.budget_used_s, calibration.iter_s,
-                                  calibration.val_s, val_every, cap=limit)
-    s.total_iters = int(distributed.broadcast_object(count))  # rank 0 decides for every rank
-    if s.total_iters == 1 and run.budget_s - s.budget_used_s < calibration.iter_s:
+        t.val_interval * (run_plan.iters_per_epoch if t.by_epoch else 1)
+    if val_every is None:
+        state.validations = budget.validations_for_budget(t.budget_s, calibration.val_s)
+    count = budget.fit_iterations(t.budget_s - state.budget_used_s, calibration.iter_s,
+                                  calibration.val_s, val_every, cap=run_plan.limit,
+                                  count=state.validations)
+    state.total_iters = int(distributed.broadcast_object(count))  # rank 0 decides for every rank
+    if state.total_iters == 1 and t.budget_s - state.budget_used_s < calibration.iter_s:
         log.warning(f"trainer.max_time={t.max_time} leaves no time for training after set-up and "
-                    f"speed measurement ({budget.format_duration(s.budget_used_s)}); training for "
-                    "one iteration. Give a longer budget.")
-    images = s.total_iters * t.batch_size * t.accumulate_grad_batches * run.dist.world_size
-    log.info(f"Time budget {budget.format_duration(run.budget_s)}: "
+                    f"speed measurement ({budget.format_duration(state.budget_used_s)}); training "
+                    "for one iteration. Give a longer budget.")
+    images = state.total_iters * t.batch_size * t.accumulate_grad_batches * parts["dist"].world_size
+    log.info(f"Time budget {budget.format_duration(t.budget_s)}: "
              f"{calibration.iter_s:.3g} s per iteration, about "
              f"{budget.format_duration(calibration.val_s)} per validation (measured in "
-             f"{budget.format_duration(calibration.seconds)}); training for {s.total_iters} "
+             f"{budget.format_duration(calibration.seconds)}); training for {state.total_iters} "
              f"iterations ({images} images)"
-             + (", capped by trainer.max_iters / max_epochs" if limit == s.total_iters else "")
-             + f". To repeat this run exactly: trainer.max_time=null trainer.max_iters={s.total_iters}"
-             + (" trainer.max_epochs=null" if t.max_epochs is not None else "") + ".")
+             + (f", {state.validations} validation(s) spread over them" if val_every is None else "")
+             + (", capped by trainer.max_iters / max_epochs"
+                if run_plan.limit == state.total_iters else "")
+             + f". To repeat this run exactly: trainer.max_time=null "
+             f"trainer.max_iters={state.total_iters}"
+             + (" trainer.max_epochs=null" if t.by_epoch else "") + ".")
 
 
-def config_for_resume(cfg: DictConfig, checkpoint: dict[str, Any], path: Path) -> DictConfig:
-    """The config a resume runs with. When the command line names nothing but the resume itself,
-    the run folder and ``trainer.*`` values (e.g. a longer ``trainer.max_iters``), the run's own
-    config, recorded in its checkpoint, is used with those values applied: the defaults may have
-    changed since, and a forgotten override must not turn into a refused resume. Any other
-    override means the user asks for that config (a model that does not fit is then refused)."""
+def config_for_resume(cfg: DictConfig, checkpoint: dict[str, Any], path: Path,
+                      overrides: tuple[str, ...] | None) -> DictConfig:
+    """The config a resume runs with. When the command line (``overrides``; None: a config built
+    in code, used as given) names nothing but the resume itself, the run folder and
+    ``trainer.*`` values (e.g. a longer ``trainer.max_iters``), the run's own config, recorded in
+    its checkpoint, is used with those values applied: the defaults may have changed since, and
+    a forgotten override must not turn into a refused resume. Any other override means the user
+    asks for that config (a model that does not fit is then refused)."""
     saved = checkpoint.get("config")
-    if not saved or not HydraConfig.initialized():
+    if not saved or overrides is None:
         return cfg
-    task = list(HydraConfig.get().overrides.task)
-    keys = [o.split("=", 1)[0].lstrip("+~") for o in task]
-    trainer_values = [o.lstrip("+") for o, k in zip(task, keys, strict=True) if k.startswith("trainer.")]
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    trainer_values = [o.lstrip("+") for o, k in zip(overrides, keys, strict=True)
+                      if k.startswith("trainer.")]
     if any(k != "resume" and not k.startswith(("trainer.", "hydra.")) for k in keys):
         return cfg
     resumed = OmegaConf.create(saved)
@@ -445,19 +460,19 @@ def resume_run(run: Run, checkpoint: dict[str, Any], checkpoint_path: Path) -> N
 def measure_cost(run: Run, cfg: DictConfig) -> dict[str, Any]:
     """GFLOPs and inference FPS of the trained model at the training crop size (batch 1, the
     run's device and precision), for the summary: so runs compare on cost as well as accuracy."""
-    if not cfg.trainer.get("measure_speed", True):
+    if not run.options.measure_speed:
         return {}
     crop = cfg.dataset.get("crop_size")
     size = (int(crop[0]), int(crop[1])) if crop is not None else (512, 512)
     try:
         gflops = count_gflops(run.model, size)
-        fps = measure_fps(run.model, size, run.device, str(cfg.trainer.precision))
+        fps = measure_fps(run.model, size, run.device, run.options.precision)
     except RuntimeError as err:  # (out of memory included) a cost figure never fails a finished run
         log.warning(f"could not measure GFLOPs/FPS at {size[0]}x{size[1]}: {err}")
         return {}
     return {"gflops": round(gflops, 3), "fps": round(fps, 2),
             "cost_input": f"{size[0]}x{size[1]}, batch 1, {run.device.type}, "
-                          f"precision {cfg.trainer.precision}"}
+                          f"precision {run.options.precision}"}
 
 
 def pretrained_record(model: torch.nn.Module) -> dict[str, str]:
@@ -489,11 +504,11 @@ def write_summary(run: Run, status: str, wall_time_s: float, error: str | None =
         "iters": s.iter,
         "planned_iters": s.total_iters,
         "epochs": s.epoch,
-        "images_seen": s.iter * run.trainer.batch_size * run.trainer.accumulate_grad_batches
+        "images_seen": s.iter * run.options.batch_size * run.options.accumulate_grad_batches
         * run.dist.world_size,
     }
-    if run.budget_s is not None:
-        summary["budget"] = {"max_time": str(run.trainer.max_time), "seconds": run.budget_s,
+    if run.options.budget_s is not None:
+        summary["budget"] = {"max_time": run.options.max_time, "seconds": run.options.budget_s,
                              "used_s": round(s.budget_used_s, 2),
                              "calibration_s": round(s.calibration_s, 2)}
     if error:
@@ -516,90 +531,71 @@ def _per_class(results: dict[str, Any], class_names: list[str]) -> dict[str, dic
     return {name: {k: v[i] for k, v in lists.items()} for i, name in enumerate(class_names)}
 
 
-def keep_config_history(run_dir: Path) -> None:
-    """Hydra rewrites ``.hydra/`` at every start in a folder (a resume too, even one refused for a
-    wrong override): copy this start's files to ``.hydra/history/<NN>_<time>/`` so the first run's
-    config and each resume's are all kept."""
-    hydra_dir = run_dir / ".hydra"
-    # Before the process group starts: rank 0 of a torchrun / SLURM job copies, the others not.
-    rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
-    if not (hydra_dir / "config.yaml").is_file() or rank != "0":
-        return
-    history = hydra_dir / "history"
-    number = len([p for p in history.iterdir() if p.is_dir()]) if history.is_dir() else 0
-    target = history / f"{number:02d}_{time.strftime('%Y-%m-%d_%H-%M-%S')}"
-    for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):
-        if (hydra_dir / name).is_file():
-            write_text(target / name, (hydra_dir / name).read_text())
-
-
-def run_training(cfg: DictConfig, run_dir: Path | None = None) -> float:
-    """Train as configured; returns the best validation ``cfg.metric`` (for Hydra sweepers)."""
-    if run_dir is None:
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
+def run_training(cfg: DictConfig, run_dir: Path, launch: Launch | None = None) -> float:
+    """Train as configured into ``run_dir``; returns the best validation ``cfg.metric`` (for
+    sweepers). ``launch``: how the run was started (``train.py`` passes Hydra's choices and
+    command line); None for a config built in code."""
+    launch = launch or Launch()
     run_dir.mkdir(parents=True, exist_ok=True)
-    keep_config_history(run_dir)
     start = time.perf_counter()
     checkpoint_path = resolve_resume(requeued_resume(cfg.get("resume"), run_dir), run_dir)
     checkpoint = read_weights_file(checkpoint_path, "resume") if checkpoint_path is not None else None
     if checkpoint is not None:
-        cfg = config_for_resume(cfg, checkpoint, checkpoint_path)
-    run = build_run(cfg, run_dir)
-    if checkpoint is not None:
-        run.state.load_state_dict(checkpoint["state"])  # the recorded length, before the schedule
-    settle_length(run, resumed=checkpoint is not None, elapsed_s=time.perf_counter() - start)
-    build_scheduler(cfg, run)
-    if checkpoint is not None:  # after the scheduler, whose construction resets the lr
-        resume_run(run, checkpoint, checkpoint_path)
-        del checkpoint
-        if run.dist.is_main:
-            forget_logged_after(run_dir / "metrics.jsonl", run.state.iter)
-    # The run folder's log is always kept; the `logger` group adds none, one or several
-    # (logger=[csv,tensorboard]). Other ranks log nothing: rank 0 reports the reduced figures of all.
-    if run.dist.is_main:
-        run.loggers = [JsonlLogger()] + build_loggers(cfg.get("logger"))
-    restore_signals = catch_stop_signals(run, cfg.trainer.get("stop_signals") or [])
-    info = hydra_run_info(cfg, run_dir)
-    info.config["params"] = count_params(run.model)
+        cfg = config_for_resume(cfg, checkpoint, checkpoint_path, launch.overrides)
+    run = build_run(cfg, run_dir, launch, start, checkpoint, checkpoint_path)
+    del checkpoint
+    if checkpoint_path is not None and run.dist.is_main:
+        forget_logged_after(run_dir / "metrics.jsonl", run.state.iter)
+    info = run_info(cfg, run_dir, launch)
     weights = pretrained_record(run.model)
-    info.config.update(weights)
+    info.config.update(params=count_params(run.model), **weights)
     info.tags.append(f"pretrained:{weights['pretrained']}")
     log.info(f"Backbone weights: {weights['pretrained_source']}")
-    failed, status = True, "failed"
+    restore_signals = catch_stop_signals(run, run.options.stop_signals)
     try:
         for logger in run.loggers:
             logger.start(info)
         fit(run)
-        failed = False
     except BaseException as err:
-        status = "interrupted" if isinstance(err, TrainingInterrupted) else "failed"
-        write_summary(run, status, time.perf_counter() - start, f"{type(err).__name__}: {err}")
+        record_failure(run, err, time.perf_counter() - start)
         raise
     finally:
         restore_signals()
-        if failed:
-            for logger in run.loggers:
-                logger.finish(failed=True, status=status)
         if run.stop_signal:
             requeue_with_submitit(run.stop_signal)
+    finish_run(run, cfg, time.perf_counter() - start)
+    return float(run.state.best_metric)
+
+
+def record_failure(run: Run, err: BaseException, wall_time_s: float) -> None:
+    """A run that stopped on an error or a signal: ``metrics.json`` says so, and the loggers
+    finish as failed (or interrupted)."""
+    status = "interrupted" if isinstance(err, TrainingInterrupted) else "failed"
+    write_summary(run, status, wall_time_s, f"{type(err).__name__}: {err}")
+    for logger in run.loggers:
+        logger.finish(failed=True, status=status)
+
+
+def finish_run(run: Run, cfg: DictConfig, wall_time_s: float) -> None:
+    """After training: the cost measurement, ``metrics.json``, the loggers' summary and best
+    checkpoint, the final table and the run's pictures."""
     status = {"early_stopping": "early_stopped", "time_limit": "time_limit"}.get(
         run.state.stopped_by, "completed")
     cost = measure_cost(run, cfg) if run.dist.is_main else {}
-    summary = write_summary(run, status, time.perf_counter() - start, cost=cost)
+    summary = write_summary(run, status, wall_time_s, cost=cost)
+    best = run.run_dir / "checkpoints" / "best.pt"
     for logger in run.loggers:
         logger.log_summary({f"best/{k}": v for k, v in summary["best"].items()} |
                            {k: summary[k] for k in ("params", "wall_time_s", "train_time_s",
                                                     "val_time_s", "iters", "images_seen")}
                            | {f"budget/{k}": v for k, v in summary.get("budget", {}).items()}
                            | pretrained_record(run.model) | cost)
-        best = run_dir / "checkpoints" / "best.pt"
         if best.exists():
             logger.log_checkpoint(best, aliases=["best", f"iter-{run.state.best_iter}"])
         logger.finish(status=status)
     if run.dist.is_main:
         print_final_table(run, summary)
-        write_run_pictures(run_dir)
-    return float(run.state.best_metric)
+        write_run_pictures(run.run_dir)
 
 
 def print_final_table(run: Run, summary: dict) -> None:

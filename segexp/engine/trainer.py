@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from segexp.data.sampler import ResumableSampler
 from segexp.engine import budget, distributed
 from segexp.engine.checkpoint import publish_copy, rng_state, save_checkpoint
+from segexp.engine.options import TrainerOptions
 from segexp.errors import ConfigError, TrainingError, TrainingInterrupted
 from segexp.inference import InferenceOptions, evaluate_loader
 from segexp.loggers import Logger
@@ -52,6 +53,7 @@ class TrainState:
     best_iter: int = -1
     validations_since_best: int = 0
     total_iters: int = 0  # the run's length, fixed before training (from the budget or the config)
+    validations: int = budget.VALIDATIONS_PER_RUN  # spread over the run when val_interval is null
     train_time_s: float = 0.0  # in training steps (data loading included), validations excluded
     val_time_s: float = 0.0
     calibration_s: float = 0.0  # measuring the speed for trainer.max_time
@@ -68,44 +70,76 @@ class TrainState:
             setattr(self, key, value)
 
 
+@dataclass(frozen=True)
+class Plan:
+    """How the training data divides into iterations, from the options and the split's size:
+    computed once (:func:`plan`) when the run is built."""
+
+    batches_per_epoch: int  # batches each epoch uses (whole iterations only)
+    iters_per_epoch: int
+    limit: int | None  # the iteration limit the config sets; None: the time budget decides
+
+
+def plan(options: TrainerOptions, samples_per_replica: int, world_size: int = 1) -> Plan:
+    """The :class:`Plan` for a training split of which each process sees
+    ``samples_per_replica`` samples. A pure function of its arguments."""
+    t = options
+    batches = samples_per_replica // t.batch_size
+    if t.max_train_batches:
+        batches = min(batches, t.max_train_batches)
+    batches -= batches % t.accumulate_grad_batches
+    if batches == 0:
+        raise ConfigError(
+            f"the training split has {samples_per_replica * world_size} samples, fewer than one "
+            f"iteration needs (trainer.batch_size={t.batch_size} x "
+            f"trainer.accumulate_grad_batches={t.accumulate_grad_batches}"
+            + (f" x {world_size} processes" if world_size > 1 else "") + "). Lower them.")
+    iters_per_epoch = batches // t.accumulate_grad_batches
+    if t.max_iters is not None:
+        limit = t.max_iters
+    elif t.max_epochs is not None:
+        limit = t.max_epochs * iters_per_epoch
+    else:
+        limit = None
+    return Plan(batches_per_epoch=batches, iters_per_epoch=iters_per_epoch, limit=limit)
+
+
 @dataclass
 class Run:
-    """Everything the loop works with, built by :func:`segexp.engine.experiment.build_run`."""
+    """Everything the loop works with, built once by
+    :func:`segexp.engine.experiment.build_run`. Besides the parts, only loop state changes:
+    ``state`` (the counters a checkpoint keeps), ``stop_signal`` and ``saved_weights_norm``."""
 
     model: nn.Module  # the plain module: evaluation, checkpoints, attributes
+    train_model: nn.Module  # what training calls: DDP and/or torch.compile wrappers of `model`
     criterion: nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: Any
+    scheduler: Any  # None only in the throw-away run that measures the speed for a budget
     scaler: torch.amp.GradScaler
     train_loader: DataLoader
     sampler: ResumableSampler
     val_loader: DataLoader
     device: torch.device
-    trainer: Any  # the `trainer` config node
+    options: TrainerOptions
+    plan: Plan
     run_dir: Path
     class_names: list[str]
     palette: list[tuple[int, int, int]]
     loggers: list[Logger]
     metric: str = "mIoU"
     ignore_index: int = 255
-    state: TrainState = field(default_factory=TrainState)
     config_yaml: str = ""
-    budget_s: float | None = None  # trainer.max_time in seconds
+    dist: distributed.DistInfo = field(default_factory=distributed.DistInfo)
+    state: TrainState = field(default_factory=TrainState)
     stop_signal: str | None = None  # set by a signal handler: stop at the next iteration boundary
     saved_weights_norm: tuple[int, float] | None = None  # (iteration, norm) of the last checkpoint
-    train_model: nn.Module | None = None  # what training calls: DDP and/or torch.compile wrappers
-    dist: distributed.DistInfo = field(default_factory=distributed.DistInfo)
-
-    def __post_init__(self) -> None:
-        if self.train_model is None:
-            self.train_model = self.model
 
 
 # -- one step -----------------------------------------------------------------------------------
 def to_device(run: Run, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A training batch on the run's device (asynchronous from pinned memory), images in the
     model's memory format."""
-    memory_format = torch.channels_last if run.trainer.get("channels_last") else torch.contiguous_format
+    memory_format = torch.channels_last if run.options.channels_last else torch.contiguous_format
     return (images.to(run.device, non_blocking=True, memory_format=memory_format),
             masks.to(run.device, non_blocking=True))
 
@@ -116,13 +150,10 @@ def train_step(run: Run, images: torch.Tensor, masks: torch.Tensor,
     ``sync_gradients=False`` skips DDP's all-reduce on batches that only accumulate."""
     skip_sync = not sync_gradients and hasattr(run.train_model, "no_sync")
     with run.train_model.no_sync() if skip_sync else contextlib.nullcontext():
-        return _forward_backward(run, images, masks)
-
-
-def _forward_backward(run: Run, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    with autocast(run.device, run.trainer.precision):
-        loss = model_loss(run.criterion, run.model, run.train_model(images, return_aux=True), masks)
-    run.scaler.scale(loss / run.trainer.accumulate_grad_batches).backward()
+        with autocast(run.device, run.options.precision):
+            output = run.train_model(images, return_aux=True)
+            loss = model_loss(run.criterion, run.model, output, masks)
+        run.scaler.scale(loss / run.options.accumulate_grad_batches).backward()
     return loss.detach()
 
 
@@ -145,61 +176,98 @@ def model_loss(criterion: nn.Module, model: nn.Module, output, masks: torch.Tens
 
 
 def optimizer_step(run: Run) -> None:
-    if run.trainer.grad_clip:
+    if run.options.grad_clip:
         run.scaler.unscale_(run.optimizer)
-        nn.utils.clip_grad_norm_(run.model.parameters(), run.trainer.grad_clip)
+        nn.utils.clip_grad_norm_(run.model.parameters(), run.options.grad_clip)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
 
 
-# -- evaluation ---------------------------------------------------------------------------------
-def validate(run: Run) -> bool:
-    """Evaluate, log, write checkpoints and a prediction picture. Returns True to stop early.
-    Its own time goes to ``val_time_s`` and ``budget_used_s``."""
-    t, s = run.trainer, run.state
-    started = time.perf_counter()
+# -- validation ---------------------------------------------------------------------------------
+@dataclass
+class Validation:
+    """One validation's outcome, over the whole split (all ranks' shares summed)."""
+
+    results: dict[str, Any]  # the metrics (per-class lists included)
+    confusion: Any  # the confusion matrix, NumPy
+    samples: list  # images drawn with predictions (rank 0)
+
+
+def evaluate(run: Run) -> Validation:
+    """The model over the validation split (:func:`segexp.inference.evaluate_loader`)."""
+    t = run.options
     matrix, samples = evaluate_loader(run.model, run.val_loader, len(run.class_names), run.device,
-                                      InferenceOptions(precision=str(t.precision)),
+                                      InferenceOptions(precision=t.precision),
                                       run.ignore_index, t.max_val_batches,
                                       t.num_vis_images if run.dist.is_main else 0,
                                       progress=t.progress_bar and run.dist.is_main)
     matrix.all_reduce()  # each rank saw its share of the split: sum to the whole split
-    results = matrix.compute()
-    confusion = matrix.mat.cpu().numpy()
+    return Validation(matrix.compute(), matrix.mat.cpu().numpy(), samples)
+
+
+def log_validation(run: Run, v: Validation) -> None:
+    """To the loggers, and the prediction picture into the run folder."""
     for logger in run.loggers:
-        logger.log_validation(results, s.iter, run.class_names, run.palette, samples, confusion)
-    if samples and run.dist.is_main:
-        save_png(prediction_grid(samples, run.palette, run.class_names),
-                 run.run_dir / "predictions" / f"iter_{s.iter:07d}.png")
-    score = results[run.metric]
+        logger.log_validation(v.results, run.state.iter, run.class_names, run.palette, v.samples,
+                              v.confusion)
+    if v.samples and run.dist.is_main:
+        save_png(prediction_grid(v.samples, run.palette, run.class_names),
+                 run.run_dir / "predictions" / f"iter_{run.state.iter:07d}.png")
+
+
+def track_best(run: Run, v: Validation) -> bool:
+    """Best-so-far bookkeeping (and a plateau schedule's step); True when this one is the best."""
+    s = run.state
+    score = v.results[run.metric]
     improved = score > s.best_metric
     if improved:
         s.best_metric, s.best_iter, s.validations_since_best = score, s.iter, 0
-        s.best_results = results
+        s.best_results = v.results
     else:
         s.validations_since_best += 1
-    s.last_results = results
+    s.last_results = v.results
     monitor = getattr(run.scheduler, "monitor", None)
     if monitor:  # ReduceLROnPlateau-style schedulers step on the validation metric
-        run.scheduler.step(results[monitor])
-    charge(s, time.perf_counter() - started)  # so the checkpoint holds the time so far
-    started = time.perf_counter()
+        run.scheduler.step(v.results[monitor])
+    return improved
+
+
+def save_checkpoints(run: Run, v: Validation, improved: bool) -> None:
+    """``last.pt`` (after checking the weights), and ``best.pt`` with its confusion matrix when
+    this validation is the best."""
+    s = run.state
     check_weights(run)  # before last.pt is replaced: never overwrite good weights with diverged ones
     state = checkpoint_state(run)  # on every rank: it gathers their random generators
     last = run.run_dir / "checkpoints" / "last.pt"
-    if run.dist.is_main:
-        save_checkpoint(state, last)
-        if improved:  # last.pt replaces its file on every save, so a link keeps this version
-            publish_copy(last, run.run_dir / "checkpoints" / "best.pt")
-            save_confusion_matrix(confusion, run.class_names, run.run_dir / "confusion_matrix.png",
-                                  f"confusion matrix, best validation (iteration {s.iter})")
-    if run.dist.is_main:
-        log.info(f"[iter {s.iter}] val {run.metric} {100 * score:.2f} (best "
-                 f"{100 * s.best_metric:.2f} at iter {s.best_iter}); saved {last}")
-    charge(s, time.perf_counter() - started)
-    patience = t.early_stopping_patience
-    return bool(patience) and s.validations_since_best >= patience
+    if not run.dist.is_main:
+        return
+    save_checkpoint(state, last)
+    if improved:  # last.pt replaces its file on every save, so a link keeps this version
+        publish_copy(last, run.run_dir / "checkpoints" / "best.pt")
+        save_confusion_matrix(v.confusion, run.class_names, run.run_dir / "confusion_matrix.png",
+                              f"confusion matrix, best validation (iteration {s.iter})")
+    log.info(f"[iter {s.iter}] val {run.metric} {100 * v.results[run.metric]:.2f} (best "
+             f"{100 * s.best_metric:.2f} at iter {s.best_iter}); saved {last}")
+
+
+def should_stop_early(run: Run) -> bool:
+    patience = run.options.early_stopping_patience
+    return bool(patience) and run.state.validations_since_best >= patience
+
+
+def validate(run: Run) -> bool:
+    """Evaluate and log; keep the best, write the checkpoints; True when early stopping says stop.
+    Its own time goes to ``val_time_s`` and ``budget_used_s`` (the checkpoint holds it)."""
+    started = time.perf_counter()
+    v = evaluate(run)
+    log_validation(run, v)
+    improved = track_best(run, v)
+    charge(run.state, time.perf_counter() - started)  # so the checkpoint holds the time so far
+    started = time.perf_counter()
+    save_checkpoints(run, v, improved)
+    charge(run.state, time.perf_counter() - started)
+    return should_stop_early(run)
 
 
 # Weights whose norm grew this much since the last checkpoint have diverged (a finite loss can
@@ -251,137 +319,144 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
 
 
 # -- the loop -----------------------------------------------------------------------------------
-def plan(run: Run) -> tuple[int, int | None]:
-    """(batches used per epoch, the iteration limit the config sets) from the trainer config and
-    the data. The limit is ``None`` for a time budget (``trainer.max_time``) with no iteration
-    or epoch cap: the budget then decides (:mod:`segexp.engine.budget`)."""
-    t = run.trainer
-    batches = run.sampler.samples_per_replica // t.batch_size
-    if t.max_train_batches:
-        batches = min(batches, t.max_train_batches)
-    batches -= batches % t.accumulate_grad_batches
-    if batches == 0:
-        raise ConfigError(
-            f"the training split has {len(run.train_loader.dataset)} samples, fewer than one "
-            f"iteration needs (trainer.batch_size={t.batch_size} x "
-            f"trainer.accumulate_grad_batches={t.accumulate_grad_batches}"
-            + (f" x {run.dist.world_size} processes" if run.dist.enabled else "") + "). Lower them.")
-    timed = t.get("max_time") is not None
-    if t.max_iters is not None and t.max_epochs is not None:
-        raise ConfigError("set one of trainer.max_iters and trainer.max_epochs, not both "
-                          f"(got max_iters={t.max_iters}, max_epochs={t.max_epochs}).")
-    if t.max_iters is None and t.max_epochs is None and not timed:
-        raise ConfigError("set how long to train: trainer.max_time (e.g. 20m), "
-                          "trainer.max_iters or trainer.max_epochs.")
-    iters_per_epoch = batches // t.accumulate_grad_batches
-    if t.max_iters is not None:
-        limit = int(t.max_iters)
-    elif t.max_epochs is not None:
-        limit = int(t.max_epochs) * iters_per_epoch
-    else:
-        limit = None
-    return batches, limit
+class LogWindow:
+    """The training loss, images and time since the last train-metric log line; :meth:`flush`
+    logs them (the loss averaged over ranks and iterations) and starts the next window."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss_sum = torch.zeros((), device=device)  # on the device: no host sync per step
+        self.restart()
+
+    def restart(self) -> None:
+        self.start, self.seconds, self.images, self.iters = time.perf_counter(), 0.0, 0, 0
+        self.loss_sum.zero_()
+
+    def pause(self) -> None:
+        """Before a validation, which is not training time."""
+        self.seconds += time.perf_counter() - self.start
+
+    def resume(self) -> None:
+        self.start = time.perf_counter()
+
+    def add_iteration(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss
+        self.iters += 1
+
+    def flush(self, run: Run, bar: tqdm) -> None:
+        s, t = run.state, run.options
+        elapsed = self.seconds + time.perf_counter() - self.start
+        distributed.all_reduce_(self.loss_sum, "mean")  # the loss over the global batch
+        metrics = {"train/loss": self.loss_sum.item() / max(self.iters, 1),
+                   "train/lr": run.optimizer.param_groups[0]["lr"],
+                   "train/images_per_s": self.images * run.dist.world_size / max(elapsed, 1e-9),
+                   "train/epoch": s.epoch}
+        for logger in run.loggers:
+            logger.log_metrics(metrics, s.iter)
+        if run.dist.is_main and t.progress_bar:
+            bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['train/lr']:.2e}",
+                            img_s=f"{metrics['train/images_per_s']:.1f}")
+        elif run.dist.is_main:  # plain lines for log files and clusters
+            log.info(f"[iter {s.iter}/{s.total_iters}] loss {metrics['train/loss']:.4f} "
+                     f"lr {metrics['train/lr']:.2e} {metrics['train/images_per_s']:.1f} img/s")
+        s.train_time_s += elapsed
+        self.restart()
+
+
+class BudgetClock:
+    """Wall-clock counted against ``trainer.max_time``: :meth:`charge` adds the time since the
+    last charge (or :meth:`restart`) to ``state.budget_used_s``."""
+
+    def __init__(self, state: TrainState) -> None:
+        self.state = state
+        self.restart()
+
+    def restart(self) -> None:
+        self.mark = time.perf_counter()
+
+    def charge(self) -> None:
+        now = time.perf_counter()
+        self.state.budget_used_s += now - self.mark
+        self.mark = now
+
+
+def budget_overrun(run: Run, clock: BudgetClock) -> bool:
+    """Whether the run has passed its budget by more than :func:`budget.overrun_limit` allows
+    (the machine slowed down after the speed was measured): then it stops and says so. Rank 0's
+    clock decides, so every rank stops at the same iteration."""
+    s, t = run.state, run.options
+    clock.charge()
+    if not distributed.broadcast_object(s.budget_used_s > budget.overrun_limit(t.budget_s)):
+        return False
+    s.stopped_by = "time_limit"
+    log.warning(f"[iter {s.iter}/{s.total_iters}] the time budget (trainer.max_time={t.max_time}) "
+                f"is overrun: {budget.format_duration(s.budget_used_s)} used; stopping here, "
+                "before the schedule ends (the machine ran slower than measured).")
+    return True
 
 
 def fit(run: Run) -> TrainState:
     """Train for ``run.state.total_iters`` iterations, unless early stopping triggers or the
     time budget is overrun (see :mod:`segexp.engine.budget`)."""
-    t, s = run.trainer, run.state
-    batches_per_epoch, _ = plan(run)
-    total_iters = s.total_iters
-    by_epoch = t.max_epochs is not None
-    iters_per_epoch = batches_per_epoch // t.accumulate_grad_batches
+    t, s, p = run.options, run.state, run.plan
     val_every = budget.validation_every(
-        t.val_interval, -(-total_iters // iters_per_epoch) if by_epoch else total_iters)
-    # Wall-clock counted against trainer.max_time: what earlier segments used, plus this one's.
-    budget_mark = time.perf_counter()
-
-    def charge_budget() -> None:
-        nonlocal budget_mark
-        now = time.perf_counter()
-        s.budget_used_s += now - budget_mark
-        budget_mark = now
-
+        t.val_interval, -(-s.total_iters // p.iters_per_epoch) if t.by_epoch else s.total_iters,
+        s.validations)
+    clock = BudgetClock(s)
     run.model.train()
     run.optimizer.zero_grad(set_to_none=True)
     # A device-side record of the first non-finite loss: no host sync on every step.
     bad_step = torch.full((), -1, dtype=torch.long, device=run.device)
-    loss_sum = torch.zeros((), device=run.device)
-    window_start, window_images, window_iters = time.perf_counter(), 0, 0
-    bar = tqdm(total=total_iters, initial=s.iter, desc="train", dynamic_ncols=True,
+    window = LogWindow(run.device)
+    bar = tqdm(total=s.total_iters, initial=s.iter, desc="train", dynamic_ncols=True,
                disable=not (t.progress_bar and run.dist.is_main))
-    stop = s.iter >= total_iters
+    stop = s.iter >= s.total_iters
     while not stop:
         run.sampler.set_epoch(s.epoch, start=s.batch_in_epoch * t.batch_size)
         for images, masks in run.train_loader:
             images, masks = to_device(run, images, masks)
             if hasattr(run.model, "set_progress"):  # a model whose training follows the
-                run.model.set_progress(s.iter, total_iters)  # schedule (EoMT's mask annealing)
+                run.model.set_progress(s.iter, s.total_iters)  # schedule (EoMT's mask annealing)
             last_of_step = (s.batch_in_epoch + 1) % t.accumulate_grad_batches == 0
             loss = train_step(run, images, masks, sync_gradients=last_of_step)
             s.batch_in_epoch += 1
-            window_images += len(images)
+            window.images += len(images)
             if s.batch_in_epoch % t.accumulate_grad_batches:
                 continue
             bad_step = torch.where(torch.isfinite(loss) | (bad_step >= 0), bad_step,
                                    torch.full_like(bad_step, s.iter + 1))
             optimizer_step(run)
             s.iter += 1
-            loss_sum += loss
-            window_iters += 1
+            window.add_iteration(loss)
             bar.update(1)
             if run.scheduler.interval == "iter":  # a plateau schedule only warms up here
                 run.scheduler.step()
-            epoch_done = s.batch_in_epoch >= batches_per_epoch
+            epoch_done = s.batch_in_epoch >= p.batches_per_epoch
             if epoch_done:
                 s.epoch, s.batch_in_epoch = s.epoch + 1, 0
                 if run.scheduler.interval == "epoch":
                     run.scheduler.step()
-            last_iter = s.iter >= total_iters
-            if not last_iter and stop_requested(run, s.iter % t.log_interval == 0):
+            last_iter = s.iter >= s.total_iters
+            at_log_step = s.iter % t.log_interval == 0
+            if not last_iter and stop_requested(run, at_log_step):
                 check_finite(run, bad_step)
-                charge_budget()
+                clock.charge()
                 save_interrupted(run)
-            if s.iter % t.log_interval == 0 and run.budget_s is not None and not last_iter:
-                charge_budget()
-                # The estimate was far off (the machine slowed down): stop at the limit. Rank 0's
-                # clock decides, so every rank stops at the same iteration.
-                if distributed.broadcast_object(s.budget_used_s > budget.overrun_limit(run.budget_s)):
-                    last_iter, s.stopped_by = True, "time_limit"
-                    log.warning(f"[iter {s.iter}/{total_iters}] the time budget "
-                                f"(trainer.max_time={t.max_time}) is overrun: "
-                                f"{budget.format_duration(s.budget_used_s)} used; stopping here, "
-                                "before the schedule ends (the machine ran slower than measured).")
-            if s.iter % t.log_interval == 0 or last_iter or epoch_done:
+            if at_log_step and t.budget_s is not None and not last_iter:
+                last_iter = budget_overrun(run, clock)
+            if at_log_step or last_iter or epoch_done:
                 check_finite(run, bad_step)
-                elapsed = time.perf_counter() - window_start
-                distributed.all_reduce_(loss_sum, "mean")  # the loss over the global batch
-                metrics = {"train/loss": loss_sum.item() / window_iters,
-                           "train/lr": run.optimizer.param_groups[0]["lr"],
-                           "train/images_per_s": window_images * run.dist.world_size
-                           / max(elapsed, 1e-9),
-                           "train/epoch": s.epoch}
-                for logger in run.loggers:
-                    logger.log_metrics(metrics, s.iter)
-                if run.dist.is_main and t.progress_bar:
-                    bar.set_postfix(loss=f"{metrics['train/loss']:.4f}",
-                                    lr=f"{metrics['train/lr']:.2e}",
-                                    img_s=f"{metrics['train/images_per_s']:.1f}")
-                elif run.dist.is_main:  # plain lines for log files and clusters
-                    log.info(f"[iter {s.iter}/{total_iters}] loss {metrics['train/loss']:.4f} "
-                             f"lr {metrics['train/lr']:.2e} {metrics['train/images_per_s']:.1f} img/s")
-                s.train_time_s += elapsed
-                loss_sum.zero_()
-                window_start, window_images, window_iters = time.perf_counter(), 0, 0
-            due = (s.epoch % val_every == 0 and epoch_done) if by_epoch else \
+                window.flush(run, bar)
+            due = (s.epoch % val_every == 0 and epoch_done) if t.by_epoch else \
                 (s.iter % val_every == 0)
             if due or last_iter:
                 check_finite(run, bad_step)
-                charge_budget()  # the training time so far, so the checkpoint holds it
+                clock.charge()  # the training time so far, so the checkpoint holds it
+                window.pause()
                 stop = validate(run)  # charges its own time
                 if stop:
                     s.stopped_by = "early_stopping"
-                window_start = budget_mark = time.perf_counter()  # validation is not training
+                window.resume()
+                clock.restart()
             if stop or last_iter or epoch_done:
                 stop = stop or last_iter
                 break
