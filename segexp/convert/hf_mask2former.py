@@ -5,7 +5,8 @@ tiny-ade-semantic`` and the other ``facebook/mask2former-swin-*`` files), in the
 files on the hub (transformers 4: ``attention.self.query``, ...) or of transformers 5
 (``swin.encoder...attention.q_proj``). Backbones: Swin (target ``backbone=swin_tiny`` / ``_small``
 / ``_base``: timm's Swin in ``backbone.body`` and the per-map LayerNorms in
-``backbone.out_norms``) and transformers' ResNet (``backbone=resnet50`` / ``resnet101``)::
+``backbone.out_norms``) and transformers' ResNet (``backbone=resnet50`` / ``resnet101``); the
+backbone keys are mapped by :mod:`segexp.convert.hf_backbones` (shared with MaskFormer)::
 
     model.pixel_level_module.encoder.[swin.]embeddings.patch_embeddings.projection -> backbone.body.patch_embed.proj
     ...encoder.layers.{i}.blocks.{j}.layernorm_before / layernorm_after      -> body.layers_{i}.blocks.{j}.norm1 / norm2
@@ -37,6 +38,7 @@ from collections.abc import Mapping
 
 import torch
 
+from segexp.convert.hf_backbones import is_resnet, is_swin, resnet_key, swin_final_norm, swin_key, swin_qkv
 from segexp.convert.hf_upernet import add_missing_bn_counters
 from segexp.errors import ConfigError, first_few
 
@@ -44,69 +46,11 @@ _ENC = "model.pixel_level_module.encoder."
 _PIX = "model.pixel_level_module.decoder."
 _TRF = "model.transformer_module."
 
-_SWIN_BLOCK = [  # (theirs after "blocks.{j}.", ours after "blocks.{j}.")
-    ("layernorm_before.", "norm1."),
-    ("layernorm_after.", "norm2."),
-    ("attention.o_proj.", "attn.proj."),
-    ("attention.output.dense.", "attn.proj."),
-    ("attention.relative_position_bias.relative_position_bias_table", "attn.relative_position_bias_table"),
-    ("attention.self.relative_position_bias_table", "attn.relative_position_bias_table"),
-    ("mlp.fc1.", "mlp.fc1."),
-    ("mlp.fc2.", "mlp.fc2."),
-    ("intermediate.dense.", "mlp.fc1."),
-    ("output.dense.", "mlp.fc2."),
-]
-_QKV = {"attention.q_proj.": 0, "attention.k_proj.": 1, "attention.v_proj.": 2,
-        "attention.self.query.": 0, "attention.self.key.": 1, "attention.self.value.": 2}
-_RESNET_LAYER = {"convolution.": "conv", "normalization.": "bn"}
-
 
 def looks_like_hf_mask2former(state: Mapping[str, object]) -> bool:
     """A transformers ``Mask2FormerForUniversalSegmentation`` state dict."""
     return "class_predictor.weight" in state and any(
         k.startswith(_TRF + "decoder.mask_predictor.") for k in state)
-
-
-def _swin_key(rest: str) -> str | None:
-    rest = rest.removeprefix("swin.")
-    if rest.startswith("embeddings.patch_embeddings.projection."):
-        return "backbone.body.patch_embed.proj." + rest.split(".")[-1]
-    if rest.startswith("embeddings.norm."):
-        return "backbone.body.patch_embed.norm." + rest.split(".")[-1]
-    match = re.match(r"^encoder\.layers\.(\d+)\.downsample\.(.+)$", rest)
-    if match:
-        return f"backbone.body.layers_{int(match.group(1)) + 1}.downsample.{match.group(2)}"
-    match = re.match(r"^encoder\.layers\.(\d+)\.blocks\.(\d+)\.(.+)$", rest)
-    if match:
-        prefix = f"backbone.body.layers_{match.group(1)}.blocks.{match.group(2)}."
-        tail = match.group(3)
-        for theirs, ours in _SWIN_BLOCK:
-            if tail.startswith(theirs):
-                return prefix + ours + tail[len(theirs):]
-    match = re.match(r"^hidden_states_norms\.stage(\d+)\.(.+)$", rest)
-    if match:
-        return f"backbone.out_norms.{int(match.group(1)) - 1}.{match.group(2)}"
-    return None
-
-
-def _resnet_key(rest: str) -> str | None:
-    match = re.match(r"^embedder\.embedder\.(convolution|normalization)\.(.+)$", rest)
-    if match:
-        return "backbone.body." + ("conv1." if match.group(1) == "convolution" else "bn1.") \
-            + match.group(2)
-    match = re.match(r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\."
-                     r"(convolution|normalization)\.(.+)$", rest)
-    if match:
-        index = "0" if match.group(3) == "convolution" else "1"
-        return (f"backbone.body.layer{int(match.group(1)) + 1}.{match.group(2)}.downsample."
-                f"{index}.{match.group(4)}")
-    match = re.match(r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d)\."
-                     r"(convolution|normalization)\.(.+)$", rest)
-    if match:
-        kind = "conv" if match.group(4) == "convolution" else "bn"
-        return (f"backbone.body.layer{int(match.group(1)) + 1}.{match.group(2)}."
-                f"{kind}{int(match.group(3)) + 1}.{match.group(5)}")
-    return None
 
 
 # Head keys transformers has, relative to their module (ours carry the same names there).
@@ -145,15 +89,15 @@ def _head_key(key: str, num_fpn: int) -> str | None:
 
 def _dropped(key: str) -> bool:
     return (key == "criterion.empty_weight" or key.endswith("relative_position_index")
-            or re.match(r"^" + re.escape(_ENC) + r"(swin\.)?layernorm\.", key) is not None)
+            or (key.startswith(_ENC) and swin_final_norm(key[len(_ENC):])))
 
 
 def convert_hf_mask2former(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Map a transformers Mask2Former state dict (Swin or ResNet backbone) to segexp keys (see the
     module docstring). Raises ``ConfigError`` for another backbone and for any key it does not
     know, so nothing is dropped silently."""
-    swin = any(k.startswith(_ENC) and "patch_embeddings" in k for k in state_dict)
-    resnet = any(k.startswith(_ENC + "embedder.embedder.") for k in state_dict)
+    swin = is_swin(state_dict, _ENC)
+    resnet = is_resnet(state_dict, _ENC)
     if not (swin or resnet):
         raise ConfigError(
             "convert_hf_mask2former: this transformers Mask2Former has neither a Swin backbone "
@@ -171,16 +115,13 @@ def convert_hf_mask2former(state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
         if key.startswith(_ENC):
             rest = key[len(_ENC):]
             if swin:
-                match = re.match(r"^(.*blocks\.\d+\.)(attention\.(?:self\.)?(?:q_proj|k_proj|v_proj|"
-                                 r"query|key|value)\.)(weight|bias)$", rest.removeprefix("swin."))
-                if match:
-                    ours = _swin_key(match.group(1) + "layernorm_before.x")
-                    target = ours.removesuffix("norm1.x") + "attn.qkv." + match.group(3)
-                    qkv.setdefault(target, [None] * 3)[_QKV[match.group(2)]] = value
+                part = swin_qkv(rest)
+                if part:
+                    qkv.setdefault(part[0], [None] * 3)[part[1]] = value
                     continue
-                new = _swin_key(rest)
+                new = swin_key(rest)
             else:
-                new = _resnet_key(rest)
+                new = resnet_key(rest)
         else:
             match = re.match(r"^" + re.escape(_TRF) + r"decoder\.layers\.(\d+)\.self_attn\."
                              r"([qkv])_proj\.(weight|bias)$", key)

@@ -11,6 +11,11 @@ Need for Semantic Segmentation"), following the reference implementation and tra
   layer's output, through the shared LayerNorm, gives class logits (``K + 1``) and mask logits
   (mask embedding MLP x mask features): the last is the prediction, the earlier ones are deep
   supervision (``aux``, 5 with the default 6 layers).
+
+Parameter names follow transformers' where the structure allows (``segexp.convert.hf_maskformer``
+maps the rest); converted weights give transformers' logits (tests/test_maskformer_convert.py).
+The deep-supervision outputs follow the reference (normalised copies of each layer's output), not
+transformers' ``use_auxiliary_loss`` ones (un-normalised, the zero initial queries included).
 """
 
 from __future__ import annotations

@@ -48,6 +48,13 @@ def _converters() -> dict[str, tuple[Callable[[dict], bool], Callable[[dict], di
     except ImportError:
         pass
     try:
+        from segexp.convert import hf_maskformer
+
+        formats["hf_maskformer"] = (hf_maskformer.looks_like_hf_maskformer,
+                                    hf_maskformer.convert_hf_maskformer)
+    except ImportError:
+        pass
+    try:
         from segexp.convert import mmseg
 
         formats["mmseg"] = (mmseg.looks_like_mmseg, mmseg.convert_mmseg)
