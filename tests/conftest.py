@@ -1,9 +1,14 @@
-"""Shared fixtures: config composition and the location of the shared real datasets."""
+"""Shared fixtures and helpers: config composition, tiny training runs, train.py and scripts/
+as the tests run them, ports and environments for multi-process runs, and the location of the
+shared real datasets. Test files import helpers from here (or from their folder's conftest.py),
+never from another test file."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 import segexp.config  # noqa: F401  (registers the resolvers conf/train.yaml uses: run names)
+from segexp.weights_io import read_weights_file
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -47,6 +53,58 @@ def compose_config(*overrides: str):
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg
+
+
+# A tiny but real run: 32x32 synthetic images, a small FCN head (unless a test picks another
+# model), single-process loading.
+TINY = ["trainer.batch_size=2", "trainer.val_batch_size=2", "trainer.num_workers=0",
+        "trainer.progress_bar=false", "trainer.num_vis_images=2"]
+TINY_SYNTHETIC = ["dataset.image_size=32", "dataset.train_length=16", "dataset.val_length=4"]
+
+
+def tiny_config(*overrides: str):
+    if not any(o.startswith("model=") for o in overrides):
+        overrides = ("model=fcn", "head.channels=16", *overrides)
+    if not any(o.startswith("dataset=") for o in overrides):
+        overrides = (*TINY_SYNTHETIC, *overrides)
+    return compose_config(*TINY, *overrides)
+
+
+def train_py(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def last_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The model weights of a run folder's checkpoints/last.pt."""
+    return read_weights_file(run_dir / "checkpoints" / "last.pt")["model"]
+
+
+def randomise_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:
+    """Fresh BN layers hold mean 0 / var 1, which would hide swapped statistics: randomise."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.randn(n, generator=generator) * 0.1)
+
+
+def free_port() -> int:
+    """A local port nothing listens on (for a process group's rendezvous, or a refused connection)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher_free_env() -> dict:
+    """This environment without any launcher's variables (SLURM, submitit, torchrun), one thread
+    per process and segexp importable: for train.py runs that start their own processes."""
+    launcher_vars = ("SLURM_", "SUBMITIT_", "RANK", "WORLD_SIZE", "LOCAL_", "MASTER_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(launcher_vars)}
+    return env | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
 @pytest.fixture

@@ -16,9 +16,7 @@ from segexp.engine import trainer as trainer_module
 from segexp.engine.experiment import run_training
 from segexp.errors import ConfigError
 from segexp.weights_io import read_weights_file
-from tests.conftest import ROOT, compose_config
-from tests.test_distributed import _env, _free_port
-from tests.test_train import tiny_config
+from tests.conftest import ROOT, compose_config, free_port, last_weights, launcher_free_env, tiny_config
 
 TIMED = ["trainer.max_time=4s", "trainer.log_interval=5", "trainer.measure_speed=false"]
 
@@ -55,10 +53,6 @@ def _summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
-def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return read_weights_file(run_dir / "checkpoints" / "last.pt")["model"]
-
-
 def test_timed_run_records_its_count_and_ends_at_the_schedule_floor(tmp_path):
     timed = tmp_path / "timed"
     run_training(tiny_config(*TIMED), timed)
@@ -79,7 +73,7 @@ def test_timed_run_records_its_count_and_ends_at_the_schedule_floor(tmp_path):
     # The recorded count repeats the run exactly: calibration left no trace.
     repeat = tmp_path / "repeat"
     run_training(tiny_config(*TIMED, "trainer.max_time=null", f"trainer.max_iters={n}"), repeat)
-    a, b = _weights(timed), _weights(repeat)
+    a, b = last_weights(timed), last_weights(repeat)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
     assert _summary(repeat)["final"]["mIoU"] == pytest.approx(summary["final"]["mIoU"], abs=1e-3)
@@ -113,7 +107,7 @@ def test_resumed_timed_run_keeps_its_count_and_the_time_spent(tmp_path, monkeypa
     summary = _summary(broken)
     assert summary["iters"] == summary["planned_iters"] == 6
     assert summary["budget"]["used_s"] > saved["budget_used_s"]  # the first part still counts
-    a, b = _weights(straight), _weights(broken)
+    a, b = last_weights(straight), last_weights(broken)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
 
@@ -155,10 +149,10 @@ def test_no_limit_at_all_says_how_to_set_one(tmp_path):
 def test_distributed_ranks_stop_at_rank_0s_count(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-         str(_free_port()), str(ROOT / "train.py"), "trainer=debug", "dataset.image_size=32",
+         str(free_port()), str(ROOT / "train.py"), "trainer=debug", "dataset.image_size=32",
          "trainer.max_iters=null", "trainer.max_time=6s", "trainer.batch_size=1",
          "trainer.measure_speed=false", f"hydra.run.dir={tmp_path}"],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+        cwd=tmp_path, env=launcher_free_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]  # a disagreement would hang DDP, not pass
     summary = _summary(tmp_path)
     assert summary["world_size"] == 2 and summary["iters"] == summary["planned_iters"] >= 1

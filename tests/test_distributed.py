@@ -7,7 +7,6 @@ import csv
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from torch import nn
 from segexp.data.sampler import ContiguousShardSampler, ResumableSampler
 from segexp.engine import distributed
 from segexp.weights_io import read_weights_file
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port, launcher_free_env
 
 
 def test_rank_shares_together_are_the_single_process_batches():
@@ -74,12 +73,6 @@ def test_slurm_environment_becomes_torch_distributed_variables(monkeypatch):
     assert not distributed.export_cluster_environment()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _sync_bn_worker(rank: int, port: int, x: torch.Tensor, expected: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     dist.init_process_group("gloo")
@@ -114,7 +107,7 @@ def test_sync_batchnorm_on_cpu_equals_batchnorm_over_the_global_batch():
     (out.square().sum() / pixels).backward()
     expected = {"out": out.detach(), "grad": model[0].weight.grad.clone(), "pixels": pixels,
                 "running_var": model[1].running_var.clone(), "eval": model.eval()(x).detach()}
-    mp.spawn(_sync_bn_worker, args=(_free_port(), x, expected), nprocs=2)
+    mp.spawn(_sync_bn_worker, args=(free_port(), x, expected), nprocs=2)
 
 
 def test_sync_batchnorm_leaves_batchnorm_subclasses_alone():
@@ -138,18 +131,12 @@ SAME_WORK = ["trainer=debug", "transforms=none", "dataset.image_size=32", "datas
              "optimizer=sgd"]
 
 
-def _env() -> dict:
-    launcher_vars = ("SLURM_", "SUBMITIT_", "RANK", "WORLD_SIZE", "LOCAL_", "MASTER_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(launcher_vars)}
-    return env | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-
-
 @pytest.fixture(scope="module")
 def one_process_run(tmp_path_factory) -> Path:
     """The reference: one process with the global batch of two processes of batch 1."""
     run_dir = tmp_path_factory.mktemp("one_process")
     one = subprocess.run([sys.executable, str(ROOT / "train.py"), *SAME_WORK, "trainer.batch_size=2",
-                          f"hydra.run.dir={run_dir}"], cwd=run_dir, env=_env(),
+                          f"hydra.run.dir={run_dir}"], cwd=run_dir, env=launcher_free_env(),
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
     return run_dir
@@ -190,9 +177,9 @@ def assert_same_training(one_dir: Path, two_dir: Path) -> None:
 def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp_path, one_process_run):
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         "--master_port", str(_free_port()), str(ROOT / "train.py"), *SAME_WORK,
+         "--master_port", str(free_port()), str(ROOT / "train.py"), *SAME_WORK,
          "trainer.batch_size=1", "trainer.val_batch_size=2", "trainer.sync_bn=true"],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+        cwd=tmp_path, env=launcher_free_env(), capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     # Both ranks wrote into one run folder, named by rank 0's start time.
     (two_dir,) = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
@@ -211,7 +198,7 @@ def test_submitit_launcher_starts_one_process_per_task(tmp_path, one_process_run
         [sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=submitit_local",
          "hydra.launcher.tasks_per_node=2", *SAME_WORK, "trainer.batch_size=1",
          "trainer.val_batch_size=2", "trainer.sync_bn=true", f"hydra.sweep.dir={sweep}"],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+        cwd=tmp_path, env=launcher_free_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     (job_dir,) = [p for p in sweep.iterdir() if p.name.startswith("0_")]
     assert_same_training(one_process_run, job_dir)
@@ -232,12 +219,12 @@ def test_distributed_resume_continues_exactly(tmp_path):
     def torchrun(*args: str) -> None:
         out = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-             str(_free_port()), str(ROOT / "train.py"), *SAME_WORK, "trainer.batch_size=1",
+             str(free_port()), str(ROOT / "train.py"), *SAME_WORK, "trainer.batch_size=1",
              "trainer.sync_bn=true", "trainer.val_interval=2", "trainer.max_iters=4",
              # a schedule that does not depend on the run's length, so a shorter first part
              # stands in for a crash after iteration 2
              "scheduler=step", "scheduler.milestones=null", "scheduler.step_size=3", *args],
-            cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+            cwd=tmp_path, env=launcher_free_env(), capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
 
     torchrun(f"hydra.run.dir={tmp_path / 'straight'}")
@@ -279,10 +266,10 @@ def test_each_kind_of_model_trains_under_distributed_data_parallel(tmp_path):
     sweep = tmp_path / "sweep"
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-         str(_free_port()), str(ROOT / "train.py"), "-m", f"model={','.join(models)}",
+         str(free_port()), str(ROOT / "train.py"), "-m", f"model={','.join(models)}",
          "trainer=debug", "trainer.sync_bn=true", "trainer.measure_speed=false",
          "trainer.num_vis_images=0", f"hydra.sweep.dir={sweep}"],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+        cwd=tmp_path, env=launcher_free_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     summaries = {}
     for job in sweep.glob("*/metrics.json"):

@@ -11,8 +11,7 @@ from segexp.convert.hf_upernet import convert_hf_upernet, looks_like_hf_upernet
 from segexp.errors import ConfigError
 from segexp.models import build_model
 from segexp.models.weights import convert
-from tests.conftest import compose_config
-from tests.test_weights import randomise_batchnorm
+from tests.conftest import compose_config, randomise_batchnorm
 
 
 def randomise_layernorms(model: torch.nn.Module, seed: int = 0) -> None:

@@ -17,8 +17,7 @@ from segexp.engine import trainer as trainer_module
 from segexp.engine.experiment import run_training
 from segexp.errors import ConfigError, TrainingInterrupted
 from segexp.loggers import CSVLogger, Logger, MLflowLogger, TensorBoardLogger, WandbLogger, build_loggers
-from tests.conftest import compose_config
-from tests.test_train import TINY_SYNTHETIC, tiny_config, train_py
+from tests.conftest import TINY_SYNTHETIC, compose_config, tiny_config, train_py
 
 
 # One SQLite store for the whole module: creating its tables takes MLflow several seconds.

@@ -19,7 +19,7 @@ from torch import nn
 from segexp.errors import ConfigError
 from segexp.losses_mask import MaskClassificationLoss, sample_class_masks
 from segexp.models.mask_classification import MaskPredictions, is_mask_classification
-from tests.conftest import compose_config
+from tests.conftest import compose_config, free_port
 
 # transformers and the training loop are imported inside the tests that use them: the DDP test's
 # worker processes import this module, and those imports would cost them many seconds each.
@@ -430,8 +430,6 @@ def _ddp_worker(rank: int, port: int) -> None:
 
 
 def test_distributed_normaliser_and_ddp_with_mask_predictions():
-    from tests.test_distributed import _free_port
-
     # Forked, not spawned: a spawned worker would import this module's dependencies again
     # (many seconds); the child only runs one tiny step on one thread.
-    mp.start_processes(_ddp_worker, args=(_free_port(),), nprocs=2, start_method="fork")
+    mp.start_processes(_ddp_worker, args=(free_port(),), nprocs=2, start_method="fork")

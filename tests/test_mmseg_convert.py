@@ -24,8 +24,7 @@ from segexp.heads.segformer import SegFormerHead
 from segexp.models import build_model
 from segexp.models import weights as weights_module
 from segexp.nn import ConvBNReLU
-from tests.conftest import compose_config
-from tests.test_weights import randomise_batchnorm
+from tests.conftest import compose_config, randomise_batchnorm
 
 NUM_CLASSES = 6
 Shapes = dict[str, tuple[int, ...]]

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from segexp.engine.checkpoint import save_checkpoint
 from segexp.models import build_model
-from tests.test_train import tiny_config
+from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None,

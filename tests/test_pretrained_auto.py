@@ -32,8 +32,7 @@ from segexp.engine.experiment import run_training
 from segexp.errors import ConfigError
 from segexp.loggers import JsonlLogger
 from segexp.models import build_model
-from tests.conftest import CONF, compose_config
-from tests.test_train import tiny_config
+from tests.conftest import CONF, compose_config, free_port, tiny_config
 
 KEYS = ("conv1.weight", "layer2.0.bn1.running_mean", "layer4.1.conv2.weight")
 
@@ -171,12 +170,6 @@ def test_frozen_vit_without_weights_gets_one_warning(caplog, no_probe):
     assert "frozen" in message
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _online(monkeypatch, endpoint: str) -> None:
     """HF_HUB_OFFLINE unset, and the hub's weights URL on this machine."""
     monkeypatch.delenv("HF_HUB_OFFLINE")
@@ -186,7 +179,7 @@ def _online(monkeypatch, endpoint: str) -> None:
 
 
 def test_auto_gives_up_at_once_when_the_hub_refuses(monkeypatch, caplog):
-    _online(monkeypatch, f"http://127.0.0.1:{_closed_port()}")
+    _online(monkeypatch, f"http://127.0.0.1:{free_port()}")
     start = time.perf_counter()
     with caplog.at_level(logging.WARNING):
         backbone = TimmBackbone("resnet18", pretrained="auto")

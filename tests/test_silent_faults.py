@@ -104,7 +104,7 @@ def test_diverged_weights_never_replace_the_last_good_checkpoint(tmp_path, monke
     from segexp.engine import trainer as trainer_module
     from segexp.errors import TrainingError
     from segexp.weights_io import read_weights_file
-    from tests.test_train import tiny_config
+    from tests.conftest import tiny_config
 
     real_step = trainer_module.optimizer_step
 
@@ -134,7 +134,7 @@ def test_weights_files_are_refused_clearly_and_never_executed(tmp_path, monkeypa
     import torch
 
     from segexp.errors import ConfigError
-    from tests.test_train import train_py
+    from tests.conftest import train_py
 
     monkeypatch.chdir(tmp_path)
     code = tmp_path / "code.pt"

@@ -18,7 +18,7 @@ import yaml
 from PIL import Image
 
 from segexp.cli.compare_runs import compare, main
-from tests.test_train import train_py
+from tests.conftest import train_py
 
 FAST = ["trainer=debug", "dataset.image_size=32", "dataset.train_length=4", "dataset.val_length=1"]
 

@@ -6,7 +6,6 @@ import csv
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,26 +17,7 @@ from segexp.errors import ConfigError, TrainingError
 from segexp.models import build_model
 from segexp.profiling import count_gflops
 from segexp.weights_io import read_weights_file
-from tests.conftest import ROOT, compose_config
-
-# A tiny but real run: 32x32 synthetic images, a small FCN head (unless a test picks another
-# model), single-process loading.
-TINY = ["trainer.batch_size=2", "trainer.val_batch_size=2", "trainer.num_workers=0",
-        "trainer.progress_bar=false", "trainer.num_vis_images=2"]
-TINY_SYNTHETIC = ["dataset.image_size=32", "dataset.train_length=16", "dataset.val_length=4"]
-
-
-def tiny_config(*overrides: str):
-    if not any(o.startswith("model=") for o in overrides):
-        overrides = ("model=fcn", "head.channels=16", *overrides)
-    if not any(o.startswith("dataset=") for o in overrides):
-        overrides = (*TINY_SYNTHETIC, *overrides)
-    return compose_config(*TINY, *overrides)
-
-
-def train_py(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+from tests.conftest import ROOT, compose_config, last_weights, tiny_config, train_py
 
 
 def test_run_folder_holds_config_checkpoints_metrics_and_pictures(tmp_path):
@@ -88,10 +68,6 @@ def test_two_job_multirun(tmp_path):
     assert {p.parent.name.split("_")[1] for p in summaries} == {"fcn", "unet"}
 
 
-def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return read_weights_file(run_dir / "checkpoints" / "last.pt")["model"]
-
-
 def test_resume_reaches_the_same_weights_and_metrics(tmp_path, monkeypatch):
     overrides = ["trainer.max_iters=6", "trainer.val_interval=2", "trainer.log_interval=1"]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
@@ -114,7 +90,7 @@ def test_resume_reaches_the_same_weights_and_metrics(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_module, "optimizer_step", real_step)
 
     best_resumed = run_training(tiny_config(*overrides, "resume=true"), broken)
-    a, b = _weights(straight), _weights(broken)
+    a, b = last_weights(straight), last_weights(broken)
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -274,7 +250,7 @@ def test_compiled_training_step_matches_the_plain_one(tmp_path):
     run_training(tiny_config(*overrides), tmp_path / "plain")
     run_training(tiny_config(*overrides, "trainer.compile=true", "trainer.compile_backend=eager"),
                  tmp_path / "compiled")
-    plain, compiled = _weights(tmp_path / "plain"), _weights(tmp_path / "compiled")
+    plain, compiled = last_weights(tmp_path / "plain"), last_weights(tmp_path / "compiled")
     assert set(plain) == set(compiled)  # checkpoints hold the plain module's names
     for name in plain:
         torch.testing.assert_close(compiled[name], plain[name], atol=1e-5, rtol=1e-4, msg=name)

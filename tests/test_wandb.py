@@ -12,7 +12,7 @@ from PIL import Image
 from segexp.engine import trainer as trainer_module
 from segexp.engine.experiment import run_training
 from segexp.loggers.wandb_offline import find_run_file, read_history, read_records, read_summary
-from tests.test_train import tiny_config, train_py
+from tests.conftest import tiny_config, train_py
 
 
 @pytest.fixture

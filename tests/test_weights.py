@@ -9,19 +9,7 @@ from torchvision.models import segmentation as tv_segmentation
 
 from segexp.errors import ConfigError
 from segexp.models import build_model
-from tests.conftest import compose_config
-
-
-def randomise_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:
-    """Fresh BN layers hold mean 0 / var 1, which would hide swapped statistics: randomise."""
-    generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            n = module.num_features
-            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
-            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-            module.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
-            module.bias.data.copy_(torch.randn(n, generator=generator) * 0.1)
+from tests.conftest import compose_config, randomise_batchnorm
 
 
 def torchvision_reference(name: str, num_classes: int = 6):
