@@ -3,26 +3,18 @@ learning figures themselves are recorded by running the script, never asserted i
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from segexp.data.stanford_background import StanfordBackgroundDataset
-from tests.conftest import ROOT
+from tests.conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("segexp_script_bench_learning",
-                                                  ROOT / "scripts" / "bench_learning.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_learning")
 
 
 @pytest.fixture

@@ -4,16 +4,15 @@ times, a missing peer package reported as a skipped row; no timed assertions (fi
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import load_script
+
 TINY = ["--size", "64", "64", "--batch", "2", "--iters", "1", "--warmup", "0", "--device", "cpu",
         "--num-classes", "4"]
 TIMES = ["segexp_train_ms", "peer_train_ms", "segexp_latency_ms", "peer_latency_ms"]
@@ -21,12 +20,7 @@ TIMES = ["segexp_train_ms", "peer_train_ms", "segexp_latency_ms", "peer_latency_
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("segexp_script_bench_peers",
-                                                  ROOT / "scripts" / "bench_peers.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it loads
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_peers")
 
 
 def test_three_pairs_write_csv_and_json_with_ratios_of_the_recorded_times(bench, tmp_path, capsys):

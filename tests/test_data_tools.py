@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import subprocess
 import sys
@@ -19,18 +18,9 @@ from omegaconf import OmegaConf
 from segexp.data.stanford_background import StanfordBackgroundDataset
 from segexp.data.synthetic import SyntheticDataset
 from segexp.visualize import legend
-from tests.conftest import compose_config
+from tests.conftest import ROOT, compose_config, load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["dataset=synthetic", "dataset.train_length=8", "dataset.image_size=32"]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"segexp_script_{name}",
-                                                  ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

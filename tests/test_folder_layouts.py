@@ -5,7 +5,6 @@ class-count inference; the layout messages; ``scripts/dataset_stats.py --check``
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ from segexp.data.folder import FolderDataset, NameRule, suggest_suffixes
 from segexp.engine.experiment import run_training
 from segexp.errors import ConfigError, DataError
 from segexp.inference import Segmenter, load_run_config
-from tests.conftest import ROOT, compose_config
+from tests.conftest import ROOT, compose_config, load_script
 
 SIZE = 64
 LEVELS = np.array([40, 110, 180])  # image intensity (red channel) of pattern level 0, 1, 2
@@ -637,10 +636,7 @@ def stats_check(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_dataset_stats_check_reports_a_good_and_a_broken_layout(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("segexp_script_dataset_stats",
-                                                  ROOT / "scripts" / "dataset_stats.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("dataset_stats")
     root = tmp_path / "DRIVE"
     write_drive(root)
     overrides = with_root(readme_command("DRIVE"), root)

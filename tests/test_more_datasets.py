@@ -5,7 +5,6 @@ errors of a wrong root or an unknown colour, and a trainer=debug run on each dat
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import tarfile
 import zipfile
@@ -22,7 +21,7 @@ from segexp.data.folder import FolderDataset
 from segexp.data.stanford2d3ds import Stanford2D3DSDataset
 from segexp.engine.experiment import run_training
 from segexp.errors import ConfigError, DataError
-from tests.conftest import compose_config
+from tests.conftest import compose_config, load_script
 
 SHAPE = (24, 32)
 
@@ -500,14 +499,6 @@ def test_folder_colour_mask_configuration_errors(tmp_path):
 
 
 # -- prepare scripts ---------------------------------------------------------------------------
-def load_script(name: str):
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"segexp_script_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_prepare_stanford2d3ds_extracts_and_verifies(tmp_path, capsys):
     script = load_script("prepare_stanford2d3ds")
     staging, src, dst = tmp_path / "staging", tmp_path / "src", tmp_path / "data" / "s3d"

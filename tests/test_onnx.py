@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(
     reason="onnx / onnxruntime not installed (pip install onnx onnxruntime)")
 
 
-def _load_script():
+def _export_onnx():
     import segexp.cli.export_onnx
 
     return segexp.cli.export_onnx
@@ -46,7 +46,7 @@ def make_run(run_dir: Path, *overrides: str) -> None:
 def test_export_matches_pytorch_at_two_sizes(tmp_path, overrides):
     make_run(tmp_path, *overrides)
     out = tmp_path / "exported" / "model.onnx"
-    result = _load_script().main([str(tmp_path), "--out", str(out), "--size", "32", "64"])
+    result = _export_onnx().main([str(tmp_path), "--out", str(out), "--size", "32", "64"])
     assert out.is_file() and result["dynamic"] and result["note"] is None
     sizes = [tuple(r["size"]) for r in result["results"]]
     assert sizes == [(32, 64), (64, 128)]
@@ -72,7 +72,7 @@ def test_shape_test_baked_in_at_a_tiny_size_is_traced_again(tmp_path, capsys):
     # At 32x32 ResNet's deepest map is 1x1, so ASPP's "resize the pooled map unless it is
     # already that size" is traced as a no-op: the graph fails at 64x96 until traced again there.
     make_run(tmp_path, "model=deeplabv3", "head.channels=16", "model.aux_head=null")
-    result = _load_script().main([str(tmp_path), "--size", "32", "32"])
+    result = _export_onnx().main([str(tmp_path), "--size", "32", "32"])
     assert "Tracing again at 64x96" in capsys.readouterr().out
     assert result["dynamic"] and result["note"] is None
     assert [tuple(r["size"]) for r in result["results"]] == [(32, 32), (64, 96)]
@@ -81,7 +81,7 @@ def test_shape_test_baked_in_at_a_tiny_size_is_traced_again(tmp_path, capsys):
 
 def test_static_export_and_bad_run_folder(tmp_path):
     make_run(tmp_path / "run", "model=fcn", "head.channels=16")
-    module = _load_script()
+    module = _export_onnx()
     result = module.main([str(tmp_path / "run"), "--static"])
     assert not result["dynamic"] and (tmp_path / "run" / "model_best.onnx").is_file()
     assert [tuple(r["size"]) for r in result["results"]] == [(32, 32)]
@@ -91,7 +91,7 @@ def test_static_export_and_bad_run_folder(tmp_path):
 
 
 def test_missing_onnxruntime_is_a_clear_error(monkeypatch):
-    module = _load_script()
+    module = _export_onnx()
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` fail
     with pytest.raises(module.ExportError, match="pip install onnx onnxruntime"):
         module.require_onnxruntime()

