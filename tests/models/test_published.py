@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import yaml
 
 from segexp.models import build_model
-from tests.conftest import compose_config
+from tests.conftest import ROOT, compose_config
 
-PUBLISHED = yaml.safe_load((Path(__file__).resolve().parents[1] / "segexp" / "models" /
+PUBLISHED = yaml.safe_load((ROOT / "segexp" / "models" /
                             "published.yaml").read_text())
 
 

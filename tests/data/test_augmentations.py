@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import pickle
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -25,8 +24,8 @@ from segexp.data.transforms import (
     add_brightness_delta,
 )
 from segexp.errors import ConfigError, DataError
+from tests.conftest import CONF
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 LABELS = (0, 1, 2, 3)
 DATASET = {"base_size": [48, 64], "crop_size": [40, 40], "ignore_index": IGNORE_INDEX}
 PRESETS = ("default", "none", "mmseg", "strong")

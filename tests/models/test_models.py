@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -12,7 +10,7 @@ from segexp.engine.trainer import model_loss
 from segexp.errors import ConfigError, IncompatibleBackboneError
 from segexp.models import build_model
 from segexp.models.mask_classification import MaskPredictions
-from tests.conftest import compose_config
+from tests.conftest import CONF, compose_config
 
 
 def _small(model: str, backbone: str, *extra: str):
@@ -65,7 +63,7 @@ def test_channels_flow_from_the_backbone():
         assert first_conv.in_channels == deepest
 
 
-ALL_MODELS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "model").glob("*.yaml"))
+ALL_MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("model", ALL_MODELS)

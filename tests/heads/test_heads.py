@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import hydra.utils
 import pytest
 import torch
@@ -18,8 +16,9 @@ from segexp.heads.fcn import FCNHead
 from segexp.heads.psp import PSPHead
 from segexp.heads.unet import UNetHead
 from segexp.heads.upernet import UPerHead
+from tests.conftest import CONF
 
-HEAD_CONF = Path(__file__).resolve().parents[1] / "conf" / "head"
+HEAD_CONF = CONF / "head"
 NUM_CLASSES = 5
 SIZE = 64
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -15,8 +13,8 @@ from torchvision.transforms import v2
 from segexp.data.base import IGNORE_INDEX, Sample, SegmentationDataset
 from segexp.data.synthetic import SyntheticDataset
 from segexp.data.transforms import KeepRatioResize
+from tests.conftest import CONF
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 LABELS = (0, 1, 2, 3)

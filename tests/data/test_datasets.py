@@ -15,9 +15,9 @@ from segexp.data.folder import FolderDataset
 from segexp.data.stanford_background import StanfordBackgroundDataset, read_regions
 from segexp.data.synthetic import ALL_CLASS_NAMES, SyntheticDataset
 from segexp.errors import ConfigError, DataError
+from tests.conftest import SHARED_DATASETS
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
-STANFORD = SHARED / "stanford_background" / "iccv09Data"
+STANFORD = SHARED_DATASETS / "stanford_background" / "iccv09Data"
 
 
 # -- synthetic -------------------------------------------------------------------------------
@@ -300,7 +300,7 @@ def test_folder_num_classes_disagreement(tmp_path):
     (tmp_path / "classes.txt").write_text("a\nb\nc\n")
     with pytest.raises(DataError, match="num_classes=2"):
         FolderDataset(root=tmp_path, num_classes=2, classes_file="classes.txt", val_fraction=0)
-    # No classes at all: the count comes from the masks (tests/test_folder_layouts.py).
+    # No classes at all: the count comes from the masks (tests/data/test_folder_layouts.py).
     assert FolderDataset(root=tmp_path, val_fraction=0).num_classes == 2
 
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 import csv
 import json
 import math
-from pathlib import Path
 
 import pytest
 
 from segexp.models.cost import model_cost
+from tests.conftest import CONF
 
-ROOT = Path(__file__).resolve().parents[1]
 NUMERIC = ["params_m", "gflops", "latency_ms", "fps", "train_iter_ms"]
 FAST = ["--size", "64", "64", "--iters", "2", "--warmup", "1", "--device", "cpu"]
 
@@ -62,7 +61,7 @@ def test_head_override_changes_the_measured_model(bench, tmp_path):
 
 def test_all_dry_run_lists_every_model(bench, capsys):
     rows = bench.main(["--all", "--dry-run"])
-    models = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
+    models = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
     assert [r["model"] for r in rows] == models
     backbones = {r["model"]: r["backbone"] for r in rows}
     assert backbones["segformer"] == "mit_b0" and backbones["fastfcn"] == "resnet50"

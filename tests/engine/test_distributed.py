@@ -259,7 +259,7 @@ def test_run_folder_name_uses_the_shared_start_time(monkeypatch):
 def test_each_kind_of_model_trains_under_distributed_data_parallel(tmp_path):
     """DDP fails on the second step when a step leaves a trainable parameter without a gradient
     (a head branch that is not used). That every model's criterion reaches all its parameters is
-    checked in process for every model (tests/test_models.py); here each kind runs for real, two
+    checked in process for every model (tests/models/test_models.py); here each kind runs for real, two
     processes with SyncBN, two steps: an auxiliary head (PSPNet) and mask classification with
     deep supervision (Mask2Former)."""
     models = ["mask2former", "pspnet"]
