@@ -58,6 +58,21 @@ def test_dataset_root_defaults_under_segexp_data(monkeypatch):
     assert cfg.dataset.root.startswith("/data/somewhere/")
 
 
+def test_dataset_configs_compose(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEGEXP_DATA", str(tmp_path))
+    expected = {"voc": ("voc/VOCdevkit/VOC2012", 21, [512, 512], [512, 2048]),
+                "voc_aug": ("voc/VOCdevkit/VOC2012", 21, [512, 512], [512, 2048]),
+                "camvid": ("camvid/CamVid", 11, [352, 480], [360, 480]),
+                "kitti": ("kitti/data_semantics", 19, [352, 704], [375, 1242])}
+    for name, (root, classes, crop, base) in expected.items():
+        cfg = compose_config(f"dataset={name}")
+        assert cfg.dataset.root == str(tmp_path / root) and cfg.dataset.num_classes == classes
+        assert list(cfg.dataset.crop_size) == crop and list(cfg.dataset.base_size) == base
+        assert all(side % 32 == 0 for side in crop)
+    assert compose_config("dataset=voc").dataset.train_split == "train"
+    assert compose_config("dataset=voc_aug").dataset.train_split == "train_aug"
+
+
 def _train_py(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
@@ -76,7 +91,6 @@ def test_cfg_job_prints_the_composed_config():
     assert out.returncode == 0, out.stderr
     cfg = OmegaConf.create(out.stdout)
     assert cfg.backbone.name == "convnext_tiny" and cfg.head._target_.endswith("UPerHead")
-
 
 
 @pytest.mark.parametrize("family, size", sorted(FAMILIES.items()))

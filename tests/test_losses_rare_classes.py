@@ -445,7 +445,7 @@ def test_datasets_list_the_files_their_samples_read(tmp_path):
     """Two existing files (image, mask) per sample, so the scan's cache sees any of them change."""
     from segexp.data.kitti import KITTIDataset
     from segexp.data.stanford_background import StanfordBackgroundDataset
-    from tests.test_voc_camvid_kitti import write_kitti
+    from tests.data.conftest import write_kitti
 
     write_kitti(tmp_path / "kitti")
     write_folder(tmp_path / "folder", folder_masks())

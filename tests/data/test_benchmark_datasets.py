@@ -1,11 +1,13 @@
 """Cityscapes and ADE20K: label conversion checked against the real samples in
 ../shared/datasets/samples (skipped without them), and loaders, errors and Hydra composition
-checked on fixtures written in the original on-disk layouts."""
+checked on fixtures written in the original on-disk layouts; scripts/prepare_cityscapes.py and
+scripts/prepare_ade20k.py on local archives."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import zipfile
 from pathlib import Path
 
 import cv2
@@ -17,20 +19,12 @@ from PIL import Image
 
 from segexp.data.ade20k import ADE20KDataset, reduce_zero_label
 from segexp.data.cityscapes import CityscapesDataset, label_ids_to_train_ids
+from segexp.data.prepare import PrepareError
 from segexp.errors import ConfigError, DataError
-from tests.conftest import compose_config
+from tests.conftest import compose_config, load_script
+from tests.data.conftest import expected_train_ids, file_url, write_gray, write_rgb
 
-# The official Cityscapes id -> trainId table, written out independently of the module.
-CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
-                        24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 FRAME = "frankfurt_000000_000294"
-
-
-def expected_train_ids(label_ids: np.ndarray) -> np.ndarray:
-    out = np.full(label_ids.shape, 255, np.int64)
-    for label_id, train_id in CITYSCAPES_TRAIN_IDS.items():
-        out[label_ids == label_id] = train_id
-    return out
 
 
 def write_png(path: Path, array: np.ndarray) -> None:
@@ -245,6 +239,73 @@ def test_cityscapes_real_label_ids_convert_to_label_train_ids(shared_datasets, t
     np.testing.assert_array_equal(mask.numpy(), converted)
 
 
+def write_cityscapes_zips(build: Path, out: Path) -> dict[str, np.ndarray]:
+    labels = {}
+    for split, city, name in (("train", "aachen", "aachen_000000_000019"),
+                              ("train", "bremen", "bremen_000000_000019"),
+                              ("val", "lindau", "lindau_000000_000019"),
+                              ("test", "berlin", "berlin_000000_000019")):
+        write_rgb(build / "leftImg8bit" / split / city / f"{name}_leftImg8bit.png", 3)
+        ids = np.roll(np.resize(np.append(np.arange(34), 250), 96), len(labels)).reshape(8, 12)
+        labels[f"{split}/{city}/{name}"] = ids.astype(np.uint8)
+        gt = build / "gtFine" / split / city
+        write_gray(gt / f"{name}_gtFine_labelIds.png", ids)
+        write_gray(gt / f"{name}_gtFine_instanceIds.png", ids)
+        write_rgb(gt / f"{name}_gtFine_color.png", 1)
+        (gt / f"{name}_gtFine_polygons.json").write_text("{}")
+    out.mkdir(parents=True, exist_ok=True)
+    for folder in ("gtFine", "leftImg8bit"):
+        with zipfile.ZipFile(out / f"{folder}_trainvaltest.zip", "w") as zf:
+            for path in sorted((build / folder).rglob("*")):
+                zf.write(path, path.relative_to(build))
+            zf.writestr("license.txt", "licence")
+    return labels
+
+
+def test_prepare_cityscapes_converts_all_splits(tmp_path, capsys):
+    prepare = load_script("prepare_cityscapes")
+    src, dst = tmp_path / "downloads", tmp_path / "cityscapes"
+    src.mkdir()
+    with pytest.raises(PrepareError) as info:
+        prepare.main(["--src", str(src), "--dst", str(dst)])
+    message = str(info.value)
+    assert "login" in message and "gtFine_trainvaltest.zip" in message
+    assert "leftImg8bit_trainvaltest.zip" in message and "cityscapes-dataset.com" in message
+
+    labels = write_cityscapes_zips(tmp_path / "build", src)
+    gt_zip = (src / "gtFine_trainvaltest.zip").rename(tmp_path / "gtFine_trainvaltest.zip")
+    with pytest.raises(PrepareError) as info:  # one zip only: the other is named
+        prepare.main(["--src", str(src), "--dst", str(dst)])
+    assert str(src / "gtFine_trainvaltest.zip") in str(info.value)
+    assert "leftImg8bit_trainvaltest.zip not found" not in str(info.value)
+    gt_zip.rename(src / "gtFine_trainvaltest.zip")
+    assert prepare.main(["--src", str(src), "--dst", str(dst)]) == 0
+    out = capsys.readouterr().out
+    for key, label_ids in labels.items():
+        split, city, name = key.split("/")
+        written = dst / "gtFine" / split / city / f"{name}_gtFine_labelTrainIds.png"
+        np.testing.assert_array_equal(np.array(Image.open(written)), expected_train_ids(label_ids))
+    val = CityscapesDataset(split="val", root=dst)
+    assert val.samples[0][1].name.endswith("_gtFine_labelTrainIds.png") and not val.samples[0][2]
+    assert "checks passed" in out and "label values found: 0..18, 255" in out
+    assert prepare.main(["--src", str(src), "--dst", str(dst)]) == 0
+    assert "already prepared" in capsys.readouterr().out
+
+
+def test_prepare_cityscapes_real_sample_in_place(shared_datasets, tmp_path, capsys):
+    copy = tmp_path / "cityscapes"
+    shutil.copytree(shared_datasets / "samples" / "cityscapes", copy,
+                    ignore=shutil.ignore_patterns("*labelTrainIds.png"))
+    prepare = load_script("prepare_cityscapes")
+    assert prepare.main(["--src", str(tmp_path / "nothing"), "--dst", str(copy)]) == 0
+    out = capsys.readouterr().out
+    assert "no train split" in out and "checks passed" in out
+    gt = copy / "gtFine" / "val" / "frankfurt"
+    label_ids = np.array(Image.open(gt / "frankfurt_000000_000294_gtFine_labelIds.png"))
+    written = np.array(Image.open(gt / "frankfurt_000000_000294_gtFine_labelTrainIds.png"))
+    np.testing.assert_array_equal(written, expected_train_ids(label_ids))
+
+
 # -- ADE20K -----------------------------------------------------------------------------------
 def test_ade20k_fixture_reduce_zero_label(tmp_path):
     raw = write_ade20k(tmp_path, {"training": ["ADE_train_00000002", "ADE_train_00000001"],
@@ -338,6 +399,38 @@ def test_ade20k_real_samples_reduce_zero_label(shared_datasets):
         image, mask = ds[0]
         assert image.shape == (3,) + raw.shape and mask.dtype == torch.int64
         assert set(mask.unique().tolist()) <= set(range(150)) | {255}
+
+
+def test_prepare_ade20k_downloads_unzips_and_verifies(tmp_path, capsys, monkeypatch):
+    build = tmp_path / "build" / "ADEChallengeData2016"
+    for folder, stem in (("training", "ADE_train_00000001"), ("training", "ADE_train_00000002"),
+                         ("validation", "ADE_val_00000001")):
+        write_rgb(build / "images" / folder / f"{stem}.jpg", 5, (8, 19))
+        write_gray(build / "annotations" / folder / f"{stem}.png",
+                   (np.arange(8 * 19) % 151).reshape(8, 19))
+    (build / "objectInfo150.txt").write_text("Idx\tRatio\tTrain\tVal\tName\n")
+    mirror = tmp_path / "mirror" / "ADEChallengeData2016.zip"
+    mirror.parent.mkdir()
+    with zipfile.ZipFile(mirror, "w") as zf:
+        for path in sorted(build.rglob("*")):
+            zf.write(path, path.relative_to(build.parent))
+    prepare = load_script("prepare_ade20k")
+    monkeypatch.setattr(prepare, "URL", file_url(mirror))
+    src, dst = tmp_path / "downloads", tmp_path / "ade20k"
+    assert prepare.main(["--src", str(src), "--dst", str(dst)]) == 0
+    out = capsys.readouterr().out
+    assert (src / "ADEChallengeData2016.zip").read_bytes() == mirror.read_bytes()
+    assert "label values found: 0..150" in out and "checks passed" in out
+    assert len(CityscapesDataset.class_names) == 19  # (unrelated datasets untouched)
+    root = dst / "ADEChallengeData2016"
+    marker = json.loads((root / ".segexp_prepare_ade20k.json").read_text())
+    assert marker["counts"] == {"train": 2, "val": 1}
+    assert prepare.main(["--src", str(src), "--dst", str(dst)]) == 0
+    assert "already prepared" in capsys.readouterr().out
+    # a removed annotation: the marker no longer matches, the re-run checks and fails
+    (root / "annotations" / "training" / "ADE_train_00000002.png").unlink()
+    with pytest.raises(PrepareError, match="ADE_train_00000002"):
+        prepare.main(["--src", str(src), "--dst", str(dst)])
 
 
 # -- Hydra composition ------------------------------------------------------------------------
