@@ -25,9 +25,8 @@ from segexp.data.transforms import (
 )
 from segexp.errors import ConfigError, DataError
 from tests.conftest import CONF
+from tests.data.conftest import DATASET, LABELS, block_pattern, interior, misaligned
 
-LABELS = (0, 1, 2, 3)
-DATASET = {"base_size": [48, 64], "crop_size": [40, 40], "ignore_index": IGNORE_INDEX}
 PRESETS = ("default", "none", "mmseg", "strong")
 
 
@@ -38,33 +37,6 @@ def load_preset(name: str, dataset: dict | None = None):
 
 def train_pipeline(name: str) -> v2.Compose:
     return instantiate(load_preset(name).transforms.train)
-
-
-def block_pattern(height: int, width: int, block: int = 6, seed: int = 0):
-    """Random labels on a ``block`` grid; every image channel is ``30 + 60 * label`` (never 0),
-    so the image says which label each pixel must have."""
-    rng = np.random.default_rng(seed)
-    grid = rng.integers(0, len(LABELS), size=(-(-height // block), -(-width // block)))
-    mask = np.kron(grid, np.ones((block, block), np.int64))[:height, :width].astype(np.uint8)
-    image = np.repeat((30 + 60 * mask)[None], 3, axis=0).astype(np.uint8)
-    return tv_tensors.Image(torch.from_numpy(image)), tv_tensors.Mask(torch.from_numpy(mask))
-
-
-def interior(mask: torch.Tensor, size: int = 3) -> torch.Tensor:
-    """Pixels whose ``size`` x ``size`` neighbourhood holds one label (not 255), off the edges."""
-    m = mask.long()[None, None].float()
-    low = -torch.nn.functional.max_pool2d(-m, size, 1, size // 2)
-    high = torch.nn.functional.max_pool2d(m, size, 1, size // 2)
-    inside = ((low == high) & (m != IGNORE_INDEX))[0, 0]
-    frame = torch.zeros_like(inside)
-    frame[size // 2: -(size // 2), size // 2: -(size // 2)] = True
-    return inside & frame
-
-
-def misaligned(image: torch.Tensor, mask: torch.Tensor, size: int = 3) -> int:
-    """Interior pixels (``size`` x ``size``) whose colour does not encode their mask label."""
-    wrong = (image.long() - (30 + 60 * mask.long())[None]).abs().amax(0) > 3
-    return int((wrong & interior(mask, size)).sum())
 
 
 def find(pipeline: v2.Compose, kind: type) -> v2.Transform:
@@ -84,7 +56,7 @@ def test_cat_max_crop_is_an_exact_window_padded_bottom_right(size):
     crop = RandomCropCatMax((40, 40), cat_max_ratio=0.75)
     offsets = set()
     for seed in range(25):
-        image, mask = block_pattern(height, width, seed=seed)
+        image, mask = block_pattern(height, width, block=6, seed=seed)
         torch.manual_seed(seed)
         out_image, out_mask = crop(image, mask)
         assert isinstance(out_image, tv_tensors.Image) and isinstance(out_mask, tv_tensors.Mask)
@@ -198,7 +170,7 @@ def test_rotation_keeps_alignment_and_fills_mask_with_ignore():
     assert v2.InterpolationMode(rotation.interpolation) == v2.InterpolationMode.BILINEAR
     rotated = big_angle = teeth = 0
     for seed in range(60):
-        image, mask = block_pattern(40, 40, seed=seed)
+        image, mask = block_pattern(40, 40, block=6, seed=seed)
         torch.manual_seed(seed)
         out_image, out_mask = rotate(image, mask)
         assert isinstance(out_mask, tv_tensors.Mask) and out_mask.shape == (40, 40)
@@ -228,7 +200,7 @@ def test_rotation_keeps_alignment_and_fills_mask_with_ignore():
 def test_gaussian_blur_changes_images_only():
     blur = find(train_pipeline("strong"), v2.GaussianBlur)
     assert isinstance(blur, v2.RandomApply) and blur.p == 0.2
-    image, mask = block_pattern(40, 40, seed=3)
+    image, mask = block_pattern(40, 40, block=6, seed=3)
     blurred = 0
     for seed in range(100):
         torch.manual_seed(seed)
@@ -318,7 +290,7 @@ def test_photometric_distortion_matches_mmseg_arithmetic():
 
 def test_photometric_distortion_draws_like_mmseg_and_leaves_masks_alone():
     pmd = PhotoMetricDistortion()
-    image, mask = block_pattern(20, 20, seed=1)
+    image, mask = block_pattern(20, 20, block=6, seed=1)
     image = tv_tensors.Image(image // 2 + torch.tensor([0, 40, 90], dtype=torch.uint8).view(3, 1, 1))
     counts = dict.fromkeys(("brightness", "contrast", "saturation", "hue", "contrast_first"), 0)
     hues, changed = set(), 0
@@ -522,7 +494,7 @@ def test_every_transform_yaml_instantiates(name, dataset):
     assert "mix" in cfg.transforms
     assert (cfg.transforms.mix is None) == (name != "strong")
     train, val = instantiate(cfg.transforms.train), instantiate(cfg.transforms.val)
-    image, mask = block_pattern(50, 70)
+    image, mask = block_pattern(50, 70, block=6)
     torch.manual_seed(0)
     out_image, out_mask = train(image, mask)
     assert out_image.dtype == torch.float32 and out_mask.shape == out_image.shape[-2:]

@@ -14,27 +14,16 @@ from segexp.data.base import IGNORE_INDEX, Sample, SegmentationDataset
 from segexp.data.synthetic import SyntheticDataset
 from segexp.data.transforms import KeepRatioResize
 from tests.conftest import CONF
+from tests.data.conftest import DATASET, LABELS, block_pattern, interior, misaligned
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-LABELS = (0, 1, 2, 3)
 
 
 def pipelines(dataset: dict, name: str = "default"):
     cfg = OmegaConf.merge({"dataset": dataset},
                           {"transforms": OmegaConf.load(CONF / "transforms" / f"{name}.yaml")})
     return instantiate(cfg.transforms.train), instantiate(cfg.transforms.val)
-
-
-def block_pattern(height: int, width: int, block: int = 12, seed: int = 0):
-    """A mask of random labels on a ``block`` grid and an image that encodes it: every channel
-    is ``30 + 60 * label``, so the image says which label each pixel should have (and is never
-    0)."""
-    rng = np.random.default_rng(seed)
-    grid = rng.integers(0, len(LABELS), size=(-(-height // block), -(-width // block)))
-    mask = np.kron(grid, np.ones((block, block), np.int64))[:height, :width].astype(np.uint8)
-    image = np.repeat((30 + 60 * mask)[None], 3, axis=0).astype(np.uint8)
-    return tv_tensors.Image(torch.from_numpy(image)), tv_tensors.Mask(torch.from_numpy(mask))
 
 
 def geometric_part(train: v2.Compose) -> v2.Compose:
@@ -44,28 +33,6 @@ def geometric_part(train: v2.Compose) -> v2.Compose:
             if isinstance(t, (KeepRatioResize, v2.RandomCrop, v2.RandomHorizontalFlip))]
     assert [type(t) for t in kept] == [KeepRatioResize, v2.RandomCrop, v2.RandomHorizontalFlip]
     return v2.Compose(kept)
-
-
-def interior(mask: torch.Tensor, size: int = 5) -> torch.Tensor:
-    """Pixels whose ``size`` x ``size`` neighbourhood holds one label (not 255), away from the
-    crop's edges (beyond which an unseen boundary may lie): resampling cannot blend there."""
-    m = mask.long()[None, None].float()
-    low = -torch.nn.functional.max_pool2d(-m, size, 1, size // 2)
-    high = torch.nn.functional.max_pool2d(m, size, 1, size // 2)
-    inside = ((low == high) & (m != IGNORE_INDEX))[0, 0]
-    frame = torch.zeros_like(inside)
-    frame[size // 2: -(size // 2), size // 2: -(size // 2)] = True
-    return inside & frame
-
-
-def misaligned(image: torch.Tensor, mask: torch.Tensor, size: int = 3) -> int:
-    """How many interior pixels have an image value that does not match their mask label."""
-    expected = 30 + 60 * mask.long()
-    wrong = (image.long() - expected[None]).abs().amax(0) > 3
-    return int((wrong & interior(mask, size)).sum())
-
-
-DATASET = {"base_size": [48, 64], "crop_size": [40, 40], "ignore_index": IGNORE_INDEX}
 
 
 def test_train_geometry_keeps_image_and_mask_aligned():
