@@ -1,5 +1,7 @@
-"""Results that would look right but be computed on wrong data are refused before training:
-every training mask is scanned (not the first few), and classes never seen are said to be."""
+"""The data checks run_training makes before the first step (segexp.engine.experiment.check_data):
+results that would look right but be computed on wrong data are refused before training, as every
+training mask is scanned (not the first few); files that cannot be read stop the run, or are left
+out with a count under skip_bad_files=true."""
 
 from __future__ import annotations
 
@@ -94,66 +96,3 @@ def test_unreadable_files_stop_before_training_or_are_skipped_with_a_count(tmp_p
     run_training(compose_config(*FOLDER, f"dataset.root={root}", "dataset.img_suffix=.jpg",
                                 "skip_bad_files=true", "resume=true"), tmp_path / "skipped")
     assert f"2 of the {len(train_set)} train samples cannot be read" in caplog.text
-
-
-def test_diverged_weights_never_replace_the_last_good_checkpoint(tmp_path, monkeypatch):
-    """The loss can stay finite for a step or two after the weights explode: the checkpoint from
-    before the divergence is kept and the error says which iteration it holds."""
-    import torch
-
-    from segexp.engine import trainer as trainer_module
-    from segexp.errors import TrainingError
-    from segexp.weights_io import read_weights_file
-    from tests.conftest import tiny_config
-
-    real_step = trainer_module.optimizer_step
-
-    def exploding_step(run):
-        real_step(run)
-        if run.state.iter == 2:  # during iteration 3: the weights blow up, the loss stays finite
-            with torch.no_grad():
-                for p in run.model.parameters():
-                    p.mul_(1e5)
-
-    monkeypatch.setattr(trainer_module, "optimizer_step", exploding_step)
-    with pytest.raises(TrainingError, match="iteration 4 the weights have diverged") as info:
-        run_training(tiny_config("trainer.max_iters=6", "trainer.val_interval=2",
-                                 "trainer.measure_speed=false"), tmp_path)
-    assert "keeps iteration 2" in str(info.value)
-    assert read_weights_file(tmp_path / "checkpoints" / "last.pt")["state"]["iter"] == 2
-
-
-class _RunsCode:
-    def __reduce__(self):  # unpickling this would create the marker file
-        import os
-
-        return (os.system, ("touch SEGEXP_PWNED",))
-
-
-def test_weights_files_are_refused_clearly_and_never_executed(tmp_path, monkeypatch):
-    import torch
-
-    from segexp.errors import ConfigError
-    from tests.conftest import train_py
-
-    monkeypatch.chdir(tmp_path)
-    code = tmp_path / "code.pt"
-    torch.save({"model": _RunsCode()}, code)
-    good = tmp_path / "good.pt"
-    torch.save({"model": {"w": torch.zeros(3)}}, good)
-    cut = tmp_path / "cut.pt"
-    cut.write_bytes(good.read_bytes()[:200])
-    common = ["trainer=debug", "model=fcn", "head.channels=8", "dataset.image_size=32"]
-    for option in ("resume", "model.checkpoint", "backbone.checkpoint"):
-        cases = [(code, "holds Python objects or code"), (cut, "damaged or incomplete")]
-        if option != "resume":  # resume=<folder> means a run folder, looked into for its last.pt
-            cases.append((tmp_path, "is a folder"))
-        for path, expected in cases:
-            with pytest.raises(ConfigError, match=expected):
-                run_training(compose_config(*common, f"{option}={path}"), tmp_path / "run")
-    # Through train.py (and Hydra's instantiation wrapper): one line, no traceback.
-    out = train_py(*common, f"backbone.checkpoint={code}", f"hydra.run.dir={tmp_path / 'run'}",
-                   cwd=tmp_path)
-    assert out.returncode == 1 and "Traceback" not in out.stderr
-    assert out.stderr.startswith("segexp: error: backbone.checkpoint")
-    assert not (tmp_path / "SEGEXP_PWNED").exists()

@@ -126,6 +126,26 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
 
 
+def test_diverged_weights_never_replace_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """The loss can stay finite for a step or two after the weights explode: the checkpoint from
+    before the divergence is kept and the error says which iteration it holds."""
+    real_step = trainer_module.optimizer_step
+
+    def exploding_step(run):
+        real_step(run)
+        if run.state.iter == 2:  # during iteration 3: the weights blow up, the loss stays finite
+            with torch.no_grad():
+                for p in run.model.parameters():
+                    p.mul_(1e5)
+
+    monkeypatch.setattr(trainer_module, "optimizer_step", exploding_step)
+    with pytest.raises(TrainingError, match="iteration 4 the weights have diverged") as info:
+        run_training(tiny_config("trainer.max_iters=6", "trainer.val_interval=2",
+                                 "trainer.measure_speed=false"), tmp_path)
+    assert "keeps iteration 2" in str(info.value)
+    assert read_weights_file(tmp_path / "checkpoints" / "last.pt")["state"]["iter"] == 2
+
+
 def test_evaluate_script_reproduces_the_best_validation(tmp_path):
     run_training(tiny_config("trainer.max_iters=2", "trainer.val_interval=2"), tmp_path)
     (tmp_path / ".hydra").mkdir()
