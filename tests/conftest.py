@@ -24,6 +24,7 @@ from segexp.weights_io import read_weights_file
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
+ALL_MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))  # every model=<name>
 
 
 def load_script(name: str):
@@ -78,6 +79,16 @@ def train_py(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subproces
 def last_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     """The model weights of a run folder's checkpoints/last.pt."""
     return read_weights_file(run_dir / "checkpoints" / "last.pt")["model"]
+
+
+def make_batch(n=2, c=4, h=5, w=6, seed=0, ignore_frac=0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded logits (n, c, h, w) and a target of class indices, about ``ignore_frac`` of it
+    ignored (255)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, c, h, w, generator=g) * 2
+    target = torch.randint(0, c, (n, h, w), generator=g)
+    target[torch.rand(n, h, w, generator=g) < ignore_frac] = 255
+    return logits, target
 
 
 def randomise_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:

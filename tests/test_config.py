@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
-from tests.conftest import CONF, ROOT, compose_config
+from tests.conftest import ALL_MODELS, CONF, compose_config, train_py
 
 MODELS = ["fcn", "unet", "pspnet", "deeplabv3", "deeplabv3plus", "upernet"]
 # Family names (backbone=convnext...) are their sized files: test_family_name_picks_its_default_size.
@@ -73,13 +70,8 @@ def test_dataset_configs_compose(tmp_path, monkeypatch):
     assert compose_config("dataset=voc_aug").dataset.train_split == "train_aug"
 
 
-def _train_py(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-
-
 def test_help_lists_groups_and_options():
-    out = _train_py("--help")
+    out = train_py("--help")
     assert out.returncode == 0, out.stderr
     for text in ("model:", "backbone:", "dataset:", "trainer:", "upernet", "convnext_tiny",
                  "stanford_background", "debug"):
@@ -87,7 +79,7 @@ def test_help_lists_groups_and_options():
 
 
 def test_cfg_job_prints_the_composed_config():
-    out = _train_py("--cfg", "job", "model=upernet", "backbone=convnext_tiny")
+    out = train_py("--cfg", "job", "model=upernet", "backbone=convnext_tiny")
     assert out.returncode == 0, out.stderr
     cfg = OmegaConf.create(out.stdout)
     assert cfg.backbone.name == "convnext_tiny" and cfg.head._target_.endswith("UPerHead")
@@ -112,7 +104,7 @@ def test_family_name_picks_its_default_size(family, size, tmp_path):
 
 def test_the_brief_command_composes():
     """python train.py model=upernet backbone=convnext dataset=cityscapes (no data is read)."""
-    out = _train_py("--cfg", "job", "model=upernet", "backbone=convnext", "dataset=cityscapes")
+    out = train_py("--cfg", "job", "model=upernet", "backbone=convnext", "dataset=cityscapes")
     assert out.returncode == 0, out.stderr
     cfg = OmegaConf.create(out.stdout)
     assert cfg.backbone.name == "convnext_tiny" and cfg.head._target_.endswith("UPerHead")
@@ -120,7 +112,6 @@ def test_the_brief_command_composes():
     assert cfg.backbone.out_norms is True  # the sized file whole, not a copy of part of it
 
 
-ALL_MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 SHARED_KEYS = OmegaConf.load(CONF / "model" / "shared" / "keys.yaml")
 
 

@@ -8,17 +8,9 @@ from omegaconf import OmegaConf
 
 from segexp.errors import ConfigError
 from segexp.losses import CombinedLoss, CrossEntropyLoss, DiceLoss, FocalLoss
-from tests.conftest import CONF
+from tests.conftest import CONF, make_batch
 
 LOSS_CONF = CONF / "loss"
-
-
-def make_batch(n=2, c=4, h=5, w=6, seed=0, ignore_frac=0.2):
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(n, c, h, w, generator=g) * 2
-    target = torch.randint(0, c, (n, h, w), generator=g)
-    target[torch.rand(n, h, w, generator=g) < ignore_frac] = 255
-    return logits, target
 
 
 def test_ce_matches_hand_computation_and_torch():

@@ -10,7 +10,7 @@ import math
 import pytest
 
 from segexp.models.cost import model_cost
-from tests.conftest import CONF
+from tests.conftest import ALL_MODELS
 
 NUMERIC = ["params_m", "gflops", "latency_ms", "fps", "train_iter_ms"]
 FAST = ["--size", "64", "64", "--iters", "2", "--warmup", "1", "--device", "cpu"]
@@ -61,12 +61,11 @@ def test_head_override_changes_the_measured_model(bench, tmp_path):
 
 def test_all_dry_run_lists_every_model(bench, capsys):
     rows = bench.main(["--all", "--dry-run"])
-    models = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
-    assert [r["model"] for r in rows] == models
+    assert [r["model"] for r in rows] == ALL_MODELS
     backbones = {r["model"]: r["backbone"] for r in rows}
     assert backbones["segformer"] == "mit_b0" and backbones["fastfcn"] == "resnet50"
     printed = capsys.readouterr().out
-    assert all(m in printed for m in models)
+    assert all(m in printed for m in ALL_MODELS)
 
 
 def test_all_with_model_is_refused(bench):

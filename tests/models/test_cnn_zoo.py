@@ -32,10 +32,7 @@ from segexp.heads.litehrnet import IterativeAggregator, LiteHRNetHead
 from segexp.models import build_model
 from segexp.optim import build_optimizer
 from tests.conftest import compose_config
-
-
-def n_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+from tests.models.conftest import n_params
 
 
 def meta_model(*overrides: str):

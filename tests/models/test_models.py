@@ -10,7 +10,7 @@ from segexp.engine.trainer import model_loss
 from segexp.errors import ConfigError, IncompatibleBackboneError
 from segexp.models import build_model
 from segexp.models.mask_classification import MaskPredictions
-from tests.conftest import CONF, compose_config
+from tests.conftest import ALL_MODELS, compose_config
 
 
 def _small(model: str, backbone: str, *extra: str):
@@ -61,9 +61,6 @@ def test_channels_flow_from_the_backbone():
         net = _small("fcn", backbone)
         first_conv = next(m for m in net.decode_head.modules() if isinstance(m, torch.nn.Conv2d))
         assert first_conv.in_channels == deepest
-
-
-ALL_MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("model", ALL_MODELS)

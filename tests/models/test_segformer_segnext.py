@@ -17,15 +17,12 @@ from segexp.errors import ConfigError, IncompatibleBackboneError
 from segexp.heads.ham import NMF2D
 from segexp.models import build_model
 from tests.conftest import compose_config
+from tests.models.conftest import n_params
 
 transformers = pytest.importorskip("transformers")
 
 SEGFORMER = ("model=segformer", "backbone=mit_b0")
 SEGNEXT = ("model=segnext", "backbone=mscan_t")
-
-
-def _n(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,30 +135,30 @@ def _count(model: str, backbone: str, *extra: str):
     ("b3", 768, 47.3, 44.0), ("b4", 768, 64.1, 60.8), ("b5", 768, 84.7, 81.4)])
 def test_segformer_parameter_counts(variant, channels, total, encoder):
     net = _count("segformer", f"mit_{variant}", f"head.channels={channels}")
-    assert _n(net) / 1e6 == pytest.approx(total, rel=0.02)
+    assert n_params(net) / 1e6 == pytest.approx(total, rel=0.02)
     if variant == "b0":
         # Published 3.4 M contradicts the same table (3.8 total - 0.4 decoder would need 3.4, but
         # the total matches to 1.2 %); transformers' MiT-B0 has exactly our count (next test).
-        assert _n(net.backbone) / 1e6 == pytest.approx(3.32, abs=0.005)
-        assert _n(net.backbone) / 1e6 == pytest.approx(encoder, rel=0.03)
+        assert n_params(net.backbone) / 1e6 == pytest.approx(3.32, abs=0.005)
+        assert n_params(net.backbone) / 1e6 == pytest.approx(encoder, rel=0.03)
     else:
-        assert _n(net.backbone) / 1e6 == pytest.approx(encoder, rel=0.02)
+        assert n_params(net.backbone) / 1e6 == pytest.approx(encoder, rel=0.02)
 
 
 def test_b0_parameter_count_equals_transformers():
     hf = transformers.SegformerForSemanticSegmentation(transformers.SegformerConfig(num_labels=150))
     ours = _count("segformer", "mit_b0")
-    assert _n(ours) == _n(hf) and _n(ours.backbone) == _n(hf.segformer)
+    assert n_params(ours) == n_params(hf) and n_params(ours.backbone) == n_params(hf.segformer)
 
 
 @pytest.mark.parametrize("variant, channels, total, imagenet", [
     ("t", 256, 4.3, 4.2), ("s", 256, 13.9, 13.1), ("b", 512, 27.6, 26.8), ("l", 1024, 48.9, 45.2)])
 def test_segnext_parameter_counts(variant, channels, total, imagenet):
     net = _count("segnext", f"mscan_{variant}", f"head.channels={channels}")
-    assert _n(net) / 1e6 == pytest.approx(total, rel=0.02)
+    assert n_params(net) / 1e6 == pytest.approx(total, rel=0.02)
     # The ImageNet figures count the classifier: a linear layer from the last stage to 1000.
     classifier = net.backbone.channels[-1] * 1000 + 1000
-    encoder = (_n(net.backbone) + classifier) / 1e6
+    encoder = (n_params(net.backbone) + classifier) / 1e6
     if variant == "s":
         # Published 13.1 M disagrees with the paper's own SegNeXt-S (13.9 M total, which we match
         # to 0.2 %: 13.45 M encoder + 0.48 M head); we report 13.96 M and do not hide the gap.

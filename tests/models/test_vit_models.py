@@ -21,6 +21,7 @@ from segexp.heads.segmenter import SegmenterLinearHead, SegmenterMaskHead
 from segexp.heads.setr import SETRAuxHeads, SETRMLAHead, SETRNaiveHead, SETRPUPHead, SETRUPHead
 from segexp.models import build_model
 from tests.conftest import CONF, compose_config
+from tests.models.conftest import n_params
 
 TINY_VIT = "vit_tiny_patch16_224"
 
@@ -40,10 +41,6 @@ def _on(backbone: nn.Module, *overrides: str):
     cfg = compose_config(*overrides)
     backbone.zero_grad(set_to_none=True)
     return instantiate(cfg.model, backbone=backbone, decode_head=instantiate(cfg.head))
-
-
-def _count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def _meta_model(*overrides: str):
@@ -347,10 +344,10 @@ def test_setr_parameter_counts_match_the_paper(head, published_m):
     if head == "setr_naive":  # the Naive recipe's auxiliary heads use 1x1 kernels
         overrides.append("model.aux_head.kernel_size=1")
     net = _meta_model(*overrides)
-    ours = _count(net)
+    ours = n_params(net)
     with torch.device("meta"):
         recipe_aux = _setr_recipe_aux_heads(head, net.backbone, 19)
-    recipe = ours - (_count(net.aux_head) if net.aux_head is not None else 0) + _count(recipe_aux)
+    recipe = ours - (n_params(net.aux_head) if net.aux_head is not None else 0) + n_params(recipe_aux)
     assert recipe / 1e6 == pytest.approx(published_m, rel=0.02)
     assert ours / 1e6 == pytest.approx(published_m, rel=0.02)
 
@@ -371,7 +368,7 @@ def test_segmenter_parameter_counts_match_the_model_zoo(backbone, extra, head, i
     net = _meta_model("model=segmenter", f"backbone={backbone}", *extra, f"head={head}",
                       f"backbone.img_size={img_size}", "model.num_classes=150")
     imagenet_classifier = net.backbone.embed_dim * 1000 + 1000
-    assert (_count(net) + imagenet_classifier) / 1e6 == pytest.approx(published_m, rel=0.02)
+    assert (n_params(net) + imagenet_classifier) / 1e6 == pytest.approx(published_m, rel=0.02)
 
 
 # DINOv2 README (github.com/facebookresearch/dinov2, "Pretrained models"): ViT-B/14 86 M,
@@ -380,7 +377,7 @@ def test_segmenter_parameter_counts_match_the_model_zoo(backbone, extra, head, i
 @pytest.mark.parametrize("backbone, published_m", [("dinov2_vitb14", 86), ("dinov2_vitl14", 300)])
 def test_dinov2_backbone_parameter_counts(backbone, published_m):
     net = _meta_model("model=dinov2", f"backbone={backbone}")
-    assert _count(net.backbone) / 1e6 == pytest.approx(published_m, rel=0.02)
+    assert n_params(net.backbone) / 1e6 == pytest.approx(published_m, rel=0.02)
 
 
 def test_head_parameter_counts_follow_mmsegmentation():
@@ -393,14 +390,14 @@ def test_head_parameter_counts_follow_mmsegmentation():
         mask = SegmenterMaskHead([768], [16], 150)
         bn_head = DINOv2LinearHead([384] * 4, [14] * 4, 150)
     layer_norm, bn = 2 * c, 2 * 256
-    assert _count(naive) == layer_norm + c * 256 + bn + 256 * k + k
-    assert _count(pup) == (layer_norm + c * 256 * 9 + 3 * 256 * 256 * 9 + 4 * bn + 256 * k + k)
+    assert n_params(naive) == layer_norm + c * 256 + bn + 256 * k + k
+    assert n_params(pup) == (layer_norm + c * 256 * 9 + 3 * 256 * 256 * 9 + 4 * bn + 256 * k + k)
     neck = 4 * (layer_norm + c * 256 + bn + 256 * 256 * 9 + bn)
     branches = 4 * (256 * 128 * 9 + 2 * 128 + 128 * 128 * 9 + 2 * 128)
-    assert _count(mla) == neck + branches + 512 * k + k
+    assert n_params(mla) == neck + branches + 512 * k + k
     d, block = 768, 12 * 768 * 768 + 13 * 768  # qkv, proj, fc1, fc2 (+ biases), two LayerNorms
-    assert _count(mask) == (d * d + d + 150 * d + 2 * block + 2 * d + 2 * d * d + 2 * 150)
-    assert _count(bn_head) == 2 * 1536 + 1536 * 150 + 150
+    assert n_params(mask) == (d * d + d + 150 * d + 2 * block + 2 * d + 2 * d * d + 2 * 150)
+    assert n_params(bn_head) == 2 * 1536 + 1536 * 150 + 150
 
 
 # --- end to end ---------------------------------------------------------------------------------
