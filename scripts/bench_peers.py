@@ -192,7 +192,7 @@ PAIRS = [
     Pair("upernet_convnext_t", "transformers", "transformers", UPERNET, hf_upernet_convnext_tiny,
          "UperNetForSemanticSegmentation(ConvNextConfig tiny, drop_path_rate=0.4, "
          "use_auxiliary_head=False)", 150,
-         "same layers (checkpoint parity: tests/test_hf_upernet.py); segexp adds MMSeg's dropout 0.1 "
+         "same layers (checkpoint parity: tests/convert/test_hf_upernet.py); segexp adds MMSeg's dropout 0.1 "
          "before the classifier (training only; transformers has none)"),
     Pair("upernet_convnext_t", "smp", "segmentation_models_pytorch", UPERNET,
          smp_upernet_convnext_tiny,
@@ -221,7 +221,7 @@ PAIRS = [
     Pair("mask2former_swin_t", "transformers", "transformers",
          ("model=mask2former", "backbone=swin_tiny"), hf_mask2former_swin_tiny,
          "Mask2FormerForUniversalSegmentation(SwinConfig tiny, drop_path_rate=0.3)", 150,
-         "same architecture (checkpoint parity: tests/test_mask2former.py); both give per-pixel "
+         "same architecture (checkpoint parity: tests/models/test_mask2former.py); both give per-pixel "
          "scores (masks upsampled, then class x mask) inside the timed call; the training step "
          "times cross entropy on those scores, not the Hungarian-matched criterion"),
     Pair("deeplabv3_r50", "torchvision", "torchvision",

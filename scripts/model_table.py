@@ -69,8 +69,8 @@ HEADER = """# Models: parameters and GFLOPs
 
 Measured by `python scripts/model_table.py` (meta device; GFLOPs = multiply-accumulates x 1e-9 at
 512x512, single scale, 150 classes unless the overrides say otherwise; auxiliary heads included, as
-in the papers' counts). `tests/test_published.py` keeps every measured parameter count within 2 %
-of the published figure.
+in the papers' counts). `tests/models/test_published.py` keeps every measured parameter count
+within 2 % of the published figure.
 
 """
 

@@ -17,7 +17,7 @@ from segexp.engine.checkpoint import save_checkpoint
 from segexp.engine.experiment import run_training
 from segexp.errors import StorageError
 from segexp.weights_io import read_weights_file
-from tests.test_train import tiny_config
+from tests.conftest import compose_config, tiny_config, train_py
 
 
 def _full_disk(*_args, **_kwargs):
@@ -66,7 +66,6 @@ def test_an_impossible_run_folder_is_one_line_not_a_traceback(tmp_path, capsys):
     from omegaconf import OmegaConf
 
     from segexp.config import OutputFolderCheck
-    from tests.test_train import train_py
 
     blocker = tmp_path / "a_file"
     blocker.write_text("")
@@ -110,7 +109,6 @@ def test_a_refused_resume_loses_no_config(tmp_path):
     .hydra/config.yaml, but the first run's config is kept and evaluation still uses the config
     the weights were trained with."""
     from segexp.inference import Segmenter, load_run_config
-    from tests.test_train import train_py
 
     common = ["trainer=debug", "model=fcn", "head.channels=16", "dataset.image_size=32",
               "trainer.measure_speed=false", f"hydra.run.dir={tmp_path}"]
@@ -130,7 +128,6 @@ def test_resume_with_no_overrides_uses_the_runs_own_config(tmp_path):
     """The first run used options that are not the defaults; `resume=true` alone (plus a longer
     trainer.max_iters) continues that run, not a run of today's defaults."""
     from segexp.cli.train import hydra_launch
-    from tests.conftest import compose_config
 
     first = ["trainer=debug", "model=fcn", "head.channels=16", "dataset.image_size=32",
              "trainer.max_iters=2", "trainer.measure_speed=false"]

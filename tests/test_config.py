@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
-from tests.conftest import CONF, ROOT, compose_config
+from tests.conftest import ALL_MODELS, CONF, compose_config, train_py
 
 MODELS = ["fcn", "unet", "pspnet", "deeplabv3", "deeplabv3plus", "upernet"]
 # Family names (backbone=convnext...) are their sized files: test_family_name_picks_its_default_size.
@@ -58,13 +55,23 @@ def test_dataset_root_defaults_under_segexp_data(monkeypatch):
     assert cfg.dataset.root.startswith("/data/somewhere/")
 
 
-def _train_py(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+def test_dataset_configs_compose(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEGEXP_DATA", str(tmp_path))
+    expected = {"voc": ("voc/VOCdevkit/VOC2012", 21, [512, 512], [512, 2048]),
+                "voc_aug": ("voc/VOCdevkit/VOC2012", 21, [512, 512], [512, 2048]),
+                "camvid": ("camvid/CamVid", 11, [352, 480], [360, 480]),
+                "kitti": ("kitti/data_semantics", 19, [352, 704], [375, 1242])}
+    for name, (root, classes, crop, base) in expected.items():
+        cfg = compose_config(f"dataset={name}")
+        assert cfg.dataset.root == str(tmp_path / root) and cfg.dataset.num_classes == classes
+        assert list(cfg.dataset.crop_size) == crop and list(cfg.dataset.base_size) == base
+        assert all(side % 32 == 0 for side in crop)
+    assert compose_config("dataset=voc").dataset.train_split == "train"
+    assert compose_config("dataset=voc_aug").dataset.train_split == "train_aug"
 
 
 def test_help_lists_groups_and_options():
-    out = _train_py("--help")
+    out = train_py("--help")
     assert out.returncode == 0, out.stderr
     for text in ("model:", "backbone:", "dataset:", "trainer:", "upernet", "convnext_tiny",
                  "stanford_background", "debug"):
@@ -72,11 +79,10 @@ def test_help_lists_groups_and_options():
 
 
 def test_cfg_job_prints_the_composed_config():
-    out = _train_py("--cfg", "job", "model=upernet", "backbone=convnext_tiny")
+    out = train_py("--cfg", "job", "model=upernet", "backbone=convnext_tiny")
     assert out.returncode == 0, out.stderr
     cfg = OmegaConf.create(out.stdout)
     assert cfg.backbone.name == "convnext_tiny" and cfg.head._target_.endswith("UPerHead")
-
 
 
 @pytest.mark.parametrize("family, size", sorted(FAMILIES.items()))
@@ -99,7 +105,7 @@ def test_family_name_picks_its_default_size(family, size, tmp_path):
 
 def test_the_brief_command_composes():
     """python train.py model=upernet backbone=convnext dataset=cityscapes (no data is read)."""
-    out = _train_py("--cfg", "job", "model=upernet", "backbone=convnext", "dataset=cityscapes")
+    out = train_py("--cfg", "job", "model=upernet", "backbone=convnext", "dataset=cityscapes")
     assert out.returncode == 0, out.stderr
     cfg = OmegaConf.create(out.stdout)
     assert cfg.backbone.name == "convnext_tiny" and cfg.head._target_.endswith("UPerHead")
@@ -107,7 +113,6 @@ def test_the_brief_command_composes():
     assert cfg.backbone.out_norms is True  # the sized file whole, not a copy of part of it
 
 
-ALL_MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 SHARED_KEYS = OmegaConf.load(CONF / "model" / "shared" / "keys.yaml")
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from segexp.engine.experiment import run_training
 from segexp.errors import ConfigError, DataError, IncompatibleBackboneError, SegexpError
-from tests.test_train import tiny_config, train_py
+from tests.conftest import tiny_config, train_py
 
 
 def make_folder_dataset(root: Path, n: int = 4, size: int = 32, values=(0, 1)) -> Path:

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from segexp.engine.experiment import run_training
 from segexp.errors import SegexpError
 from segexp.inference import InferenceOptions, Segmenter, infer_logits, slide_logits
-from tests.test_train import tiny_config
+from tests.conftest import tiny_config
 
 NUM_CLASSES = 6  # the synthetic dataset's default
 

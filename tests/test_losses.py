@@ -1,5 +1,4 @@
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,16 +8,9 @@ from omegaconf import OmegaConf
 
 from segexp.errors import ConfigError
 from segexp.losses import CombinedLoss, CrossEntropyLoss, DiceLoss, FocalLoss
+from tests.conftest import CONF, make_batch
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "loss"
-
-
-def make_batch(n=2, c=4, h=5, w=6, seed=0, ignore_frac=0.2):
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(n, c, h, w, generator=g) * 2
-    target = torch.randint(0, c, (n, h, w), generator=g)
-    target[torch.rand(n, h, w, generator=g) < ignore_frac] = 255
-    return logits, target
+LOSS_CONF = CONF / "loss"
 
 
 def test_ce_matches_hand_computation_and_torch():
@@ -154,11 +146,11 @@ def test_gradients_flow(loss_fn):
 
 def test_yaml_configs_instantiate():
     logits, target = make_batch()
-    ce = instantiate(OmegaConf.load(CONF / "ce.yaml"))
+    ce = instantiate(OmegaConf.load(LOSS_CONF / "ce.yaml"))
     assert isinstance(ce, CrossEntropyLoss) and ce.ignore_index == 255 and ce.class_weights is None
-    assert isinstance(instantiate(OmegaConf.load(CONF / "dice.yaml")), DiceLoss)
-    assert instantiate(OmegaConf.load(CONF / "focal.yaml")).gamma == 2.0
-    cfg = OmegaConf.load(CONF / "ce_dice.yaml")
+    assert isinstance(instantiate(OmegaConf.load(LOSS_CONF / "dice.yaml")), DiceLoss)
+    assert instantiate(OmegaConf.load(LOSS_CONF / "focal.yaml")).gamma == 2.0
+    cfg = OmegaConf.load(LOSS_CONF / "ce_dice.yaml")
     combined = instantiate(cfg)
     assert isinstance(combined, CombinedLoss)
     expected = CrossEntropyLoss()(logits, target) + DiceLoss()(logits, target)

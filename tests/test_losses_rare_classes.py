@@ -24,7 +24,7 @@ from segexp.data.synthetic import SyntheticDataset
 from segexp.engine.experiment import run_training
 from segexp.errors import ConfigError, DataError
 from segexp.losses import CombinedLoss, CrossEntropyLoss, LovaszSoftmaxLoss, resolve_auto_class_weights
-from tests.conftest import SHARED_DATASETS, compose_config
+from tests.conftest import SHARED_DATASETS, compose_config, make_batch
 
 
 def logits_for(p_true: list[float], target: list[int]) -> torch.Tensor:
@@ -32,14 +32,6 @@ def logits_for(p_true: list[float], target: list[int]) -> torch.Tensor:
     logit_of_target = torch.tensor([math.log(p / (1 - p)) for p in p_true])
     first = torch.where(torch.tensor(target) == 0, logit_of_target, -logit_of_target)
     return torch.stack([first, torch.zeros_like(first)]).view(1, 2, 1, -1)
-
-
-def make_batch(n=2, c=4, h=6, w=7, seed=0, ignore_frac=0.2):
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(n, c, h, w, generator=g) * 2
-    target = torch.randint(0, c, (n, h, w), generator=g)
-    target[torch.rand(n, h, w, generator=g) < ignore_frac] = 255
-    return logits, target
 
 
 # -- OHEM ---------------------------------------------------------------------------------------
@@ -111,7 +103,7 @@ def test_ohem_all_ignored_gives_zero_with_gradient():
 
 def test_ohem_warns_once_when_it_would_keep_every_pixel(caplog):
     loss_fn = CrossEntropyLoss(ohem={"thresh": 0.7, "min_kept": 100000})
-    logits, target = make_batch()
+    logits, target = make_batch(h=6, w=7)
     with caplog.at_level(logging.WARNING, logger="segexp.losses"):
         loss_fn(logits, target)
         loss_fn(logits, target)
@@ -264,7 +256,7 @@ def test_lovasz_classes_option_is_checked(classes):
 
 # -- configs -------------------------------------------------------------------------------------
 def test_rare_class_loss_configs_compose_and_build():
-    logits, target = make_batch(c=6)
+    logits, target = make_batch(c=6, h=6, w=7)
     ohem = instantiate(compose_config("loss=ohem").loss)
     assert isinstance(ohem, CrossEntropyLoss) and ohem.ohem == (0.7, 100000)
     assert instantiate(compose_config("loss=ohem", "loss.ohem.thresh=null",
@@ -445,7 +437,7 @@ def test_datasets_list_the_files_their_samples_read(tmp_path):
     """Two existing files (image, mask) per sample, so the scan's cache sees any of them change."""
     from segexp.data.kitti import KITTIDataset
     from segexp.data.stanford_background import StanfordBackgroundDataset
-    from tests.test_voc_camvid_kitti import write_kitti
+    from tests.data.conftest import write_kitti
 
     write_kitti(tmp_path / "kitti")
     write_folder(tmp_path / "folder", folder_masks())

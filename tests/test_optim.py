@@ -1,6 +1,5 @@
 import io
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +10,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from segexp.errors import ConfigError
 from segexp.optim import build_optimizer, build_scheduler
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
+from tests.conftest import CONF
 
 
 class TinySegmentor(nn.Module):

@@ -1,5 +1,6 @@
 """model.checkpoint: public layouts convert and give the reference model's logits; keys that do
-not fit are reported in one table."""
+not fit are reported in one table. Every weights file (resume, model.checkpoint,
+backbone.checkpoint) is read without running anything in it, and a bad one is one clear message."""
 
 from __future__ import annotations
 
@@ -7,21 +8,10 @@ import pytest
 import torch
 from torchvision.models import segmentation as tv_segmentation
 
+from segexp.engine.experiment import run_training
 from segexp.errors import ConfigError
 from segexp.models import build_model
-from tests.conftest import compose_config
-
-
-def randomise_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:
-    """Fresh BN layers hold mean 0 / var 1, which would hide swapped statistics: randomise."""
-    generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            n = module.num_features
-            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
-            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-            module.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
-            module.bias.data.copy_(torch.randn(n, generator=generator) * 0.1)
+from tests.conftest import compose_config, randomise_batchnorm, train_py
 
 
 def torchvision_reference(name: str, num_classes: int = 6):
@@ -131,3 +121,34 @@ def test_one_loader_names_every_misfit_and_leaves_the_model_untouched():
     assert fit.reinitialised == ["0.weight", "0.bias"]
     assert torch.equal(model.state_dict()["1.weight"], torch.ones(4))
     assert torch.equal(model.state_dict()["0.bias"], before["0.bias"])
+
+
+class _RunsCode:
+    def __reduce__(self):  # unpickling this would create the marker file
+        import os
+
+        return (os.system, ("touch SEGEXP_PWNED",))
+
+
+def test_weights_files_are_refused_clearly_and_never_executed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = tmp_path / "code.pt"
+    torch.save({"model": _RunsCode()}, code)
+    good = tmp_path / "good.pt"
+    torch.save({"model": {"w": torch.zeros(3)}}, good)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[:200])
+    common = ["trainer=debug", "model=fcn", "head.channels=8", "dataset.image_size=32"]
+    for option in ("resume", "model.checkpoint", "backbone.checkpoint"):
+        cases = [(code, "holds Python objects or code"), (cut, "damaged or incomplete")]
+        if option != "resume":  # resume=<folder> means a run folder, looked into for its last.pt
+            cases.append((tmp_path, "is a folder"))
+        for path, expected in cases:
+            with pytest.raises(ConfigError, match=expected):
+                run_training(compose_config(*common, f"{option}={path}"), tmp_path / "run")
+    # Through train.py (and Hydra's instantiation wrapper): one line, no traceback.
+    out = train_py(*common, f"backbone.checkpoint={code}", f"hydra.run.dir={tmp_path / 'run'}",
+                   cwd=tmp_path)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("segexp: error: backbone.checkpoint")
+    assert not (tmp_path / "SEGEXP_PWNED").exists()

@@ -21,7 +21,7 @@ table has ``(img_size / 16) ** 2`` rows: 512 -> 1024) and ``head.num_queries`` i
 
 Dropped: ``criterion.empty_weight`` (a loss setting) and ``attn_mask_probs`` (the annealing state:
 0 in a trained model, which segexp's evaluation assumes; a file where it is not 0 is reported).
-Every module computes the same function (tests/test_eomt.py: class and mask logits and the
+Every module computes the same function (tests/models/test_eomt.py: class and mask logits and the
 semantic map within 1e-4 in evaluation, and in training with every attention mask applied).
 """
 

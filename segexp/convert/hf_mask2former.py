@@ -25,7 +25,7 @@ backbone keys are mapped by :mod:`segexp.convert.hf_backbones` (shared with Mask
 Dropped: the Swin model's final ``layernorm`` (the backbone returns the ``hidden_states_norms``
 maps, not it), relative position index buffers, and the loss's ``criterion.empty_weight``.
 
-Same function (tests/test_mask2former.py: class logits, mask logits and semantic scores within
+Same function (tests/models/test_mask2former.py: class logits, mask logits and semantic scores within
 1e-4): both Swins partition every stage into whole windows (transformers' backbone runs with
 ``always_partition=True``, segexp's config with timm's ``always_partition``), LayerNorm eps 1e-5,
 the same multi-scale deformable attention and masked attention.

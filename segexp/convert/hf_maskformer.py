@@ -29,7 +29,7 @@ transformers' ResNet (``backbone=resnet50`` / ``resnet101``). The backbone keys 
 Dropped: the Swin model's final ``layernorm`` (the backbone returns the ``hidden_states_norms``
 maps, not it), relative position index buffers, and the loss's ``criterion.empty_weight``.
 
-Same function (tests/test_maskformer_convert.py: class logits, mask logits and semantic scores
+Same function (tests/convert/test_maskformer_convert.py: class logits, mask logits and semantic scores
 within 1e-4): both Swins pad each map to whole windows before the cyclic shift and keep the window
 size and shift in every stage, LayerNorm eps 1e-5; the same FPN (GroupNorm(32), nearest
 upsampling), DETR decoder (post-norm, sine position embedding normalised to ``(0, 2 pi]`` on the

@@ -21,7 +21,7 @@ Source: the state dict of ``UperNetForSemanticSegmentation`` with a ``ConvNextBa
     auxiliary_head.{convs.i,conv_cat}.{conv,batch_norm}   -> aux_head.{convs.i,conv_cat}.{0,1}
     auxiliary_head.classifier                             -> aux_head.classifier.1
 
-Every module computes the same function (checked in tests/test_hf_upernet.py: logits within 1e-4):
+Every module computes the same function (checked in tests/convert/test_hf_upernet.py: logits within 1e-4):
 LayerNorm eps 1e-6 everywhere in the backbone, exact GELU, bias-free convs before BatchNorm,
 bilinear resizing with ``align_corners=False`` (segexp's ``model.align_corners`` / the head's
 ``align_corners`` default). transformers' heads have no dropout; segexp's dropout is inactive in

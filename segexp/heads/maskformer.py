@@ -13,7 +13,7 @@ Need for Semantic Segmentation"), following the reference implementation and tra
   supervision (``aux``, 5 with the default 6 layers).
 
 Parameter names follow transformers' where the structure allows (``segexp.convert.hf_maskformer``
-maps the rest); converted weights give transformers' logits (tests/test_maskformer_convert.py).
+maps the rest); converted weights give transformers' logits (tests/convert/test_maskformer_convert.py).
 The deep-supervision outputs follow the reference (normalised copies of each layer's output), not
 transformers' ``use_auxiliary_loss`` ones (un-normalised, the zero initial queries included).
 """

@@ -1,0 +1,173 @@
+"""A training budget in wall-clock time (trainer.max_time): parsing, the iteration count that fills
+it, the schedule reaching its floor, exact repetition with the recorded count, resume, DDP."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from segexp.engine import budget
+from segexp.engine import trainer as trainer_module
+from segexp.engine.experiment import run_training
+from segexp.errors import ConfigError
+from segexp.weights_io import read_weights_file
+from tests.conftest import ROOT, compose_config, free_port, last_weights, launcher_free_env, tiny_config
+
+TIMED = ["trainer.max_time=4s", "trainer.log_interval=5", "trainer.measure_speed=false"]
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("20m", 1200), ("90s", 90), ("2h", 7200), ("1d2h", 93600), ("1h30m", 5400), ("45", 45),
+    (30, 30), (2.5, 2.5), ("00:20:00", 1200), ("1:00:00:00", 86400), ("20min", 1200),
+    ("0.5m", 30)])
+def test_durations_parse(text, seconds):
+    assert budget.parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["20 minutes", "abc", "-5m", "0", "m", "5x"])
+def test_bad_durations_name_the_option(text):
+    with pytest.raises(ConfigError, match="trainer.max_time"):
+        budget.parse_duration(text)
+
+
+def test_iteration_count_fills_the_budget_with_its_validations():
+    # 100 s at 1 s per iteration, a 5 s validation every 10 iterations and at the end:
+    # 66 iterations + 7 validations = 101 s is too much, 66 + ... -> the largest that fits.
+    n = budget.fit_iterations(100.0, 1.0, 5.0, val_every=10)
+    assert n + 5 * budget.validations_in(n, 10) <= 100
+    assert (n + 1) + 5 * budget.validations_in(n + 1, 10) > 100
+    assert budget.fit_iterations(100.0, 1.0, 5.0, val_every=10, cap=20) == 20
+    assert budget.fit_iterations(1.0, 5.0, 5.0, val_every=10) == 1  # never zero
+    # val_interval=null: a fixed number of validations spread over the run.
+    n = budget.fit_iterations(100.0, 1.0, 5.0, val_every=None)
+    assert n == 100 - 5 * budget.VALIDATIONS_PER_RUN
+    assert budget.validation_every(None, n) * (budget.VALIDATIONS_PER_RUN - 1) < n
+    # ... as many as fit in 5 % of the budget: here 1 (the final validation) of 5 s each.
+    assert budget.fit_iterations(100.0, 1.0, 5.0, val_every=None, count=1) == 95
+    assert budget.validations_in(95, None, count=1) == 1
+
+
+@pytest.mark.parametrize("budget_s, val_s, count", [
+    (1200, 71, 1),     # 20 minutes, a slow validation: only the final one (60 s of room)
+    (1200, 25, 2),     # 60 s of room: two of 25 s
+    (7200, 30, 4),     # 2 hours: all four (360 s of room), never more
+    (60, 100, 1),      # a validation longer than the budget: the final one still happens
+    (600, 0.0, 4),     # nothing measured (no validation batches): the usual four
+])
+def test_validations_take_at_most_a_twentieth_of_a_budget(budget_s, val_s, count):
+    assert budget.validations_for_budget(budget_s, val_s) == count
+
+
+def _summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_timed_run_records_its_count_and_ends_at_the_schedule_floor(tmp_path):
+    timed = tmp_path / "timed"
+    run_training(tiny_config(*TIMED), timed)
+    summary = _summary(timed)
+    n = summary["planned_iters"]
+    assert summary["status"] == "completed" and summary["iters"] == n >= 1
+    assert summary["images_seen"] == 2 * n  # batch 2
+    assert summary["budget"]["seconds"] == 4 and summary["budget"]["calibration_s"] > 0
+    assert summary["budget"]["used_s"] >= summary["budget"]["calibration_s"]
+    assert summary["val_time_s"] > 0
+    lines = [json.loads(line) for line in (timed / "metrics.jsonl").read_text().splitlines()]
+    lrs = [line["train/lr"] for line in lines if "train/lr" in line]
+    # poly down to its floor (min_lr_ratio of the lr) exactly at the last iteration
+    cfg = tiny_config(*TIMED)
+    assert lrs[-1] == pytest.approx(cfg.optimizer.lr * cfg.scheduler.min_lr_ratio)
+    assert lines[-1]["step"] == n
+
+    # The recorded count repeats the run exactly: calibration left no trace.
+    repeat = tmp_path / "repeat"
+    run_training(tiny_config(*TIMED, "trainer.max_time=null", f"trainer.max_iters={n}"), repeat)
+    a, b = last_weights(timed), last_weights(repeat)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert _summary(repeat)["final"]["mIoU"] == pytest.approx(summary["final"]["mIoU"], abs=1e-3)
+
+
+def test_resumed_timed_run_keeps_its_count_and_the_time_spent(tmp_path, monkeypatch):
+    # A cap keeps the count small and known; the budget still plans and is charged.
+    overrides = [*TIMED, "trainer.max_time=60s", "trainer.max_iters=6", "trainer.val_interval=2"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    run_training(tiny_config(*overrides), straight)
+    assert _summary(straight)["planned_iters"] == 6
+
+    real_step = trainer_module.optimizer_step
+
+    def crashing_step(run):  # calibration steps run at iteration 0; crash in iteration 6,
+        if run.state.iter == 5:  # after iteration 5 was logged but not checkpointed
+            raise KeyboardInterrupt("simulated crash")
+        real_step(run)
+
+    monkeypatch.setattr(trainer_module, "optimizer_step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(tiny_config(*overrides), broken)
+    saved = read_weights_file(broken / "checkpoints" / "last.pt")["state"]
+    assert saved["iter"] == 4 and saved["total_iters"] == 6 and saved["budget_used_s"] > 0
+    monkeypatch.setattr(trainer_module, "optimizer_step", real_step)
+
+    run_training(tiny_config(*overrides, "resume=true"), broken)
+    steps = [json.loads(line)["step"] for line in (broken / "metrics.jsonl").read_text().splitlines()
+             if "train/loss" in line]
+    assert steps == sorted(set(steps)) and 5 in steps  # iteration 5 logged once, not twice
+    summary = _summary(broken)
+    assert summary["iters"] == summary["planned_iters"] == 6
+    assert summary["budget"]["used_s"] > saved["budget_used_s"]  # the first part still counts
+    a, b = last_weights(straight), last_weights(broken)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_an_overrun_budget_stops_training_and_says_so(tmp_path, monkeypatch):
+    # The machine "slows down" after calibration: every step then takes longer than planned.
+    real_step = trainer_module.optimizer_step
+
+    def slow_step(run):
+        real_step(run)
+        if run.state.iter > 0:
+            run.state.budget_used_s += 10.0
+
+    monkeypatch.setattr(trainer_module, "optimizer_step", slow_step)
+    run_dir = tmp_path / "run"
+    run_training(tiny_config(*TIMED, "trainer.max_time=30s", "trainer.log_interval=1"), run_dir)
+    summary = _summary(run_dir)
+    assert summary["status"] == "time_limit"
+    assert summary["iters"] < summary["planned_iters"]
+    assert summary["final"]["mIoU"] is not None  # the final validation still happened
+
+
+def test_time_budget_and_iteration_limit_whichever_comes_first(tmp_path):
+    cfg = compose_config("trainer.max_time=20m")
+    assert cfg.trainer.max_iters is None and cfg.trainer.val_interval is None
+    cfg = compose_config("trainer.max_time=20m", "trainer.max_iters=3")
+    assert cfg.trainer.max_iters == 3
+    assert compose_config().trainer.max_iters == 400  # untimed default
+    run_training(tiny_config("trainer.max_time=10m", "trainer.max_iters=3",
+                             "trainer.measure_speed=false"), tmp_path)
+    assert _summary(tmp_path)["iters"] == 3
+
+
+def test_no_limit_at_all_says_how_to_set_one(tmp_path):
+    with pytest.raises(ConfigError, match="trainer.max_time"):
+        run_training(tiny_config("trainer.max_iters=null"), tmp_path)
+
+
+def test_distributed_ranks_stop_at_rank_0s_count(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+         str(free_port()), str(ROOT / "train.py"), "trainer=debug", "dataset.image_size=32",
+         "trainer.max_iters=null", "trainer.max_time=6s", "trainer.batch_size=1",
+         "trainer.measure_speed=false", f"hydra.run.dir={tmp_path}"],
+        cwd=tmp_path, env=launcher_free_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]  # a disagreement would hang DDP, not pass
+    summary = _summary(tmp_path)
+    assert summary["world_size"] == 2 and summary["iters"] == summary["planned_iters"] >= 1
+    assert read_weights_file(tmp_path / "checkpoints" / "last.pt")["state"]["iter"] == summary["iters"]

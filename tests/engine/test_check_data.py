@@ -1,0 +1,98 @@
+"""The data checks run_training makes before the first step (segexp.engine.experiment.check_data):
+results that would look right but be computed on wrong data are refused before training, as every
+training mask is scanned (not the first few); files that cannot be read stop the run, or are left
+out with a count under skip_bad_files=true."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from segexp.engine.experiment import run_training
+from segexp.errors import DataError
+from tests.conftest import compose_config
+
+FOLDER = ["dataset=folder", "dataset.class_names=[bg,fg]", "dataset.crop_size=[32,32]",
+          "dataset.val_fraction=0.2", "trainer=debug", "model=fcn", "head.channels=8",
+          "trainer.measure_speed=false"]
+
+
+def _layout(root, masks: list[np.ndarray]) -> None:
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for i, mask in enumerate(masks):
+        cv2.imwrite(str(root / "images" / f"{i:03d}.png"), rng.integers(0, 255, (32, 32, 3), np.uint8))
+        cv2.imwrite(str(root / "masks" / f"{i:03d}.png"), mask.astype(np.uint8))
+
+
+def _binary(value: int) -> np.ndarray:
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = value
+    return mask
+
+
+def test_binary_0_255_masks_after_many_empty_ones_are_refused_before_training(tmp_path):
+    # Defect data: the first 12 masks show no defect at all; later ones mark it with 255.
+    _layout(tmp_path / "data", [np.zeros((32, 32), np.uint8)] * 12 + [_binary(255)] * 6)
+    with pytest.raises(DataError, match=r"only the values 0 and 255") as info:
+        run_training(compose_config(*FOLDER, f"dataset.root={tmp_path / 'data'}"), tmp_path / "run")
+    assert "mask_map='{255: 1}'" in str(info.value) and ".png" in str(info.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any training step
+    # The fix the message gives trains, and the foreground class is then seen.
+    run_training(compose_config(*FOLDER, f"dataset.root={tmp_path / 'data'}",
+                                "dataset.mask_map={255:1}"), tmp_path / "fixed")
+    assert json.loads((tmp_path / "fixed" / "metrics.json").read_text())["status"] == "completed"
+
+
+def test_out_of_range_values_anywhere_stop_before_training(tmp_path):
+    # The first masks are fine (a check of the first few would pass); later ones hold a 7.
+    _layout(tmp_path / "data", [_binary(1)] * 10 + [_binary(7)] * 5)
+    with pytest.raises(DataError, match=r"values outside the 2 classes.*7 \(") as info:
+        run_training(compose_config(*FOLDER, f"dataset.root={tmp_path / 'data'}"), tmp_path / "run")
+    assert "first in" in str(info.value) and ".png" in str(info.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def _truncate_jpeg(path, keep: float = 0.6) -> None:
+    data = cv2.imencode(".jpg", np.random.default_rng(1).integers(0, 255, (32, 32, 3), np.uint8))[1]
+    path.write_bytes(data.tobytes()[: int(len(data) * keep)])
+
+
+def test_unreadable_files_stop_before_training_or_are_skipped_with_a_count(tmp_path, caplog):
+    root = tmp_path / "data"
+    _layout(root, [_binary(1)] * 20)
+    # Two training images and one validation image cut short (val_fraction picks 4 of 20).
+    for i in range(20):
+        (root / "images" / f"{i:03d}.png").rename(root / "images" / f"{i:03d}.jpg")
+    for i in range(20):
+        _truncate_jpeg(root / "images" / f"{i:03d}.jpg", keep=1.0)
+    cfg = compose_config(*FOLDER, f"dataset.root={root}", "dataset.img_suffix=.jpg")
+    from segexp.engine.experiment import build_datasets
+    train_set, val_set = build_datasets(cfg)
+    bad = [train_set.samples[3][0], train_set.samples[9][0], val_set.samples[1][0]]
+    for path in bad:
+        _truncate_jpeg(path)
+    with pytest.raises(DataError, match=r"is truncated") as info:
+        run_training(compose_config(*FOLDER, f"dataset.root={root}", "dataset.img_suffix=.jpg"),
+                     tmp_path / "run")
+    assert bad[0].name in str(info.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any training step
+
+    caplog.set_level("WARNING")
+    run_training(compose_config(*FOLDER, f"dataset.root={root}", "dataset.img_suffix=.jpg",
+                                "skip_bad_files=true"), tmp_path / "skipped")
+    metrics = json.loads((tmp_path / "skipped" / "metrics.json").read_text())
+    assert metrics["status"] == "completed"
+    log = caplog.text
+    assert f"2 of the {len(train_set)} train samples cannot be read" in log
+    assert f"1 of the {len(val_set)} val samples cannot be read" in log
+    assert bad[0].name in log and bad[1].name in log and bad[2].name in log
+    # Resuming the same run folder leaves the same files out (the cached scan says which).
+    caplog.clear()
+    run_training(compose_config(*FOLDER, f"dataset.root={root}", "dataset.img_suffix=.jpg",
+                                "skip_bad_files=true", "resume=true"), tmp_path / "skipped")
+    assert f"2 of the {len(train_set)} train samples cannot be read" in caplog.text
