@@ -28,9 +28,10 @@ ALL_MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))  # every mo
 
 
 def load_script(name: str):
-    """``scripts/<name>.py`` as a module, run in this process (its ``main(argv)`` is the command
-    line); loaded from its file, as scripts are not a package."""
-    spec = importlib.util.spec_from_file_location(f"segexp_script_{name}", ROOT / "scripts" / f"{name}.py")
+    """``scripts/<name>.py`` (``name`` may be ``bench/learning``) as a module, run in this process
+    (its ``main(argv)`` is the command line); loaded from its file, as scripts are not a package."""
+    module_name = "segexp_script_" + name.replace("/", "_")
+    spec = importlib.util.spec_from_file_location(module_name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while it loads
     spec.loader.exec_module(module)

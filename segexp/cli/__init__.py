@@ -85,7 +85,7 @@ def command(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | N
 
 
 def run_prepare(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
-    """A ``scripts/prepare_<dataset>.py`` command: as :func:`run_command`, and Ctrl-C says that a
+    """A ``scripts/prepare/<dataset>.py`` command: as :func:`run_command`, and Ctrl-C says that a
     re-run resumes (each finished step is skipped)."""
     return run_command(main, argv, interrupted="run the same command again to resume "
                                                "(finished steps are skipped).")

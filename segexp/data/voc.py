@@ -1,5 +1,5 @@
 """PASCAL VOC 2012 segmentation (Everingham et al., IJCV 2010) in its VOCdevkit layout, with the
-SBD-augmented ``train_aug`` split (Hariharan et al., ICCV 2011) that ``scripts/prepare_voc.py``
+SBD-augmented ``train_aug`` split (Hariharan et al., ICCV 2011) that ``scripts/prepare/voc.py``
 builds."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from segexp.errors import ConfigError, DataError
 URL = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"
 SBD_URL = ("http://www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/"
            "benchmark.tgz")
-PREPARE = "python scripts/prepare_voc.py --src <download folder>"
+PREPARE = "python scripts/prepare/voc.py --src <download folder>"
 SPLITS = ("train", "val", "trainval", "train_aug")
 TRAIN_SPLITS = ("train", "trainval", "train_aug")
 AUG_SPLIT = "train_aug"
@@ -68,7 +68,7 @@ class VOCDataset(SegmentationDataset):
 
     Split ``train_aug`` is the usual 10,582-image training set: (SBD train + SBD val + VOC train)
     minus VOC val, listed in ``ImageSets/Segmentation/train_aug.txt`` with labels in
-    ``SegmentationClassAug/<id>.png``; ``scripts/prepare_voc.py`` writes both from SBD's
+    ``SegmentationClassAug/<id>.png``; ``scripts/prepare/voc.py`` writes both from SBD's
     ``benchmark.tgz``. ``train_split`` picks the list that ``split="train"`` reads (the trainer
     asks for ``train`` and ``val``): ``train`` (default), ``trainval`` or ``train_aug``.
     """

@@ -547,6 +547,7 @@ def run_training(cfg: DictConfig, run_dir: Path, launch: Launch | None = None) -
     if checkpoint_path is not None and run.dist.is_main:
         forget_logged_after(run_dir / "metrics.jsonl", run.state.iter)
     info = run_info(cfg, run_dir, launch)
+    info.resumed_from_iter = run.state.iter if checkpoint_path is not None else None
     weights = pretrained_record(run.model)
     info.config.update(params=count_params(run.model), **weights)
     info.tags.append(f"pretrained:{weights['pretrained']}")

@@ -24,6 +24,9 @@ class RunInfo:
     group: str | None = None
     tags: list[str] = field(default_factory=list)
     job_num: int | None = None
+    # A resumed run: the iteration of its checkpoint. The steps after it are trained, and
+    # logged, again; a logger continues the earlier session's record and drops or hides those.
+    resumed_from_iter: int | None = None
 
 
 @dataclass

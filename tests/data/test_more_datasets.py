@@ -500,7 +500,7 @@ def test_folder_colour_mask_configuration_errors(tmp_path):
 
 # -- prepare scripts ---------------------------------------------------------------------------
 def test_prepare_stanford2d3ds_extracts_and_verifies(tmp_path, capsys):
-    script = load_script("prepare_stanford2d3ds")
+    script = load_script("prepare/stanford2d3ds")
     staging, src, dst = tmp_path / "staging", tmp_path / "src", tmp_path / "data" / "s3d"
     write_2d3ds(staging, {"area_1": 2, "area_5a": 1}, labels=False, past_end=False)
     src.mkdir()
@@ -526,7 +526,7 @@ def test_prepare_stanford2d3ds_extracts_and_verifies(tmp_path, capsys):
 
 
 def test_prepare_dis5k_unzips_and_verifies(tmp_path, capsys):
-    script = load_script("prepare_dis5k")
+    script = load_script("prepare/dis5k")
     staging, src, dst = tmp_path / "staging", tmp_path / "src", tmp_path / "data" / "DIS5K"
     write_dis5k(staging / "DIS5K", shape=(96, 128))
     src.mkdir()

@@ -1,4 +1,4 @@
-"""segexp.data.prepare, what every scripts/prepare_*.py shares: downloads that restart a partial
+"""segexp.data.prepare, what every scripts/prepare/*.py shares: downloads that restart a partial
 file, value lists in words, and a failure on the command line as one message."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from tests.data.conftest import file_url
 
 
 def test_download_resumes_or_restarts_a_partial_file(tmp_path):
-    load_script("prepare_ade20k")
+    load_script("prepare/ade20k")
     common = prepare
     source = tmp_path / "source.bin"
     source.write_bytes(bytes(range(256)) * 100)
@@ -35,7 +35,7 @@ def test_download_resumes_or_restarts_a_partial_file(tmp_path):
 
 def test_prepare_script_cli_failure_is_one_message(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SEGEXP_DATA": str(tmp_path / "data")}
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "prepare_ade20k.py"), "--src",
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "prepare" / "ade20k.py"), "--src",
                              str(tmp_path / "downloads"), "--no-download"], capture_output=True,
                             text=True, env=env, cwd=tmp_path, timeout=120)
     assert result.returncode == 1

@@ -1,5 +1,5 @@
 """PASCAL VOC 2012 (+ SBD train_aug): the loader on the real samples in ../shared/datasets/samples
-(skipped without them) and on fixtures written in the original layout; scripts/prepare_voc.py
+(skipped without them) and on fixtures written in the original layout; scripts/prepare/voc.py
 (extraction, the train_aug rule, SBD conversion, checks, idempotence) on local fixtures; a
 trainer=debug run on the voc and voc_aug configs."""
 
@@ -160,7 +160,7 @@ def test_voc_train_aug_without_prepare_says_how(tmp_path):
         VOCDataset(root=root, train_split="train_aug")
     message = str(info.value)
     assert str(root / "SegmentationClassAug") in message and "train_aug.txt" in message
-    assert "scripts/prepare_voc.py" in message and "benchmark.tgz" in message
+    assert "scripts/prepare/voc.py" in message and "benchmark.tgz" in message
     assert len(VOCDataset(split="val", root=root, train_split="train_aug")) == 1
 
 
@@ -191,9 +191,9 @@ def test_voc_wrong_root_and_missing_files(tmp_path):
         VOCDataset(split="val", root=root)
 
 
-# -- scripts/prepare_voc.py -------------------------------------------------------------------
+# -- scripts/prepare/voc.py -------------------------------------------------------------------
 def test_train_aug_rule():
-    prepare_voc = load_script("prepare_voc")
+    prepare_voc = load_script("prepare/voc")
     ids = prepare_voc.train_aug_ids(sbd_train=["a", "b", "v1"], sbd_val=["c", "b"],
                                     voc_train=["d", "a"], voc_val=["v1", "v2"])
     assert ids == ["a", "b", "c", "d"]  # union, deduplicated, VOC val removed, sorted
@@ -201,7 +201,7 @@ def test_train_aug_rule():
 
 
 def test_sbd_reader_without_scipy_says_how(monkeypatch, tmp_path):
-    prepare_voc = load_script("prepare_voc")
+    prepare_voc = load_script("prepare/voc")
     monkeypatch.setitem(sys.modules, "scipy", None)
     monkeypatch.setitem(sys.modules, "scipy.io", None)
     with pytest.raises(PrepareError, match="pip install scipy"):
@@ -233,7 +233,7 @@ def make_voc_archives(build: Path, out: Path) -> tuple[dict, dict]:
 def test_prepare_voc_builds_train_aug_and_is_idempotent(tmp_path, capsys):
     src, dst = tmp_path / "downloads", tmp_path / "voc"
     labels, segmentations = make_voc_archives(tmp_path / "build", src)
-    prepare_voc = load_script("prepare_voc")
+    prepare_voc = load_script("prepare/voc")
     assert prepare_voc.main(["--src", str(src), "--dst", str(dst), "--no-download"]) == 0
     out = capsys.readouterr().out
     root = dst / "VOCdevkit" / "VOC2012"
@@ -277,7 +277,7 @@ def test_prepare_voc_builds_train_aug_and_is_idempotent(tmp_path, capsys):
 def test_prepare_voc_downloads_and_refuses_bad_labels(tmp_path, capsys, monkeypatch):
     mirror = tmp_path / "mirror"
     make_voc_archives(tmp_path / "build", mirror)
-    prepare_voc = load_script("prepare_voc")
+    prepare_voc = load_script("prepare/voc")
     src, dst = tmp_path / "downloads", tmp_path / "voc"
     with pytest.raises(PrepareError) as info:
         prepare_voc.main(["--src", str(src), "--dst", str(dst), "--no-download"])
@@ -303,7 +303,7 @@ def test_prepare_voc_in_place_on_extracted_folders(tmp_path, capsys, monkeypatch
     write_voc(tmp_path / "src", VOC_SPLITS)
     write_sbd(tmp_path / "src", SBD_TRAIN, SBD_VAL)
     monkeypatch.setenv("SEGEXP_DATA", str(tmp_path / "data"))
-    prepare_voc = load_script("prepare_voc")
+    prepare_voc = load_script("prepare/voc")
     argv = ["--src", str(tmp_path / "src"), "--no-download"]
     assert prepare_voc.main(argv) == 0
     root = tmp_path / "src" / "VOCdevkit" / "VOC2012"
@@ -320,7 +320,7 @@ def test_prepare_voc_in_place_on_extracted_folders(tmp_path, capsys, monkeypatch
 
 # -- a debug training run on each VOC config --------------------------------------------------
 def write_voc_aug(root: Path) -> Path:
-    """A prepared tree (what prepare_voc.py leaves): SegmentationClassAug + train_aug.txt."""
+    """A prepared tree (what scripts/prepare/voc.py leaves): SegmentationClassAug + train_aug.txt."""
     labels = write_voc(root, {"train": ["2007_000001"], "val": ["2007_000002"]}, shape=(20, 24))
     voc = root / "VOCdevkit" / "VOC2012"
     for k, image_id in enumerate(["2007_000001", "2008_000003", "2008_000004"]):

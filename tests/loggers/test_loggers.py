@@ -177,3 +177,39 @@ def test_mlflow_run_ends_as_the_run_did(tmp_path, monkeypatch, mlflow_store, err
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [1]
     assert np.isfinite(events.Scalars("train/loss")[0].value)
+
+
+def test_a_resumed_run_continues_its_mlflow_run_and_tensorboard_hides_the_repeated_steps(
+        tmp_path, monkeypatch, mlflow_store):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    overrides = ["trainer.val_interval=2", "trainer.log_interval=1", "trainer.device=cpu",
+                 "trainer.measure_speed=false", "logger=[mlflow,tensorboard]",
+                 f"logger.mlflow.tracking_uri={mlflow_store}"]
+    # Crash in iteration 4: iteration 3 was logged, but last.pt holds iteration 2.
+    real_step = trainer_module.optimizer_step
+
+    def crashing_step(run):
+        if run.state.iter == 3:
+            raise KeyboardInterrupt("simulated crash")
+        real_step(run)
+
+    monkeypatch.setattr(trainer_module, "optimizer_step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(tiny_config(*overrides, "trainer.max_iters=4"), tmp_path)
+    monkeypatch.setattr(trainer_module, "optimizer_step", real_step)
+    first = json.loads((tmp_path / "mlflow_run.json").read_text())["run_id"]
+    run_training(tiny_config(*overrides, "resume=true", "trainer.max_iters=5"), tmp_path)
+
+    client, run = mlflow_run(mlflow_store, tmp_path)  # one MLflow run for the run folder
+    assert run.info.run_id == first and run.info.status == "FINISHED"
+    assert run.data.tags["resumed_from_iter"] == "2" and run.data.tags["status"] == "completed"
+    assert run.data.params["trainer.max_iters"] == "4"  # MLflow keeps a param's first value
+    assert run.data.tags["resumed_with.trainer.max_iters"] == "5"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert sorted(set(steps)) == [1, 2, 3, 4, 5] and steps.count(3) == 2  # 3 was trained twice
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    # TensorBoard shows each step once: the crashed session's step 3 is purged.
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5]
+    assert [e.step for e in events.Scalars("val/mIoU")] == [2, 4, 5]

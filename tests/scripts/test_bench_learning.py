@@ -1,4 +1,4 @@
-"""scripts/bench_learning.py: the plain loop's data and the shared full-resolution evaluation (the
+"""scripts/bench/learning.py: the plain loop's data and the shared full-resolution evaluation (the
 learning figures themselves are recorded by running the script, never asserted in a test)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from tests.conftest import load_script
 
 @pytest.fixture(scope="module")
 def bench():
-    return load_script("bench_learning")
+    return load_script("bench/learning")
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""scripts/bench_peers.py: the pairs, the CSV/JSON columns, ratios = segexp / peer of the recorded
+"""scripts/bench/peers.py: the pairs, the CSV/JSON columns, ratios = segexp / peer of the recorded
 times, a missing peer package reported as a skipped row; no timed assertions (figures are data)."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ TIMES = ["segexp_train_ms", "peer_train_ms", "segexp_latency_ms", "peer_latency_
 
 @pytest.fixture(scope="module")
 def bench():
-    return load_script("bench_peers")
+    return load_script("bench/peers")
 
 
 def test_three_pairs_write_csv_and_json_with_ratios_of_the_recorded_times(bench, tmp_path, capsys):
@@ -56,7 +56,7 @@ def test_three_pairs_write_csv_and_json_with_ratios_of_the_recorded_times(bench,
 
     data = json.loads(out.with_suffix(".json").read_text())
     meta = data["meta"]
-    assert meta["command"].startswith("python scripts/bench_peers.py --pairs segformer_b0,fcn_r50")
+    assert meta["command"].startswith("python scripts/bench/peers.py --pairs segformer_b0,fcn_r50")
     assert meta["device"] == "cpu" and meta["device_name"]
     assert set(meta["versions"]) >= {"torch", "torchvision", "transformers", "segmentation_models_pytorch"}
     assert [r["pair"] for r in data["rows"]] == [r["pair"] for r in returned] == [r["pair"] for r in rows]
@@ -123,4 +123,4 @@ def test_bad_options_are_clear_errors(bench, capsys, argv, message):
         bench.main(argv)
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert "bench_peers: error: " in err and message in err
+    assert "bench/peers.py: error: " in err and message in err

@@ -1,4 +1,4 @@
-"""scripts/bench_pipeline.py: loader vs model vs end-to-end throughput and FLOP accounting
+"""scripts/bench/pipeline.py: loader vs model vs end-to-end throughput and FLOP accounting
 (the figures are recorded, never asserted as timings)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from segexp.models import build_model
 from segexp.profiling import count_gflops
 from tests.conftest import load_script
 
-bench_pipeline = load_script("bench_pipeline")
+bench_pipeline = load_script("bench/pipeline")
 
 TINY = ["model=fcn", "head.channels=16", "head.dropout=0", "dataset.image_size=32",
         "dataset.train_length=4", "trainer.batch_size=2", "trainer.num_workers=0"]
@@ -27,7 +27,7 @@ def test_pipeline_benchmark_columns_and_flop_accounting(tmp_path):
     (written,) = list(csv.DictReader(open(out)))
     assert list(written) == bench_pipeline.COLUMNS
     meta = json.loads(out.with_suffix(".json").read_text())["meta"]
-    assert meta["command"].startswith("python scripts/bench_pipeline.py model=fcn")
+    assert meta["command"].startswith("python scripts/bench/pipeline.py model=fcn")
     for key in ("loader_img_s", "model_img_s", "end_to_end_img_s"):
         assert row[key] > 0
     assert row["loader_bound"] == (row["end_to_end_img_s"] < 0.9 * row["model_img_s"])

@@ -35,7 +35,7 @@ def stats_script():
 
 @pytest.fixture(scope="module")
 def bench():
-    return load_script("benchmark_data")
+    return load_script("bench/data_loading")
 
 
 def read_png(path: Path) -> np.ndarray:
@@ -192,7 +192,7 @@ def test_benchmark_data_writes_table(bench, tmp_path):
     assert "## synthetic: train split, training transforms" in text
     assert "3 image(s) in the split, cycled 2.0 times" in text
     assert f"torch {torch.__version__}" in text
-    assert "python scripts/benchmark_data.py dataset=synthetic dataset.train_length=3" in text
+    assert "python scripts/bench/data_loading.py dataset=synthetic dataset.train_length=3" in text
     rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [row.split("|")[1].strip() for row in rows] == ["0", "1"]
     assert float(rows[0].split("|")[2]) == pytest.approx(results[0]["images_per_s"], abs=0.06)

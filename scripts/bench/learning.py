@@ -1,8 +1,8 @@
 """segexp's defaults against a plain PyTorch loop, at equal wall-clock time on equal CPU.
 
-    python scripts/bench_learning.py --root ../shared/datasets/stanford_background/iccv09Data --minutes 20
-    python scripts/bench_learning.py --root ... --minutes 5 --segexp-args loss=ohem   # a variant
-    python scripts/bench_learning.py --root ... --sides loop --minutes 5             # one side only
+    python scripts/bench/learning.py --root ../shared/datasets/stanford_background/iccv09Data --minutes 20
+    python scripts/bench/learning.py --root ... --minutes 5 --segexp-args loss=ohem   # a variant
+    python scripts/bench/learning.py --root ... --sides loop --minutes 5             # one side only
 
 Two processes train side by side, each pinned to its own CPU core (``taskset``, one thread), for
 the same number of minutes, from scratch (``--pretrained`` gives both sides ImageNet encoders where
@@ -46,7 +46,7 @@ from segexp.inference import Segmenter
 from segexp.metrics import ConfusionMatrix, format_table
 from segexp.profiling import cpu_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)

@@ -1,6 +1,6 @@
 """Prepare PASCAL VOC 2012 and its SBD-augmented train_aug split (10,582 images) for dataset=voc_aug.
 
-    python scripts/prepare_voc.py --src ~/downloads [--dst data/voc] [--force] [--no-download]
+    python scripts/prepare/voc.py --src ~/downloads [--dst data/voc] [--force] [--no-download]
 
 1. VOC2012: uses an extracted <dst>/VOCdevkit/VOC2012 (or <src>/VOCdevkit/VOC2012, prepared in
    place); otherwise extracts <src>/VOCtrainval_11-May-2012.tar into <dst>, downloading it first

@@ -1,6 +1,6 @@
 """Prepare Cityscapes (fine annotations): unpack the two zips and write *_gtFine_labelTrainIds.png.
 
-    python scripts/prepare_cityscapes.py --src ~/downloads [--dst data/cityscapes] [--force]
+    python scripts/prepare/cityscapes.py --src ~/downloads [--dst data/cityscapes] [--force]
 
 Cityscapes needs a (free) login, so this script cannot download it. The manual step: log in at
 https://www.cityscapes-dataset.com/downloads/, download gtFine_trainvaltest.zip (241 MB) and

@@ -1,10 +1,10 @@
 """Data-pipeline throughput (images/s) of the training transforms, per DataLoader worker count.
 
-    python scripts/benchmark_data.py                                   # synthetic
-    python scripts/benchmark_data.py dataset=stanford_background
-    python scripts/benchmark_data.py dataset=cityscapes dataset.root=/data/cityscapes
-    python scripts/benchmark_data.py dataset=ade20k dataset.root=/data/ade20k/ADEChallengeData2016
-    python scripts/benchmark_data.py dataset=cityscapes dataset.root=SAMPLES --split val --workers 0,2
+    python scripts/bench/data_loading.py                                   # synthetic
+    python scripts/bench/data_loading.py dataset=stanford_background
+    python scripts/bench/data_loading.py dataset=cityscapes dataset.root=/data/cityscapes
+    python scripts/bench/data_loading.py dataset=ade20k dataset.root=/data/ade20k/ADEChallengeData2016
+    python scripts/bench/data_loading.py dataset=cityscapes dataset.root=SAMPLES --split val --workers 0,2
 
 Takes the same overrides as train.py, builds the ``--split`` split (default train) with the
 *training* transforms (so a val-only sample folder can still measure the training pipeline), and
@@ -35,14 +35,14 @@ from segexp.config import compose_train_config, instantiate
 from segexp.errors import SegexpError
 from segexp.profiling import Cycled, machine_info
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 DEFAULT_OUT = ROOT / "docs" / "data_throughput.md"
 DOC_HEADER = """# Data-pipeline throughput
 
 Images per second that a `DataLoader` over a dataset's split delivers through the **training**
 transforms (`transforms.train`: random rescale, crop, flip, colour jitter, normalise), per number
-of worker processes, measured by `scripts/benchmark_data.py` (which appends one section per run).
+of worker processes, measured by `scripts/bench/data_loading.py` (which appends one section per run).
 Batches of `trainer.batch_size` are timed after a warm-up that includes the workers' start-up;
 splits with fewer images than needed are cycled (each repeat draws its own augmentation).
 Figures depend on the machine and on its load at the time (the 1-minute load average is given).
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         result = measure(dataset, batch_size, workers, args.batches, args.warmup, args.seed)
         print(f"  {workers} worker(s): {result['images_per_s']:.1f} images/s")
         results.append(result)
-    command = "python scripts/benchmark_data.py " + shlex.join(argv)
+    command = "python scripts/bench/data_loading.py " + shlex.join(argv)
     text = report(results, machine_info(), setup, command.strip())
     print()
     print(text)

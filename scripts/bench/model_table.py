@@ -1,7 +1,7 @@
 """Measure parameters and GFLOPs of every default model variant and write docs/models.md.
 
-    python scripts/model_table.py            # all models -> docs/models.md
-    python scripts/model_table.py --print    # print the table only
+    python scripts/bench/model_table.py            # all models -> docs/models.md
+    python scripts/bench/model_table.py --print    # print the table only
 
 Models are built on the meta device (no memory, no weights) and FLOPs counted with
 torch.utils.flop_counter on a 512x512 input (attention through SDPA's math backend so it is
@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from segexp.models.cost import model_cost
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 PUBLISHED = ROOT / "segexp" / "models" / "published.yaml"
 # Every model with its default backbone (and the ADE20K class count), beyond the published ones.
@@ -67,7 +67,7 @@ def markdown(table: list[dict]) -> str:
 
 HEADER = """# Models: parameters and GFLOPs
 
-Measured by `python scripts/model_table.py` (meta device; GFLOPs = multiply-accumulates x 1e-9 at
+Measured by `python scripts/bench/model_table.py` (meta device; GFLOPs = multiply-accumulates x 1e-9 at
 512x512, single scale, 150 classes unless the overrides say otherwise; auxiliary heads included, as
 in the papers' counts). `tests/models/test_published.py` keeps every measured parameter count
 within 2 % of the published figure.

@@ -1,6 +1,6 @@
 """Prepare Stanford 2D-3D-Semantics (2D perspective images) and check the extracted tree.
 
-    python scripts/prepare_stanford2d3ds.py --src ~/downloads [--dst data/stanford2d3ds]
+    python scripts/prepare/stanford2d3ds.py --src ~/downloads [--dst data/stanford2d3ds]
         [--check-per-area 50] [--force] [--no-download]
 
 The dataset sits behind a licence form, so this script cannot download the images. The manual

@@ -1,6 +1,6 @@
 """Prepare ADE20K SceneParsing (ADEChallengeData2016: 20210 train / 2000 val images, 150 classes).
 
-    python scripts/prepare_ade20k.py --src ~/downloads [--dst data/ade20k] [--force] [--no-download]
+    python scripts/prepare/ade20k.py --src ~/downloads [--dst data/ade20k] [--force] [--no-download]
 
 1. Uses an extracted <dst>/ADEChallengeData2016 (or <src>/ADEChallengeData2016, used in place);
    otherwise unzips <src>/ADEChallengeData2016.zip into <dst>, downloading it first when it is

@@ -1,9 +1,9 @@
 """segexp's models timed side by side with other libraries' implementations of the same architecture.
 
-    python scripts/bench_peers.py --dry-run                              # list the pairs
-    python scripts/bench_peers.py --device cpu --size 256 256 --iters 5 --warmup 2
-    python scripts/bench_peers.py --pairs segformer_b0,fcn_r50 --device cuda --amp bf16 --channels-last
-    python scripts/bench_peers.py --pairs upernet_convnext_t-smp \\
+    python scripts/bench/peers.py --dry-run                              # list the pairs
+    python scripts/bench/peers.py --device cpu --size 256 256 --iters 5 --warmup 2
+    python scripts/bench/peers.py --pairs segformer_b0,fcn_r50 --device cuda --amp bf16 --channels-last
+    python scripts/bench/peers.py --pairs upernet_convnext_t-smp \\
         --segexp-override upernet_convnext_t-smp:head.channels=256       # segexp at smp's decoder width
 
 Each pair builds segexp's model (``segexp.models.build_model``) and a peer's (transformers,
@@ -62,7 +62,7 @@ from segexp.models.mask_classification import MaskPredictions
 from segexp.profiling import count_gflops, count_params, median_time
 from segexp.runtime import autocast, resolve_device
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 DEFAULT_OUT = ROOT / "outputs" / "benchmark" / "peers.csv"
 # What to install for each peer (the versions these pairs were written against).
@@ -447,7 +447,7 @@ def _load_average() -> float | None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="bench_peers", description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(prog="bench/peers.py", description=__doc__.split("\n")[0],
                                      epilog=__doc__.split("\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", default="all",
@@ -538,7 +538,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    meta = {"command": "python scripts/bench_peers.py " + shlex.join(argv),
+    meta = {"command": "python scripts/bench/peers.py " + shlex.join(argv),
             "device": device.type, "device_name": _device_name(device),
             "threads": torch.get_num_threads(), "size": f"{height}x{width}", "batch": args.batch,
             "amp": args.amp, "channels_last": args.channels_last,

@@ -1,9 +1,9 @@
 """Is the data loader the bottleneck? Training throughput with data loading against the model
 alone, and (on a GPU) the achieved TFLOP/s and model FLOPs utilisation (MFU).
 
-    python scripts/bench_pipeline.py model=upernet backbone=convnext_tiny dataset=ade20k \\
+    python scripts/bench/pipeline.py model=upernet backbone=convnext_tiny dataset=ade20k \\
         dataset.root=../shared/datasets/samples/ade20k --split val
-    python scripts/bench_pipeline.py model=segformer backbone=mit_b2 dataset=cityscapes \\
+    python scripts/bench/pipeline.py model=segformer backbone=mit_b2 dataset=cityscapes \\
         dataset.root=/data/cityscapes trainer.precision=bf16 trainer.batch_size=8 --device cuda
 
 Takes the same overrides as train.py (model, dataset, trainer.batch_size, trainer.num_workers,
@@ -48,7 +48,7 @@ from segexp.models import build_model
 from segexp.profiling import Cycled, machine_info, synchronize
 from segexp.runtime import quiet_worker_init, resolve_device
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 DEFAULT_OUT = ROOT / "outputs" / "benchmark" / "pipeline.csv"
 # Dense (no sparsity) bf16/fp16 tensor-core peaks, TFLOP/s, from the vendors' data sheets.
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerow(row)
-    meta = {"command": "python scripts/bench_pipeline.py " + " ".join(argv), **machine_info(),
+    meta = {"command": "python scripts/bench/pipeline.py " + " ".join(argv), **machine_info(),
             "iters": args.iters, "warmup": args.warmup}
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": [row]}, indent=2) + "\n")
     print(f"Wrote {args.out} and {args.out.with_suffix('.json')}")

@@ -1,6 +1,6 @@
 """Prepare DIS5K (dichotomous image segmentation) and check it.
 
-    python scripts/prepare_dis5k.py --src ~/downloads [--dst data/DIS5K] [--check-per-subset 0]
+    python scripts/prepare/dis5k.py --src ~/downloads [--dst data/DIS5K] [--check-per-subset 0]
         [--force] [--no-download]
 
 DIS5K is shared through Google Drive (and Baidu Pan), which does not serve large files to a

@@ -1,8 +1,8 @@
 """Run ``python train.py <overrides>`` as a user would and record what it reached, for the figures
 the README quotes (its quick-start line is recorded in docs/results/quickstart.json):
 
-    python scripts/record_run.py --out docs/results/quickstart.json                 # `python train.py`
-    python scripts/record_run.py --out x.json -- dataset=stanford_background trainer.max_time=5m
+    python scripts/bench/record_run.py --out docs/results/quickstart.json                 # `python train.py`
+    python scripts/bench/record_run.py --out x.json -- dataset=stanford_background trainer.max_time=5m
 
 The run goes into a fresh folder under ``--work``; the record holds the exact command, the
 machine (CPU, cores, threads, library versions), the commit, the wall-clock time of the whole
@@ -25,7 +25,7 @@ from segexp.atomic import write_json
 from segexp.cli import command
 from segexp.profiling import machine_info
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def git_commit() -> str | None:
