@@ -28,6 +28,11 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+import torch
+
+from segexp.convert.hf_upernet import add_missing_bn_counters
+from segexp.errors import ConfigError, first_few
+
 _SWIN_BLOCK = [  # (theirs after "blocks.{j}.", ours after "blocks.{j}.")
     ("layernorm_before.", "norm1."),
     ("layernorm_after.", "norm2."),
@@ -117,3 +122,46 @@ def resnet_key(rest: str) -> str | None:
         return (f"backbone.body.layer{int(match.group(1)) + 1}.{match.group(2)}."
                 f"{kind}{int(match.group(3)) + 1}.{match.group(5)}")
     return None
+
+
+class KeyMap:
+    """What a converter collects over a state dict: renamed tensors, q/k/v projections to
+    concatenate into one input projection, and the keys that map nowhere (reported together)."""
+
+    def __init__(self) -> None:
+        self.out: dict[str, torch.Tensor] = {}
+        self.qkv: dict[str, list] = {}
+        self.unknown: list[str] = []
+
+    def put(self, key: str, new: str | None, value: torch.Tensor) -> None:
+        if new is None:
+            self.unknown.append(key)
+        else:
+            self.out[new] = value
+
+    def part(self, target: str, index: int, value: torch.Tensor) -> None:
+        """Part ``index`` (0 q, 1 k, 2 v) of ``target``'s stacked projection."""
+        self.qkv.setdefault(target, [None] * 3)[index] = value
+
+    def backbone(self, key: str, rest: str, swin: bool, value: torch.Tensor) -> None:
+        """A backbone key (``rest``: after the encoder prefix) of a Swin or ResNet encoder."""
+        if swin:
+            part = swin_qkv(rest)
+            if part:
+                self.part(*part, value)
+                return
+            self.put(key, swin_key(rest), value)
+        else:
+            self.put(key, resnet_key(rest), value)
+
+    def result(self, converter: str, model: str) -> dict[str, torch.Tensor]:
+        """The converted state dict; a ConfigError naming the keys that are not ``model``'s."""
+        for target, parts in self.qkv.items():
+            if any(p is None for p in parts):
+                self.unknown.append(f"{target} (incomplete q/k/v)")
+            else:
+                self.out[target] = torch.cat(parts)
+        if self.unknown:
+            raise ConfigError(f"{converter}: keys not part of a transformers {model}: "
+                              f"{first_few(self.unknown)}.")
+        return add_missing_bn_counters(self.out)

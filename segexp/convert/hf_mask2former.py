@@ -38,9 +38,8 @@ from collections.abc import Mapping
 
 import torch
 
-from segexp.convert.hf_backbones import is_resnet, is_swin, resnet_key, swin_final_norm, swin_key, swin_qkv
-from segexp.convert.hf_upernet import add_missing_bn_counters
-from segexp.errors import ConfigError, first_few
+from segexp.convert.hf_backbones import KeyMap, is_resnet, is_swin, swin_final_norm
+from segexp.errors import ConfigError
 
 _ENC = "model.pixel_level_module.encoder."
 _PIX = "model.pixel_level_module.decoder."
@@ -105,43 +104,18 @@ def convert_hf_mask2former(state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
             "convert (to model=mask2former backbone=swin_* or resnet50/resnet101).")
     num_fpn = len({m.group(1) for k in state_dict
                    if (m := re.match(re.escape(_PIX) + r"adapter_(\d+)\.", k))})
-    out: dict[str, torch.Tensor] = {}
-    qkv: dict[str, list] = {}
-    unknown = []
+    keys = KeyMap()
     for key, value in state_dict.items():
         if _dropped(key):
             continue
-        new = None
         if key.startswith(_ENC):
-            rest = key[len(_ENC):]
-            if swin:
-                part = swin_qkv(rest)
-                if part:
-                    qkv.setdefault(part[0], [None] * 3)[part[1]] = value
-                    continue
-                new = swin_key(rest)
-            else:
-                new = resnet_key(rest)
+            keys.backbone(key, key[len(_ENC):], swin, value)
+            continue
+        match = re.match(r"^" + re.escape(_TRF) + r"decoder\.layers\.(\d+)\.self_attn\."
+                         r"([qkv])_proj\.(weight|bias)$", key)
+        if match:
+            keys.part(f"decode_head.transformer.layers.{match.group(1)}.self_attn.in_proj_"
+                      f"{match.group(3)}", "qkv".index(match.group(2)), value)
         else:
-            match = re.match(r"^" + re.escape(_TRF) + r"decoder\.layers\.(\d+)\.self_attn\."
-                             r"([qkv])_proj\.(weight|bias)$", key)
-            if match:
-                target = (f"decode_head.transformer.layers.{match.group(1)}.self_attn.in_proj_"
-                          f"{match.group(3)}")
-                qkv.setdefault(target, [None] * 3)["qkv".index(match.group(2))] = value
-                continue
-            new = _head_key(key, num_fpn)
-        if new is None:
-            unknown.append(key)
-        else:
-            out[new] = value
-    for target, parts in qkv.items():
-        if any(p is None for p in parts):
-            unknown.append(f"{target} (incomplete q/k/v)")
-        else:
-            out[target] = torch.cat(parts)
-    if unknown:
-        shown = first_few(unknown)
-        raise ConfigError(f"convert_hf_mask2former: keys not part of a transformers Mask2Former: "
-                          f"{shown}.")
-    return add_missing_bn_counters(out)
+            keys.put(key, _head_key(key, num_fpn), value)
+    return keys.result("convert_hf_mask2former", "Mask2Former")

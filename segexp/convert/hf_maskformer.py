@@ -49,16 +49,8 @@ from collections.abc import Mapping
 
 import torch
 
-from segexp.convert.hf_backbones import (
-    is_resnet,
-    is_swin,
-    resnet_key,
-    swin_final_norm,
-    swin_key,
-    swin_qkv,
-)
-from segexp.convert.hf_upernet import add_missing_bn_counters
-from segexp.errors import ConfigError, first_few
+from segexp.convert.hf_backbones import KeyMap, is_resnet, is_swin, swin_final_norm
+from segexp.errors import ConfigError
 
 _ENC = "model.pixel_level_module.encoder."
 _PIX = "model.pixel_level_module.decoder."
@@ -137,43 +129,19 @@ def convert_hf_maskformer(state_dict: Mapping[str, torch.Tensor]) -> dict[str, t
             "convert_hf_maskformer: this transformers MaskFormer has neither a Swin backbone "
             "(embeddings.patch_embeddings) nor a ResNet one (embedder.embedder); only those "
             "convert (to model=maskformer backbone=swin_* or resnet50/resnet101).")
-    out: dict[str, torch.Tensor] = {}
-    qkv: dict[str, list] = {}
-    unknown = []
+    keys = KeyMap()
     for key, value in state_dict.items():
         if _dropped(key):
             continue
-        new = None
         if key.startswith(_ENC):
-            rest = key[len(_ENC):]
-            if swin:
-                part = swin_qkv(rest)
-                if part:
-                    qkv.setdefault(part[0], [None] * 3)[part[1]] = value
-                    continue
-                new = swin_key(rest)
-            else:
-                new = resnet_key(rest)
+            keys.backbone(key, key[len(_ENC):], swin, value)
+            continue
+        match = re.match(r"^" + re.escape(_TRF) + r"decoder\.layers\.(\d+)\.(self_attn|encoder_attn)\."
+                         r"([qkv])_proj\.(weight|bias)$", key)
+        if match:
+            keys.part(f"decode_head.transformer.layers.{match.group(1)}."
+                      f"{_ATTENTION[match.group(2)]}.in_proj_{match.group(4)}",
+                      "qkv".index(match.group(3)), value)
         else:
-            match = re.match(r"^" + re.escape(_TRF) + r"decoder\.layers\.(\d+)\.(self_attn|encoder_attn)\."
-                             r"([qkv])_proj\.(weight|bias)$", key)
-            if match:
-                target = (f"decode_head.transformer.layers.{match.group(1)}."
-                          f"{_ATTENTION[match.group(2)]}.in_proj_{match.group(4)}")
-                qkv.setdefault(target, [None] * 3)["qkv".index(match.group(3))] = value
-                continue
-            new = _head_key(key)
-        if new is None:
-            unknown.append(key)
-        else:
-            out[new] = value
-    for target, parts in qkv.items():
-        if any(p is None for p in parts):
-            unknown.append(f"{target} (incomplete q/k/v)")
-        else:
-            out[target] = torch.cat(parts)
-    if unknown:
-        shown = first_few(unknown)
-        raise ConfigError(f"convert_hf_maskformer: keys not part of a transformers MaskFormer: "
-                          f"{shown}.")
-    return add_missing_bn_counters(out)
+            keys.put(key, _head_key(key), value)
+    return keys.result("convert_hf_maskformer", "MaskFormer")
