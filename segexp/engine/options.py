@@ -75,7 +75,7 @@ class TrainerOptions:
         kwargs = {}
         for name in names:
             if name in values:
-                kwargs[name] = _CHECKS.get(name, _any)(name, values[name])
+                kwargs[name] = _CHECKS[name](name, values[name])
         options = cls(**kwargs)
         options._check_length()
         return options
@@ -87,10 +87,6 @@ class TrainerOptions:
         if self.max_iters is None and self.max_epochs is None and self.budget_s is None:
             raise ConfigError("set how long to train: trainer.max_time (e.g. 20m), "
                               "trainer.max_iters or trainer.max_epochs.")
-
-
-def _any(_name: str, value: Any) -> Any:
-    return value
 
 
 def _int(least: int, optional: bool = False):
