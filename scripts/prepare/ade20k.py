@@ -22,15 +22,13 @@ from segexp.data.ade20k import CLASS_NAMES, SPLIT_FOLDERS, URL, ADE20KDataset
 from segexp.data.prepare import (
     Marker,
     Summary,
+    check_splits,
     find_or_extract,
     finish,
-    image_size,
     label_values,
     parse_args,
-    progress,
     skip_if_prepared,
 )
-from segexp.errors import DataError
 
 ARCHIVE = "ADEChallengeData2016.zip"
 FOLDER = "ADEChallengeData2016"
@@ -58,20 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                            allow_download=not args.no_download, force=args.force,
                            manual=f"Download {URL} into {args.src} and run this again.")
 
-    counts, problems, annotations = {}, [], []
-    for split in SPLIT_FOLDERS:
-        try:
-            dataset = ADE20KDataset(split=split, root=root, num_classes=None)
-        except DataError as error:
-            problems.append(f"split {split}: {error}")
-            counts[split] = 0
-            continue
-        counts[split] = len(dataset)
-        for image, annotation in progress(dataset.samples, desc=f"check sizes ({split})"):
-            if image_size(image) != image_size(annotation):
-                problems.append(f"{annotation} is {image_size(annotation)} but {image} is "
-                                f"{image_size(image)} (width, height)")
-        annotations += [annotation for _, annotation in dataset.samples]
+    problems: list[str] = []
+    counts, datasets = check_splits(lambda split: ADE20KDataset(split=split, root=root, num_classes=None),
+                                    SPLIT_FOLDERS, problems, sizes=True)
+    annotations = [annotation for d in datasets.values() for _, annotation in d.samples]
     values, value_problems = label_values(annotations, ALLOWED, desc="check annotations")
     summary = Summary("ADE20K (ADEChallengeData2016)", root, counts=counts, expected=EXPECTED,
                       values=values, allowed="0..150, 0 = other", problems=problems + value_problems,

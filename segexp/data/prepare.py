@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -246,6 +247,30 @@ def image_size(path: Path) -> tuple[int, int]:
 
     with Image.open(path) as image:
         return image.size
+
+
+def check_splits(load: Callable[[str], Any], splits: Iterable[str], problems: list[str], *,
+                 sizes: bool = False) -> tuple[dict[str, int], dict[str, Any]]:
+    """Each split through its loader (``load(split)``: the dataset class, as training builds it):
+    returns the image count per split (0 where the loader refuses the split, its reason added
+    to ``problems``) and the datasets that loaded. ``sizes``: also check that each image and its
+    annotation have the same size (from the file headers)."""
+    counts: dict[str, int] = {}
+    loaded: dict[str, Any] = {}
+    for split in splits:
+        try:
+            dataset = load(split)
+        except DataError as error:
+            problems.append(f"split {split}: {error}")
+            counts[split] = 0
+            continue
+        counts[split], loaded[split] = len(dataset), dataset
+        if sizes:
+            for image, annotation in progress(dataset.samples, desc=f"check sizes ({split})"):
+                if image_size(image) != image_size(annotation):
+                    problems.append(f"{annotation} is {image_size(annotation)} but {image} is "
+                                    f"{image_size(image)} (width, height)")
+    return counts, loaded
 
 
 def copy_files(pairs: Sequence[tuple[Path, Path]], desc: str, link: bool = False) -> int:
