@@ -3,13 +3,18 @@ checkpoint artifact. Falls back to offline mode when there is no API key or no n
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from segexp.atomic import write_json
 from segexp.loggers.base import Logger, RunInfo, VisSample
+
+# The W&B run a run folder logs to (id, project, entity): a resume continues that run.
+RUN_ID_FILE = "wandb_run.json"
 
 
 def _has_api_key() -> bool:
@@ -46,6 +51,9 @@ class WandbLogger(Logger):
         kwargs = dict(project=self.project, entity=self.entity, name=run.name,
                       group=self.group or run.group, tags=sorted(set(run.tags + self.extra_tags)),
                       config=run.config, dir=str(run.run_dir), job_type="train")
+        earlier = self._resumable_run(run) if run.resumed_from_iter is not None else None
+        if earlier is not None:  # a resume continues the earlier session's W&B run
+            kwargs.update(id=earlier, resume="allow")
         try:
             self.run = wandb.init(mode=mode, settings=wandb.Settings(
                 reinit="finish_previous", init_timeout=self.init_timeout, console="off"), **kwargs)
@@ -56,9 +64,26 @@ class WandbLogger(Logger):
                   f"sync later with `wandb sync {run.run_dir}/wandb/offline-run-*`.")
             self.run = wandb.init(mode="offline", settings=wandb.Settings(
                 reinit="finish_previous", console="off"), **kwargs)
+        write_json(Path(run.run_dir) / RUN_ID_FILE,
+                   {"id": self.run.id, "project": self.project, "entity": self.entity})
+        if run.resumed_from_iter is not None:
+            # The steps after the checkpoint are logged again: W&B's own step keeps counting,
+            # and the curves' x axis (trainer/iter) shows where the resume went back to.
+            self.run.summary["resumed_from_iter"] = run.resumed_from_iter
         # Validation curves use the training iteration as their x axis.
         self.run.define_metric("val/*", step_metric="trainer/iter")
         self.run.define_metric("train/*", step_metric="trainer/iter")
+
+    def _resumable_run(self, run: RunInfo) -> str | None:
+        """The W&B run id the earlier session of this run folder recorded, if it logged to the
+        same project (another project or entity: a new run there)."""
+        try:
+            record = json.loads((Path(run.run_dir) / RUN_ID_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        if (record.get("project"), record.get("entity")) != (self.project, self.entity):
+            return None
+        return record.get("id") or None
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.run.log({**metrics, "trainer/iter": step})

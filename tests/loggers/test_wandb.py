@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -99,3 +100,39 @@ def test_unreachable_server_falls_back_to_offline(tmp_path, no_wandb_account, mo
     run_training(cfg, tmp_path)
     assert "cannot reach the server" in capsys.readouterr().out
     assert any("val/mIoU" in row for row in read_history(find_run_file(tmp_path)))
+
+
+def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch, no_wandb_account):
+    import wandb
+
+    overrides = ["trainer.val_interval=2", "trainer.log_interval=1", "trainer.measure_speed=false",
+                 "logger=wandb"]
+    real_step = trainer_module.optimizer_step
+
+    def crashing_step(run):  # crash in iteration 4: last.pt holds iteration 2
+        if run.state.iter == 3:
+            raise KeyboardInterrupt("simulated crash")
+        real_step(run)
+
+    monkeypatch.setattr(trainer_module, "optimizer_step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(tiny_config(*overrides, "trainer.max_iters=4"), tmp_path)
+    monkeypatch.setattr(trainer_module, "optimizer_step", real_step)
+    first = json.loads((tmp_path / "wandb_run.json").read_text())["id"]
+    run_training(tiny_config(*overrides, "resume=true", "trainer.max_iters=4"), tmp_path)
+    wandb.teardown()  # every record written
+
+    run_files = sorted(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(run_files) == 2  # one file per session (offline), both for the same W&B run
+    assert {_run_record(f).run_id for f in run_files} == {first}
+    assert json.loads((tmp_path / "wandb_run.json").read_text())["id"] == first
+    (resumed,) = [f for f in run_files if "resumed_from_iter" in read_summary(f)]
+    assert read_summary(resumed)["resumed_from_iter"] == 2
+    steps = [row["trainer/iter"] for row in read_history(resumed) if "train/loss" in row]
+    assert steps == [3, 4]  # the resumed session logs from the checkpoint's next iteration
+
+    # Another project: the run folder's record does not apply, a new W&B run starts.
+    run_training(tiny_config(*overrides, "resume=true", "trainer.max_iters=5",
+                             "logger.wandb.project=elsewhere"), tmp_path)
+    wandb.teardown()
+    assert json.loads((tmp_path / "wandb_run.json").read_text())["id"] != first
