@@ -68,7 +68,8 @@ def _resolve_optimizer(type_name: str) -> type[torch.optim.Optimizer]:
 def build_optimizer(model: nn.Module, *, type: str = "torch.optim.SGD", lr: float,
                     weight_decay: float = 0.0, head_lr_mult: float = 1.0,
                     norm_bias_weight_decay: float = 0.0, layer_decay: float | None = None,
-                    no_decay_names: Sequence[str] = (), **kwargs) -> torch.optim.Optimizer:
+                    layer_decay_rule: str = "mmseg", no_decay_names: Sequence[str] = (),
+                    **kwargs) -> torch.optim.Optimizer:
     """Build ``type`` over up to four parameter groups of ``model``'s trainable parameters.
 
     * decay / no decay: normalisation-layer parameters and every 1-D parameter (biases, norm
@@ -82,6 +83,10 @@ def build_optimizer(model: nn.Module, *, type: str = "torch.optim.SGD", lr: floa
       parameter in layer ``i`` gets ``lr * layer_decay ** (num_layers - i - 1)``, with
       ``num_layers`` and ``layer_id(name)`` from the backbone (MMSegmentation's
       ``LearningRateDecayOptimizerConstructor`` rule: deeper layers learn faster, heads at 1).
+      ``layer_decay_rule="eomt"`` is EoMT's official rule instead: the last block at ``lr``,
+      block ``i`` of ``L`` at ``lr * layer_decay ** (L - 1 - i)``, the embeddings with block 0
+      and the final norm at ``lr`` (the ``mmseg`` rule gives the last block one decay step and
+      the embeddings one more than block 0).
 
     Each group records ``name``, ``lr_mult`` and its ``weight_decay``; schedulers scale every
     group's own initial lr, so the head keeps its multiple. Parameters with
@@ -97,7 +102,7 @@ def build_optimizer(model: nn.Module, *, type: str = "torch.optim.SGD", lr: floa
         if float(value) < 0:
             raise ConfigError(f"optimizer.{option}={value} must be >= 0 (0 disables it).")
 
-    layer_of = _layer_decay_rule(model, layer_decay)
+    layer_of = _layer_decay_rule(model, layer_decay, layer_decay_rule)
     norm_params = {id(p) for m in model.modules() if isinstance(m, _NORM_TYPES)
                    for p in m.parameters(recurse=False)}
     groups: dict[str, dict] = {}
@@ -152,8 +157,14 @@ def _fused_choice(cls: type, params: list[torch.Tensor]) -> bool | None:
     return True if takes_fused and len(device_types) == 1 and device_types <= {"cpu", "cuda"} else None
 
 
-def _layer_decay_rule(model: nn.Module, layer_decay: float | None):
+LAYER_DECAY_RULES = ("mmseg", "eomt")
+
+
+def _layer_decay_rule(model: nn.Module, layer_decay: float | None, rule_name: str = "mmseg"):
     """``name -> (layer id, lr multiplier)`` for backbone parameters, or None without decay."""
+    if str(rule_name) not in LAYER_DECAY_RULES:
+        raise ConfigError(f"optimizer.layer_decay_rule={rule_name}: choose one of "
+                          f"{', '.join(LAYER_DECAY_RULES)}.")
     if layer_decay is None or float(layer_decay) == 1.0:
         return None
     if not 0.0 < float(layer_decay) <= 1.0:
@@ -164,10 +175,12 @@ def _layer_decay_rule(model: nn.Module, layer_decay: float | None):
         raise ConfigError(f"optimizer.layer_decay={layer_decay}: backbone '{name}' does not "
                           "define layers for it (ConvNeXt, Swin and ViT backbones do). Set "
                           "optimizer.layer_decay=null.")
-    num_layers = int(backbone.num_layers)
+    num_layers = int(backbone.num_layers)  # embeddings (0), blocks (1..L), the rest (L + 1)
 
     def rule(name: str) -> tuple[int, float]:
         layer = min(int(backbone.layer_id(name)), num_layers - 1)
+        if str(rule_name) == "eomt":  # block i of L: decay ** (L - 1 - i); embeddings as block 0
+            return layer, float(layer_decay) ** max(num_layers - 2 - max(layer, 1), 0)
         return layer, float(layer_decay) ** (num_layers - layer - 1)
 
     return rule
@@ -299,9 +312,35 @@ def _main_lambdas(optimizer, name: str, total_steps: int, warmup_steps: int, opt
         * len(optimizer.param_groups)
 
 
+def _two_stage_lambdas(optimizer, name: str, total_steps: int, head_warmup: int,
+                       backbone_warmup: int, start_factor: float, opts: dict):
+    """Per-group factors of the whole run (warmups included) for ``backbone_warmup_steps``."""
+    head_decay = _main_lambdas(optimizer, name, total_steps, head_warmup, opts)
+    backbone_decay = _main_lambdas(optimizer, name, total_steps, head_warmup + backbone_warmup, opts)
+
+    def head(decay):
+        def factor(step: int) -> float:
+            if step < head_warmup:
+                return start_factor + (1 - start_factor) * step / head_warmup
+            return decay(step - head_warmup)
+        return factor
+
+    def backbone(decay):
+        def factor(step: int) -> float:
+            if step < head_warmup:
+                return 0.0
+            if step < head_warmup + backbone_warmup:
+                return (step - head_warmup) / backbone_warmup
+            return decay(step - head_warmup - backbone_warmup)
+        return factor
+
+    return [backbone(b) if str(g.get("name", "")).startswith("backbone") else head(h)
+            for g, h, b in zip(optimizer.param_groups, head_decay, backbone_decay, strict=True)]
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int,
                     interval: str = "iter", warmup_steps: int = 0,
-                    warmup_start_factor: float = 1e-3, **options):
+                    warmup_start_factor: float = 1e-3, backbone_warmup_steps: int = 0, **options):
     """A torch lr scheduler for ``optimizer``, with attributes ``interval`` and ``monitor``.
 
     ``name``, with its ``options`` (defaults in brackets):
@@ -321,6 +360,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: in
     exactly at ``total_steps``. With ``warmup_steps > 0`` the lr first rises linearly from
     ``warmup_start_factor * lr0`` to ``lr0`` (``LinearLR``, chained with ``SequentialLR``; for
     plateau the first ``warmup_steps`` calls of ``step(metric)`` do the warmup).
+
+    ``backbone_warmup_steps > 0`` is EoMT's two-stage warmup: the backbone's parameter groups
+    stay at lr 0 (the pretrained encoder frozen) while the others warm up over ``warmup_steps``,
+    then rise linearly from 0 over ``backbone_warmup_steps``; each part then decays over the steps
+    left after its own warmup, both reaching the floor at ``total_steps`` (poly, cosine, step).
 
     poly, cosine and step are closed-form ``LambdaLR`` factors, one per parameter group: torch's
     PolynomialLR has no floor, and the chainable forms of CosineAnnealingLR / MultiStepLR count
@@ -354,6 +398,18 @@ def build_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: in
         warmup_steps = total_steps - 1
     if not 0.0 < float(warmup_start_factor) <= 1.0:
         raise ConfigError(f"scheduler.warmup_start_factor={warmup_start_factor} must be in (0, 1].")
+    backbone_warmup_steps = int(backbone_warmup_steps)
+    if backbone_warmup_steps < 0:
+        raise ConfigError(f"scheduler.backbone_warmup_steps={backbone_warmup_steps} must be >= 0.")
+    if backbone_warmup_steps and name == "plateau":
+        raise ConfigError("scheduler.backbone_warmup_steps applies to the poly, cosine and step "
+                          "schedules, not plateau; set it to 0.")
+    if backbone_warmup_steps and warmup_steps + backbone_warmup_steps >= total_steps:
+        both = warmup_steps + backbone_warmup_steps
+        warnings.warn(f"scheduler.warmup_steps + backbone_warmup_steps = {both} is not shorter than "
+                      f"the run ({total_steps} {interval}s); both shrink in proportion.", stacklevel=2)
+        warmup_steps = (total_steps - 1) * warmup_steps // both
+        backbone_warmup_steps = max(total_steps - 1 - warmup_steps, 0)
 
     if name == "plateau":
         if opts["mode"] not in ("min", "max"):
@@ -367,6 +423,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: in
             threshold=float(opts["threshold"]), cooldown=int(opts["cooldown"]),
             min_lr=opts["min_lr"])
         scheduler.monitor = str(opts["monitor"])
+    elif backbone_warmup_steps:
+        scheduler = LambdaLR(optimizer, _two_stage_lambdas(
+            optimizer, name, total_steps, warmup_steps, backbone_warmup_steps,
+            float(warmup_start_factor), opts))
+        scheduler.monitor = None
     else:
         lambdas = _main_lambdas(optimizer, name, total_steps, warmup_steps, opts)
         if warmup_steps:

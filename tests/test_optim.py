@@ -319,3 +319,83 @@ def test_fused_auto_picks_the_fused_kernel_where_one_exists(kind):
             opt.step()
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def _official_eomt_lr_factors(backbone: nn.Module, decay: float) -> dict[str, float]:
+    """EoMT's published rule, written as its code walks the encoder's parameters: in reverse
+    order, a parameter in block i gets decay ** (L - 1 - i); those after the last block keep the
+    lr; those before block 0 (the embeddings) get block 0's factor."""
+    blocks = len(backbone.body.blocks)
+    factors, block = {}, blocks
+    for name, _ in reversed(list(backbone.named_parameters())):
+        parts = name.split(".")
+        in_block = "blocks" in parts
+        if in_block:
+            block = int(parts[parts.index("blocks") + 1])
+        factors[name] = decay ** (blocks - 1 - block) if in_block or block == 0 else 1.0
+    return factors
+
+
+def test_eomt_layer_decay_rule_matches_the_official_rule():
+    from segexp.models import build_model
+    from tests.conftest import compose_config
+
+    model = build_model(compose_config("model=eomt", "backbone=dinov2_reg_vits16", "+backbone.depth=4",
+                                       "+backbone.embed_dim=48", "+backbone.num_heads=3",
+                                       "head.num_blocks=2", "head.num_queries=5",
+                                       "dataset.num_classes=3"), pretrained=False)
+    opt = build_optimizer(model, type="torch.optim.AdamW", lr=1.0, weight_decay=0.05,
+                          layer_decay=0.8, layer_decay_rule="eomt")
+    lr_of_param = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    expected = _official_eomt_lr_factors(model.backbone, 0.8)
+    assert {n for n, f in expected.items() if f == 1.0} >= {"body.norm.weight"}
+    for name, param in model.backbone.named_parameters():
+        if param.requires_grad:
+            assert lr_of_param[id(param)] == pytest.approx(expected[name]), name
+    assert min(lr_of_param.values()) == pytest.approx(0.8 ** 3)  # embeddings = block 0 of 4
+    head = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
+    assert head and all(lr_of_param[id(p)] == 1.0 for p in head)
+    # The default rule (MMSegmentation's) differs exactly there: the last block one step down.
+    mmseg = build_optimizer(model, type="torch.optim.AdamW", lr=1.0, layer_decay=0.8)
+    last = {id(p): g["lr"] for g in mmseg.param_groups for p in g["params"]}
+    assert last[id(model.backbone.body.blocks[3].mlp.fc1.weight)] == pytest.approx(0.8)
+    with pytest.raises(ConfigError, match="layer_decay_rule=beit"):
+        build_optimizer(model, lr=1.0, layer_decay=0.8, layer_decay_rule="beit")
+
+
+def test_two_stage_warmup_matches_the_eomt_schedule():
+    """EoMT's schedule: the new parameters warm up over w0 steps while the backbone stays at 0,
+    the backbone warms up over the next w1, then each decays (poly 0.9) to 0 at the last step."""
+    w0, w1, total, base = 4, 6, 30, 0.01
+    opt = build_optimizer(TinySegmentor(), type="torch.optim.AdamW", lr=base, head_lr_mult=1.0)
+    sched = build_scheduler(opt, "poly", total_steps=total, warmup_steps=w0,
+                            backbone_warmup_steps=w1, warmup_start_factor=1e-6, power=0.9,
+                            min_lr_ratio=None)
+    names = [g["name"] for g in opt.param_groups]
+    lrs = run(sched, opt, total + 1)  # the first group's lr per step
+    per_group = []
+    for step in range(total + 1):
+        row = {}
+        for name in names:
+            if name.startswith("backbone"):
+                row[name] = 0.0 if step < w0 else base * (step - w0) / w1 if step < w0 + w1 else \
+                    base * (1 - (step - w0 - w1) / (total - w0 - w1)) ** 0.9
+            else:
+                row[name] = base * step / w0 if step < w0 else \
+                    base * (1 - (step - w0) / (total - w0)) ** 0.9
+        per_group.append(row)
+    opt = build_optimizer(TinySegmentor(), type="torch.optim.AdamW", lr=base, head_lr_mult=1.0)
+    sched = build_scheduler(opt, "poly", total_steps=total, warmup_steps=w0,
+                            backbone_warmup_steps=w1, warmup_start_factor=1e-6, power=0.9,
+                            min_lr_ratio=None)
+    for step in range(total + 1):
+        for group in opt.param_groups:
+            assert group["lr"] == pytest.approx(per_group[step][group["name"]], abs=1e-8), \
+                (step, group["name"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0.0 and any(n.startswith("head") for n in names)
+    with pytest.raises(ConfigError, match="not plateau"):
+        build_scheduler(opt, "plateau", total_steps=total, backbone_warmup_steps=3)
+    with pytest.warns(UserWarning, match="shrink in proportion"):
+        build_scheduler(opt, "poly", total_steps=8, warmup_steps=5, backbone_warmup_steps=5)
