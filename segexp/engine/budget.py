@@ -141,24 +141,29 @@ def fit_iterations(remaining_s: float, iter_s: float, val_s: float, val_every: i
 
 
 def _validation_seconds(run) -> float:
-    """One validation's time: a pass over one batch (loader start-up included), then one over
-    ``1 + VAL_CALIBRATION_BATCHES``; their difference is the time per batch."""
+    """One validation's time, from one pass over ``1 + VAL_CALIBRATION_BATCHES`` batches: the
+    time to the end of the first (loader start-up and warm-up included), then the steady time
+    per image of the others times the images left. Each batch's end is stamped as it happens, so
+    no two noisy timings are subtracted."""
     from segexp.inference import InferenceOptions, evaluate_loader
 
     t = run.options
     full = len(run.val_loader) if t.max_val_batches is None else min(t.max_val_batches,
                                                                      len(run.val_loader))
-    seconds = []
-    for batches in (1, 1 + VAL_CALIBRATION_BATCHES):
-        batches = min(batches, full)
-        start = time.perf_counter()
-        evaluate_loader(run.model, run.val_loader, len(run.class_names), run.device,
-                        InferenceOptions(precision=str(t.precision)), run.ignore_index, batches)
-        seconds.append((time.perf_counter() - start, batches))
-    (first, one), (second, more) = seconds
-    per_batch = (second - first) / (more - one) if more > one else first
-    per_batch = max(per_batch, 0.0)
-    return max(first - per_batch, 0.0) + per_batch * full
+    images = min(full * t.val_batch_size, len(run.val_loader.sampler))
+    stamps: list[float] = []
+    start = time.perf_counter()
+    evaluate_loader(run.model, run.val_loader, len(run.class_names), run.device,
+                    InferenceOptions(precision=str(t.precision)), run.ignore_index,
+                    min(full, 1 + VAL_CALIBRATION_BATCHES),
+                    on_prediction=lambda *_: stamps.append(time.perf_counter()))
+    if not stamps:
+        return time.perf_counter() - start
+    first = min(t.val_batch_size, len(stamps))  # images of the first batch
+    if len(stamps) == first:  # one batch in all
+        return (stamps[-1] - start) * images / len(stamps)
+    per_image = (stamps[-1] - stamps[first - 1]) / (len(stamps) - first)
+    return stamps[first - 1] - start + per_image * max(images - first, 0)
 
 
 @dataclass

@@ -171,3 +171,36 @@ def test_distributed_ranks_stop_at_rank_0s_count(tmp_path):
     summary = _summary(tmp_path)
     assert summary["world_size"] == 2 and summary["iters"] == summary["planned_iters"] >= 1
     assert read_weights_file(tmp_path / "checkpoints" / "last.pt")["state"]["iter"] == summary["iters"]
+
+
+def test_validation_time_estimate_is_the_start_up_plus_the_steady_time_per_image():
+    """A validation of 20 images in batches of 4 whose model takes 40 ms a batch after a first
+    batch of 300 ms (start-up): the estimate from 3 batches is about 0.3 + 4 x 0.04 s, not the
+    first batch's time times five."""
+    import time
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Timed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, x):
+            time.sleep(0.3 if self.calls == 0 else 0.04)
+            self.calls += 1
+            return torch.zeros(x.shape[0], 2, *x.shape[-2:])
+
+    data = TensorDataset(torch.zeros(20, 3, 4, 4), torch.zeros(20, 4, 4, dtype=torch.long))
+    loader = DataLoader(data, batch_size=4)
+    options = SimpleNamespace(max_val_batches=None, val_batch_size=4, precision="32")
+    model = Timed()
+    run = SimpleNamespace(options=options, val_loader=loader, model=model, class_names=["a", "b"],
+                          device=torch.device("cpu"), ignore_index=255)
+    seconds = budget._validation_seconds(run)
+    assert model.calls == 3  # one pass of 1 + VAL_CALIBRATION_BATCHES batches
+    assert 0.3 + 4 * 0.04 <= seconds < 0.3 + 4 * 0.04 + 0.25
+    options.max_val_batches = 2  # a capped validation: two batches' worth
+    model.calls = 0
+    assert 0.3 + 0.04 <= budget._validation_seconds(run) < 0.3 + 0.04 + 0.25
