@@ -5,15 +5,17 @@ training engine share these without importing each other."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 import zlib
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from segexp.errors import ConfigError
 
-PRECISIONS = ("32", "bf16", "16")
+PRECISIONS = ("auto", "32", "bf16", "16")
 
 
 def resolve_device(spec: str, local_rank: int | None = None,
@@ -33,12 +35,47 @@ def resolve_device(spec: str, local_rank: int | None = None,
     return device
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (Linux's /proc/cpuinfo; empty elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 in hardware: a CUDA GPU that supports it (Ampere and
+    later), or a CPU with AVX512-BF16 or AMX, oneDNN's fast path. Elsewhere bfloat16 is emulated
+    and slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` (mixed precision) where the device computes bfloat16 natively, else
+    ``32``; any other value as given. On a CPU with AVX512-BF16 a U-Net/ResNet-18 training step
+    took 1.3 s instead of 2.2 s (docs/performance.md)."""
+    precision = str(precision)
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "32"
+    return precision
+
+
 def autocast(device: torch.device, precision: str):
-    """Mixed precision context; ``"32"`` is plain float32. Refuses a precision the device cannot
-    run (called once before any work to check ``trainer.precision``)."""
+    """Mixed precision context; ``"32"`` is plain float32, ``"auto"`` is resolved by
+    :func:`resolve_precision`. Refuses a precision the device cannot run (called once before any
+    work to check ``trainer.precision``)."""
     precision = str(precision)
     if precision not in PRECISIONS:
-        raise ConfigError(f"trainer.precision={precision}: use \"32\", \"bf16\" or \"16\".")
+        raise ConfigError(f"trainer.precision={precision}: use auto, \"32\", \"bf16\" or \"16\".")
+    precision = resolve_precision(precision, device)
     if precision == "32":
         return contextlib.nullcontext()
     if precision == "16" and device.type != "cuda":

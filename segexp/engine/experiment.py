@@ -4,6 +4,7 @@ asked, trains, and writes the run folder's summary. ``train.py`` is a thin wrapp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -38,7 +39,13 @@ from segexp.models import build_model
 from segexp.models.mask_classification import is_mask_classification
 from segexp.profiling import count_gflops, count_params, measure_fps
 from segexp.reports import write_run_pictures
-from segexp.runtime import autocast, quiet_worker_init, resolve_device, seed_everything
+from segexp.runtime import (
+    autocast,
+    quiet_worker_init,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+)
 from segexp.weights_io import load_weights_into, read_weights_file
 
 log = logging.getLogger(__name__)
@@ -228,6 +235,11 @@ def build_run(cfg: DictConfig, run_dir: Path, launch: Launch, started: float,
     seed_everything(cfg.seed)  # the same initial weights on every rank
     device = resolve_device(options.device, dist.local_rank if dist.enabled else None)
     autocast(device, options.precision)  # refuses a precision this device cannot run
+    if options.precision == "auto":
+        options = dataclasses.replace(options, precision=resolve_precision("auto", device))
+        log.info(f"trainer.precision=auto: {options.precision} on {device.type} ("
+                 + ("bfloat16 mixed precision: this device computes it natively)"
+                    if options.precision == "bf16" else "float32: no native bfloat16 here)"))
     torch.backends.cudnn.benchmark = options.cudnn_benchmark
     train_set, val_set = build_datasets(cfg)
     model = build_model(cfg)
@@ -496,6 +508,7 @@ def write_summary(run: Run, status: str, wall_time_s: float, error: str | None =
         "final": {"iter": s.iter, **_scalars(s.last_results)},
         "best_per_class": _per_class(s.best_results, run.class_names),
         "params": count_params(run.model),
+        "precision": run.options.precision,  # as run: trainer.precision=auto resolved
         **pretrained_record(run.model),
         **(cost or {}),
         "wall_time_s": round(wall_time_s, 2),
@@ -587,8 +600,9 @@ def finish_run(run: Run, cfg: DictConfig, wall_time_s: float) -> None:
     best = run.run_dir / "checkpoints" / "best.pt"
     for logger in run.loggers:
         logger.log_summary({f"best/{k}": v for k, v in summary["best"].items()} |
-                           {k: summary[k] for k in ("params", "wall_time_s", "train_time_s",
-                                                    "val_time_s", "iters", "images_seen")}
+                           {k: summary[k] for k in ("params", "precision", "wall_time_s",
+                                                    "train_time_s", "val_time_s", "iters",
+                                                    "images_seen")}
                            | {f"budget/{k}": v for k, v in summary.get("budget", {}).items()}
                            | pretrained_record(run.model) | cost)
         if best.exists():

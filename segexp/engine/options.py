@@ -116,7 +116,7 @@ def _text(name: str, value: Any) -> str:
 def _precision(name: str, value: Any) -> str:
     precision = str(value)
     if precision not in PRECISIONS:
-        raise ConfigError(f"trainer.{name}={value}: use \"32\", \"bf16\" or \"16\".")
+        raise ConfigError(f"trainer.{name}={value}: use auto, \"32\", \"bf16\" or \"16\".")
     return precision
 
 

@@ -21,7 +21,7 @@ from tests.conftest import compose_config
 def test_the_default_trainer_reads_into_typed_options():
     options = TrainerOptions.from_config(compose_config().trainer)
     assert options.max_iters == 400 and options.max_time is None and options.budget_s is None
-    assert options.precision == "32" and isinstance(options.stop_signals, tuple)
+    assert options.precision == "auto" and isinstance(options.stop_signals, tuple)
     with pytest.raises(dataclasses.FrozenInstanceError):
         options.batch_size = 4  # type: ignore[misc]
     timed = TrainerOptions.from_config(compose_config("trainer.max_time=1h30m").trainer)
@@ -30,7 +30,7 @@ def test_the_default_trainer_reads_into_typed_options():
 
 @pytest.mark.parametrize("override, message", [
     ("trainer.batch_size=0", r"trainer.batch_size=0: use an integer >= 1"),
-    ("trainer.precision=fp8", r"trainer.precision=fp8: use \"32\", \"bf16\" or \"16\""),
+    ("trainer.precision=fp8", r"trainer.precision=fp8: use auto, \"32\", \"bf16\" or \"16\""),
     ("trainer.channels_last=maybe", r"trainer.channels_last='maybe': use true or false"),
     ("trainer.grad_clip=-1", r"trainer.grad_clip=-1: use a positive maximum gradient norm"),
     ("trainer.max_time=soon", r"trainer.max_time='soon' is not a duration"),
