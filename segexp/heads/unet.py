@@ -44,12 +44,15 @@ class UpBlock(nn.Module):
 
 
 class UNetHead(nn.Module):
-    """``in_index=None`` uses every backbone map; ``decoder_channels=None`` mirrors the skips'
-    channels (the paper: 512, 256, 128, 64 for an encoder of 64..1024)."""
+    """``in_index=None`` uses every backbone map. ``decoder_channels``: an integer is the deepest
+    decoder stage's width, halved at each shallower stage (256 -> 256, 128, 64, 32 over ResNet's
+    four skips, as segmentation-models-pytorch's U-Net); ``None`` mirrors the skips' channels
+    (the paper: 512, 256, 128, 64 for an encoder of 64..1024); or one width per skip map, deepest
+    first."""
 
     def __init__(self, in_channels: Sequence[int], in_reductions: Sequence[int], num_classes: int,
                  *, in_index: Sequence[int] | None = None,
-                 decoder_channels: Sequence[int] | None = None, upsample: str = "transpose",
+                 decoder_channels: int | Sequence[int] | None = None, upsample: str = "transpose",
                  dropout: float = 0.1, align_corners: bool = False) -> None:
         super().__init__()
         name = "UNetHead"
@@ -72,6 +75,10 @@ class UNetHead(nn.Module):
         skips = list(range(len(chans) - 2, -1, -1))  # deep to shallow
         if decoder_channels is None:
             decoder_channels = [chans[s] for s in skips]
+        elif isinstance(decoder_channels, int):
+            if decoder_channels < 1:
+                raise ConfigError(f"{name}: decoder_channels={decoder_channels} must be >= 1.")
+            decoder_channels = [max(decoder_channels >> k, 1) for k in range(len(skips))]
         decoder_channels = [int(c) for c in decoder_channels]
         if len(decoder_channels) != len(skips):
             raise IncompatibleBackboneError(

@@ -241,6 +241,22 @@ def test_unet_decoder_channels_must_match_skips():
         UNetHead([8, 16, 32, 64], [4, 8, 16, 32], NUM_CLASSES, decoder_channels=[16, 8])
 
 
+def test_unet_decoder_width_halves_from_the_deepest_stage_and_the_paper_recipe_mirrors():
+    from tests.conftest import compose_config
+
+    resnet = ([64, 64, 128, 256, 512], [2, 4, 8, 16, 32])
+    head = UNetHead(*resnet, NUM_CLASSES, decoder_channels=256)
+    widths = [head.blocks[i](torch.randn(1, c, 4, 4), torch.randn(1, skip, 8, 8)).shape[1]
+              for i, (c, skip) in enumerate(zip([512, 256, 128, 64], [256, 128, 64, 64]))]
+    assert widths == [256, 128, 64, 32] and head.classifier.in_channels == 32
+    three = UNetHead([96, 192, 384, 768], [4, 8, 16, 32], NUM_CLASSES, decoder_channels=256)
+    assert three.classifier.in_channels == 64  # 256, 128, 64 over three skips
+    assert UNetHead(*resnet, NUM_CLASSES).classifier.in_channels == 64  # None: mirrored
+    assert compose_config().head.decoder_channels == 256  # the default run
+    paper = compose_config("experiment=unet_paper")
+    assert paper.head.decoder_channels is None and paper.backbone._target_.endswith("UNetEncoder")
+
+
 def test_unet_head_on_timm_resnet18():
     torch.manual_seed(0)
     backbone = TimmBackbone("resnet18")
