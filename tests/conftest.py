@@ -27,6 +27,17 @@ SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
 ALL_MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))  # every model=<name>
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (the README's ``-n auto``) the workers share the cores: each gets its
+    share of torch threads, and the train.py processes it starts the same (``OMP_NUM_THREADS``),
+    so that two workers never run four busy-waiting threads on two cores."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
 def load_script(name: str):
     """``scripts/<name>.py`` (``name`` may be ``bench/learning``) as a module, run in this process
     (its ``main(argv)`` is the command line); loaded from its file, as scripts are not a package."""
@@ -58,8 +69,9 @@ def compose_config(*overrides: str):
 
 
 # A tiny but real run: 32x32 synthetic images, a small FCN head (unless a test picks another
-# model), single-process loading.
-TINY = ["trainer.batch_size=2", "trainer.val_batch_size=2", "trainer.num_workers=0",
+# model), single-process loading, float32 on every machine (trainer.precision=auto would pick
+# bf16 on CPUs that compute it natively).
+TINY = ["trainer.batch_size=2", "trainer.val_batch_size=2", "trainer.num_workers=0", "trainer.precision=32",
         "trainer.progress_bar=false", "trainer.num_vis_images=2"]
 TINY_SYNTHETIC = ["dataset.image_size=32", "dataset.train_length=16", "dataset.val_length=4"]
 
