@@ -41,7 +41,7 @@ DEFAULT_OUT = ROOT / "docs" / "data_throughput.md"
 DOC_HEADER = """# Data-pipeline throughput
 
 Images per second that a `DataLoader` over a dataset's split delivers through the **training**
-transforms (`transforms.train`: random rescale, crop, flip, colour jitter, normalise), per number
+transforms (`transforms.train`: random rescale, crop, flip, normalise), per number
 of worker processes, measured by `scripts/bench/data_loading.py` (which appends one section per run).
 Batches of `trainer.batch_size` are timed after a warm-up that includes the workers' start-up;
 splits with fewer images than needed are cycled (each repeat draws its own augmentation).
