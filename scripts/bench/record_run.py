@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
         "final": summary.get("final"),
         "iters": summary.get("iters"),
         "images_seen": summary.get("images_seen"),
+        "precision": summary.get("precision"),  # trainer.precision as run (auto resolved)
         "pretrained": summary.get("pretrained"),
         "run_dir": str(run_dir),
     }
