@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import random
 import zlib
 from pathlib import Path
@@ -54,6 +55,11 @@ def native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
+        # oneDNN's ISA cap (ONEDNN_MAX_CPU_ISA=AVX2, ...) below its bf16 level turns the fast
+        # path off whatever the CPU has.
+        cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+        if cap not in ("ALL", "DEFAULT") and "BF16" not in cap and "AMX" not in cap:
+            return False
         return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
     return False
 

@@ -253,6 +253,12 @@ def test_auto_precision_is_bf16_only_where_the_device_computes_it_natively(tmp_p
         monkeypatch.setattr(runtime, "cpu_flags", lambda flags=flags: frozenset(flags))
         assert runtime.resolve_precision("auto", cpu) == expected, flags
         assert runtime.resolve_precision("32", cpu) == "32"  # a chosen precision stays
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # oneDNN capped below its bf16 kernels
+    assert runtime.resolve_precision("auto", cpu) == "32"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert runtime.resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     # The choice made is logged and recorded in metrics.json.
     monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
     with caplog.at_level("INFO"):
