@@ -1,7 +1,9 @@
 """``dataset=folder`` on public layouts by overrides alone: the README's lines, each trained end to
 end with ``trainer=debug`` on fixtures written here in the download's exact layout and formats,
 with every pair checked; the image and mask readers (formats, EXIF orientation, 16-bit masks);
-class-count inference; the layout messages; ``scripts/dataset_stats.py --check``."""
+class-count inference; the layout messages; ``scripts/dataset_stats.py --check``; colour-coded
+masks (``mask_palette``, ``colour_masks``): exact mapping, a void colour to ignore, the message
+for an unknown colour and the configuration errors."""
 
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from segexp.engine.experiment import run_training
 from segexp.errors import ConfigError, DataError
 from segexp.inference import Segmenter, load_run_config
 from tests.conftest import ROOT, compose_config, load_script
+from tests.data.conftest import FOLDER_PALETTE, write_colour_folder, write_rgb_image
 
 SIZE = 64
 LEVELS = np.array([40, 110, 180])  # image intensity (red channel) of pattern level 0, 1, 2
@@ -690,3 +693,57 @@ def test_jpeg_mask_warning_is_given_once_while_the_dataset_is_built(tmp_path, mo
             ds[i]
     warnings = [r.getMessage() for r in caplog.records if "is a JPEG" in r.getMessage()]
     assert len(warnings) == 1 and ds.samples[0][1].name in warnings[0]
+
+
+# -- folder dataset with colour-coded masks ------------------------------------------------------
+def test_folder_colour_masks_map_exactly(tmp_path):
+    masks = write_colour_folder(tmp_path)
+    ds = FolderDataset(root=tmp_path, num_classes=3, val_fraction=0, mask_palette=FOLDER_PALETTE)
+    assert ds.colours == [tuple(c) for c in FOLDER_PALETTE]  # pictures use the masks' colours
+    for i, (image_path, _) in enumerate(ds.samples):
+        np.testing.assert_array_equal(ds.load(i).mask, masks[image_path.stem])
+    # the same through colour_masks + palette
+    ds2 = FolderDataset(root=tmp_path, num_classes=3, val_fraction=0, palette=FOLDER_PALETTE,
+                        colour_masks=True)
+    np.testing.assert_array_equal(ds2.load(2).mask, masks["s2"])
+    _, mask = ds2[2]
+    assert set(mask.unique().tolist()) == {0, 1, 2}
+
+
+def test_folder_colour_masks_void_colour_to_ignore(tmp_path):
+    masks = write_colour_folder(tmp_path, void=True)
+    ds = FolderDataset(root=tmp_path, num_classes=3, val_fraction=0,
+                       mask_palette=FOLDER_PALETTE + [[255, 255, 255]], mask_map={3: 255})
+    np.testing.assert_array_equal(ds.load(0).mask, masks["s0"])
+    assert ds.colours == [tuple(c) for c in FOLDER_PALETTE]
+
+
+def test_folder_unknown_colour_names_file_colour_and_nearest(tmp_path):
+    write_colour_folder(tmp_path)
+    rgb = cv2.cvtColor(cv2.imread(str(tmp_path / "masks" / "s1.png")), cv2.COLOR_BGR2RGB)
+    rgb[5, 5:8] = (190, 40, 35)
+    write_rgb_image(tmp_path / "masks" / "s1.png", rgb)
+    ds = FolderDataset(root=tmp_path, class_names=["bg", "red", "green"], val_fraction=0,
+                       mask_palette=FOLDER_PALETTE)
+    ds.load(0)
+    with pytest.raises(DataError) as info:
+        ds.load(1)
+    message = str(info.value)
+    assert "s1.png" in message and "(190, 40, 35)" in message and "at 3 pixel(s)" in message
+    assert "nearest palette colour: (200, 30, 30) #C81E1E = class 1 'red'" in message
+
+
+def test_folder_colour_mask_configuration_errors(tmp_path):
+    write_colour_folder(tmp_path)
+    with pytest.raises(DataError, match="mask_palette"):  # colour masks read as index masks
+        FolderDataset(root=tmp_path, num_classes=3, val_fraction=0)
+    with pytest.raises(ConfigError, match="palette"):
+        FolderDataset(root=tmp_path, num_classes=3, val_fraction=0, colour_masks=True)
+    with pytest.raises(ConfigError, match="at least one"):
+        FolderDataset(root=tmp_path, num_classes=3, val_fraction=0, mask_palette=FOLDER_PALETTE[:2])
+    with pytest.raises(ConfigError, match="both"):
+        FolderDataset(root=tmp_path, num_classes=3, val_fraction=0,
+                      mask_palette=[[0, 0, 0], [1, 2, 3], [1, 2, 3]])
+    with pytest.raises(ConfigError, match="0..255"):
+        FolderDataset(root=tmp_path, num_classes=3, val_fraction=0,
+                      mask_palette=[[0, 0, 0], [1, 2, 3], [1, 2, 300]])
