@@ -18,6 +18,7 @@ from segexp.engine.experiment import run_training
 from segexp.errors import ConfigError, TrainingInterrupted
 from segexp.loggers import CSVLogger, Logger, MLflowLogger, TensorBoardLogger, WandbLogger, build_loggers
 from tests.conftest import TINY_SYNTHETIC, compose_config, tiny_config, train_py
+from tests.loggers.conftest import crash_after_iteration_3
 
 
 # One SQLite store for the whole module: creating its tables takes MLflow several seconds.
@@ -186,18 +187,7 @@ def test_a_resumed_run_continues_its_mlflow_run_and_tensorboard_hides_the_repeat
     overrides = ["trainer.val_interval=2", "trainer.log_interval=1", "trainer.device=cpu",
                  "trainer.measure_speed=false", "logger=[mlflow,tensorboard]",
                  f"logger.mlflow.tracking_uri={mlflow_store}"]
-    # Crash in iteration 4: iteration 3 was logged, but last.pt holds iteration 2.
-    real_step = trainer_module.optimizer_step
-
-    def crashing_step(run):
-        if run.state.iter == 3:
-            raise KeyboardInterrupt("simulated crash")
-        real_step(run)
-
-    monkeypatch.setattr(trainer_module, "optimizer_step", crashing_step)
-    with pytest.raises(KeyboardInterrupt):
-        run_training(tiny_config(*overrides, "trainer.max_iters=4"), tmp_path)
-    monkeypatch.setattr(trainer_module, "optimizer_step", real_step)
+    crash_after_iteration_3(monkeypatch, tiny_config(*overrides, "trainer.max_iters=4"), tmp_path)
     first = json.loads((tmp_path / "mlflow_run.json").read_text())["run_id"]
     run_training(tiny_config(*overrides, "resume=true", "trainer.max_iters=5"), tmp_path)
 

@@ -14,6 +14,7 @@ from segexp.engine import trainer as trainer_module
 from segexp.engine.experiment import run_training
 from segexp.loggers.wandb_offline import find_run_file, read_history, read_records, read_summary
 from tests.conftest import tiny_config, train_py
+from tests.loggers.conftest import crash_after_iteration_3
 
 
 @pytest.fixture
@@ -107,17 +108,7 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch, no_wandb_a
 
     overrides = ["trainer.val_interval=2", "trainer.log_interval=1", "trainer.measure_speed=false",
                  "logger=wandb"]
-    real_step = trainer_module.optimizer_step
-
-    def crashing_step(run):  # crash in iteration 4: last.pt holds iteration 2
-        if run.state.iter == 3:
-            raise KeyboardInterrupt("simulated crash")
-        real_step(run)
-
-    monkeypatch.setattr(trainer_module, "optimizer_step", crashing_step)
-    with pytest.raises(KeyboardInterrupt):
-        run_training(tiny_config(*overrides, "trainer.max_iters=4"), tmp_path)
-    monkeypatch.setattr(trainer_module, "optimizer_step", real_step)
+    crash_after_iteration_3(monkeypatch, tiny_config(*overrides, "trainer.max_iters=4"), tmp_path)
     first = json.loads((tmp_path / "wandb_run.json").read_text())["id"]
     run_training(tiny_config(*overrides, "resume=true", "trainer.max_iters=4"), tmp_path)
     wandb.teardown()  # every record written
