@@ -54,7 +54,7 @@ DEFAULT_OUT = ROOT / "outputs" / "benchmark" / "pipeline.csv"
 # Dense (no sparsity) bf16/fp16 tensor-core peaks, TFLOP/s, from the vendors' data sheets.
 PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0,
                "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "V100": 125.0}
-COLUMNS = ["model", "dataset", "device", "precision", "batch_size", "num_workers", "loader_img_s",
+COLUMNS = ["model", "dataset", "device", "precision", "channels_last", "batch_size", "num_workers", "loader_img_s",
            "model_img_s", "end_to_end_img_s", "loader_bound", "train_gflop_per_image",
            "achieved_tflops", "peak_tflops", "mfu"]
 
@@ -70,7 +70,7 @@ def peak_for(device: torch.device, given: float | None) -> float | None:
 
 def build(cfg, split: str, device: torch.device, iters: int, warmup: int):
     """The loop's pieces for ``cfg``: a Run whose loader cycles ``split`` long enough."""
-    t = TrainerOptions.from_config(cfg.trainer)
+    t = TrainerOptions.from_config(cfg.trainer).resolved_for(device)
     dataset = instantiate(cfg.dataset, split=split, transforms=instantiate(cfg.transforms.train))
     if len(dataset) == 0:
         raise SegexpError(f"the {split} split of dataset.root={cfg.dataset.get('root')} is empty; "
@@ -151,7 +151,8 @@ def measure(overrides: list[str], split: str, device: torch.device, iters: int, 
                     str(cfg.get("default_backbone", "")))
     return {"model": f"{model_name} {backbone}".strip(), "dataset": dataset_name,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "precision": str(t.precision), "batch_size": int(t.batch_size),
+            "precision": str(t.precision), "channels_last": bool(t.channels_last),
+            "batch_size": int(t.batch_size),
             "num_workers": int(t.num_workers), "loader_img_s": _sig(loader_rate),
             "model_img_s": _sig(model_rate), "end_to_end_img_s": _sig(end_to_end),
             "loader_bound": end_to_end < 0.9 * model_rate,
@@ -165,13 +166,13 @@ def _sig(value: float) -> float:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| model | dataset | device | precision | batch | workers | loader img/s | model img/s "
-             "| end-to-end img/s | loader-bound | GFLOP/img (train) | TFLOP/s | MFU |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+    lines = ["| model | dataset | device | precision | layout | batch | workers | loader img/s "
+             "| model img/s | end-to-end img/s | loader-bound | GFLOP/img (train) | TFLOP/s | MFU |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "-"
         lines.append(f"| {r['model']} | {r['dataset']} | {r['device']} | {r['precision']} | "
-                     f"{r['batch_size']} | {r['num_workers']} | {r['loader_img_s']} | "
+                     f"{'NHWC' if r['channels_last'] else 'NCHW'} | {r['batch_size']} | {r['num_workers']} | {r['loader_img_s']} | "
                      f"{r['model_img_s']} | {r['end_to_end_img_s']} | "
                      f"{'yes' if r['loader_bound'] else 'no'} | {r['train_gflop_per_image']} | "
                      f"{r['achieved_tflops']} | {mfu} |")

@@ -4,7 +4,6 @@ asked, trains, and writes the run folder's summary. ``train.py`` is a thin wrapp
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -43,7 +42,6 @@ from segexp.runtime import (
     autocast,
     quiet_worker_init,
     resolve_device,
-    resolve_precision,
     seed_everything,
 )
 from segexp.weights_io import load_weights_into, read_weights_file
@@ -235,11 +233,7 @@ def build_run(cfg: DictConfig, run_dir: Path, launch: Launch, started: float,
     seed_everything(cfg.seed)  # the same initial weights on every rank
     device = resolve_device(options.device, dist.local_rank if dist.enabled else None)
     autocast(device, options.precision)  # refuses a precision this device cannot run
-    if options.precision == "auto":
-        options = dataclasses.replace(options, precision=resolve_precision("auto", device))
-        log.info(f"trainer.precision=auto: {options.precision} on {device.type} ("
-                 + ("bfloat16 mixed precision: this device computes it natively)"
-                    if options.precision == "bf16" else "float32: no native bfloat16 here)"))
+    options = options.resolved_for(device)
     torch.backends.cudnn.benchmark = options.cudnn_benchmark
     train_set, val_set = build_datasets(cfg)
     model = build_model(cfg)
@@ -509,6 +503,7 @@ def write_summary(run: Run, status: str, wall_time_s: float, error: str | None =
         "best_per_class": _per_class(s.best_results, run.class_names),
         "params": count_params(run.model),
         "precision": run.options.precision,  # as run: trainer.precision=auto resolved
+        "channels_last": run.options.channels_last,  # as run: auto resolved
         **pretrained_record(run.model),
         **(cost or {}),
         "wall_time_s": round(wall_time_s, 2),
@@ -600,7 +595,7 @@ def finish_run(run: Run, cfg: DictConfig, wall_time_s: float) -> None:
     best = run.run_dir / "checkpoints" / "best.pt"
     for logger in run.loggers:
         logger.log_summary({f"best/{k}": v for k, v in summary["best"].items()} |
-                           {k: summary[k] for k in ("params", "precision", "wall_time_s",
+                           {k: summary[k] for k in ("params", "precision", "channels_last", "wall_time_s",
                                                     "train_time_s", "val_time_s", "iters",
                                                     "images_seen")}
                            | {f"budget/{k}": v for k, v in summary.get("budget", {}).items()}

@@ -9,15 +9,19 @@ deep in training; and the loop reads plain attributes, never the config, on ever
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from segexp.engine.budget import parse_duration
 from segexp.errors import ConfigError
-from segexp.runtime import PRECISIONS
+from segexp.runtime import PRECISIONS, resolve_channels_last, resolve_precision
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,7 @@ class TrainerOptions:
     max_train_batches: int | None = None
     max_val_batches: int | None = None
     cudnn_benchmark: bool = True
-    channels_last: bool = False
+    channels_last: bool | str = "auto"
     compile: bool | str = False
     compile_backend: str = "inductor"
     sync_bn: bool = False
@@ -62,6 +66,22 @@ class TrainerOptions:
     def by_epoch(self) -> bool:
         """Whether the run is counted in epochs (``max_epochs``; ``val_interval`` too)."""
         return self.max_epochs is not None
+
+    def resolved_for(self, device: torch.device) -> TrainerOptions:
+        """These options with ``auto`` precision and memory format settled for ``device`` (each
+        choice made is logged): what the run, its summary and the benchmarks use."""
+        options = self
+        if options.precision == "auto":
+            options = dataclasses.replace(options, precision=resolve_precision("auto", device))
+            log.info(f"trainer.precision=auto: {options.precision} on {device.type} ("
+                     + ("bfloat16 mixed precision: this device computes it natively)"
+                        if options.precision == "bf16" else "float32: no native bfloat16 here)"))
+        if options.channels_last == "auto":
+            options = dataclasses.replace(options, channels_last=resolve_channels_last(
+                "auto", device, options.precision))
+            log.info(f"trainer.channels_last=auto: {'NHWC' if options.channels_last else 'NCHW'}"
+                     f" weights and images ({device.type}, precision {options.precision})")
+        return options
 
     @classmethod
     def from_config(cls, node: DictConfig | Mapping[str, Any]) -> TrainerOptions:
@@ -168,7 +188,7 @@ _CHECKS = {
     "prefetch_factor": _int(1), "accumulate_grad_batches": _int(1), "grad_clip": _grad_clip,
     "early_stopping_patience": _int(1, optional=True),
     "max_train_batches": _int(1, optional=True), "max_val_batches": _int(1, optional=True),
-    "cudnn_benchmark": _bool, "channels_last": _bool, "compile": _compile,
+    "cudnn_benchmark": _bool, "channels_last": _auto_or_bool, "compile": _compile,
     "compile_backend": _text, "sync_bn": _bool, "dist_backend": _text,
     "find_unused_parameters": _bool, "stop_signals": _signals, "progress_bar": _bool,
     "num_vis_images": _int(0), "measure_speed": _bool,

@@ -31,7 +31,7 @@ def test_the_default_trainer_reads_into_typed_options():
 @pytest.mark.parametrize("override, message", [
     ("trainer.batch_size=0", r"trainer.batch_size=0: use an integer >= 1"),
     ("trainer.precision=fp8", r"trainer.precision=fp8: use auto, \"32\", \"bf16\" or \"16\""),
-    ("trainer.channels_last=maybe", r"trainer.channels_last='maybe': use true or false"),
+    ("trainer.channels_last=maybe", r"trainer.channels_last='maybe': use auto, true or false"),
     ("trainer.grad_clip=-1", r"trainer.grad_clip=-1: use a positive maximum gradient norm"),
     ("trainer.max_time=soon", r"trainer.max_time='soon' is not a duration"),
     ("trainer.log_interval=2.5", r"trainer.log_interval=2.5: use an integer >= 1"),

@@ -273,6 +273,23 @@ def test_auto_precision_is_bf16_only_where_the_device_computes_it_natively(tmp_p
     assert json.loads((tmp_path / "plain" / "metrics.json").read_text())["precision"] == "32"
 
 
+def test_auto_channels_last_is_nhwc_on_cpus_and_with_mixed_precision_on_gpus(tmp_path, caplog):
+    from segexp.runtime import resolve_channels_last
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert resolve_channels_last("auto", cpu, "32") and resolve_channels_last("auto", cpu, "bf16")
+    assert resolve_channels_last("auto", gpu, "bf16") and resolve_channels_last("auto", gpu, "16")
+    assert not resolve_channels_last("auto", gpu, "32")
+    assert not resolve_channels_last(False, cpu, "bf16") and resolve_channels_last(True, gpu, "32")
+    with caplog.at_level("INFO"):
+        run_training(tiny_config("trainer.max_iters=1", "trainer.val_interval=1",
+                                 "trainer.channels_last=auto"), tmp_path)
+    assert "trainer.channels_last=auto: NHWC" in caplog.text
+    assert json.loads((tmp_path / "metrics.json").read_text())["channels_last"] is True
+    weights = read_weights_file(tmp_path / "checkpoints" / "last.pt")["model"]
+    assert weights["backbone.body.conv1.weight"].is_contiguous(memory_format=torch.channels_last)
+
+
 def test_device_and_precision_are_checked_where_they_are_named():
     from segexp.runtime import autocast, resolve_device
 
@@ -303,7 +320,7 @@ def test_compiled_training_step_matches_the_plain_one(tmp_path):
     """trainer.compile wraps what the step calls; the eager backend traces the model with
     TorchDynamo without generating kernels, so the weights must come out the same."""
     overrides = ["trainer.max_iters=2", "trainer.val_interval=2", "head.dropout=0"]
-    run_training(tiny_config(*overrides), tmp_path / "plain")
+    run_training(tiny_config(*overrides, "trainer.channels_last=false"), tmp_path / "plain")
     run_training(tiny_config(*overrides, "trainer.compile=true", "trainer.compile_backend=eager"),
                  tmp_path / "compiled")
     plain, compiled = last_weights(tmp_path / "plain"), last_weights(tmp_path / "compiled")
@@ -327,7 +344,7 @@ def test_channels_last_training_matches_the_default_layout(tmp_path):
     # divides by the gradient's own scale and turns them into whole lr-sized steps).
     overrides = ["trainer.max_iters=3", "trainer.val_interval=3", "trainer.log_interval=1",
                  "head.dropout=0", "optimizer=sgd"]
-    run_training(tiny_config(*overrides), tmp_path / "plain")
+    run_training(tiny_config(*overrides, "trainer.channels_last=false"), tmp_path / "plain")
     run_training(tiny_config(*overrides, "trainer.channels_last=true"), tmp_path / "nhwc")
     losses = [[json.loads(line)["train/loss"] for line in (tmp_path / d / "metrics.jsonl").read_text()
                .splitlines() if "train/loss" in line] for d in ("plain", "nhwc")]

@@ -83,3 +83,31 @@ def test_every_model_on_its_default_backbone(model):
     model_loss(instantiate(cfg.loss), net, out, masks).backward()
     trainable = {name: p for name, p in net.named_parameters() if p.requires_grad}
     assert trainable and [name for name, p in trainable.items() if p.grad is None] == []
+
+
+@pytest.mark.parametrize("model", ALL_MODELS)
+def test_every_model_runs_in_channels_last(model):
+    """trainer.channels_last (on by default on CPUs and with mixed precision on GPUs) puts
+    weights and images in NHWC: every model must give the NCHW logits (no ``.view`` of a
+    permuted tensor, no layout-dependent op) and train."""
+    torch.manual_seed(0)
+    cfg = compose_config(f"model={model}")
+    net = build_model(cfg).eval()
+    size = max(64, net.size_divisor)
+    images = torch.randn(2, 3, size, size)
+    masks = torch.randint(0, cfg.dataset.num_classes, (2, size, size))
+    with torch.no_grad():
+        torch.manual_seed(1)  # (SegNeXt's Hamburger draws its bases at every forward)
+        expected = net(images)
+    net.to(memory_format=torch.channels_last)
+    images = images.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        got = net(images)
+    scale = expected.abs().max().item()
+    assert torch.allclose(got, expected, rtol=1e-3, atol=1e-4 * max(scale, 1.0)), \
+        (got - expected).abs().max().item()
+    net.train()
+    model_loss(instantiate(cfg.loss), net, net(images, return_aux=True), masks).backward()
+    grads = [p.grad for p in net.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
