@@ -54,8 +54,8 @@ DEFAULT_OUT = ROOT / "outputs" / "benchmark" / "pipeline.csv"
 # Dense (no sparsity) bf16/fp16 tensor-core peaks, TFLOP/s, from the vendors' data sheets.
 PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0,
                "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "V100": 125.0}
-COLUMNS = ["model", "dataset", "device", "precision", "channels_last", "batch_size", "num_workers", "loader_img_s",
-           "model_img_s", "end_to_end_img_s", "loader_bound", "train_gflop_per_image",
+COLUMNS = ["model", "dataset", "device", "precision", "channels_last", "batch_size", "num_workers",
+           "loader_img_s", "model_img_s", "end_to_end_img_s", "loader_bound", "train_gflop_per_image",
            "achieved_tflops", "peak_tflops", "mfu"]
 
 
@@ -172,7 +172,8 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "-"
         lines.append(f"| {r['model']} | {r['dataset']} | {r['device']} | {r['precision']} | "
-                     f"{'NHWC' if r['channels_last'] else 'NCHW'} | {r['batch_size']} | {r['num_workers']} | {r['loader_img_s']} | "
+                     f"{'NHWC' if r['channels_last'] else 'NCHW'} | {r['batch_size']} | "
+                     f"{r['num_workers']} | {r['loader_img_s']} | "
                      f"{r['model_img_s']} | {r['end_to_end_img_s']} | "
                      f"{'yes' if r['loader_bound'] else 'no'} | {r['train_gflop_per_image']} | "
                      f"{r['achieved_tflops']} | {mfu} |")

@@ -1,12 +1,20 @@
 """A training budget in wall-clock time (``trainer.max_time``).
 
-The run is still scheduled by iterations, so it stays reproducible: before training, a few
-throw-away steps measure the time per iteration (and a few validation batches the time per
-validation), the iteration count that fills the budget is computed once, recorded in the
-checkpoints and the summary, and the model, optimizer and random state are put back exactly as
-they were. The learning-rate schedule then runs over that count and reaches its floor when the
-time is up; ``trainer.max_iters=<recorded count>`` repeats the run exactly, and a resumed run
-keeps the recorded count and the time already spent.
+The run is still scheduled by iterations, so it stays reproducible. Its first iterations are real
+training steps, timed as they run (data loading, logging and all): once they fill
+:data:`CALIBRATION_FRACTION` of the budget (at least :data:`MIN_TIMED_STEPS` after
+:data:`WARMUP_STEPS` untimed ones), one validation's time is estimated from a few batches, and the
+iteration count that fills the rest of the budget is fixed, recorded in the checkpoints and the
+summary; the learning-rate schedule then runs over it and reaches its floor when the time is up.
+So that nothing those first iterations did depends on the count not yet known, their learning
+rate must not depend on it: they run inside the config's warmup (ending there at the latest), or
+inside the first epoch for a schedule stepped per epoch, or else the schedule *holds* the lr at
+its start for them (``scheduler.warmup_steps=<W> scheduler.warmup_start_factor=1``: a warmup that
+starts at the full lr), then decays over the rest. The log line and ``metrics.json``
+(``budget.repeat``) give the overrides that repeat the run exactly, e.g. ``trainer.max_time=null
+trainer.max_iters=1119 scheduler.warmup_steps=23 scheduler.warmup_start_factor=1``. A resumed run
+keeps the recorded count and the time already spent (a run stopped before its count was fixed
+measures again where it resumed).
 
 What counts against the budget: everything from the start of the run's set-up to the end of the
 last validation, validations included (a user who says ``20m`` expects the run to be done after
@@ -20,7 +28,6 @@ seconds. If the machine slows down so much that the run passes its budget by mor
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import re
@@ -30,7 +37,6 @@ from dataclasses import dataclass
 import torch
 
 from segexp.engine import distributed
-from segexp.engine.checkpoint import rng_state, set_rng_state
 from segexp.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -44,8 +50,8 @@ OVERRUN_MIN_S = 30.0
 def overrun_limit(budget_s: float) -> float:
     """Seconds after which a run with this budget stops, whatever its plan."""
     return budget_s + max(OVERRUN_GRACE * budget_s, OVERRUN_MIN_S)
-# Calibration: untimed warm-up steps (first-call costs: kernels, loader workers), then timed steps
-# until this fraction of the budget is spent, at least MIN_TIMED_STEPS and at most MAX_TIMED_STEPS.
+# Calibration: untimed warm-up iterations (first-call costs: kernels, loader workers), then timed
+# ones until this fraction of the budget is spent, at least MIN_TIMED_STEPS, at most MAX_TIMED_STEPS.
 WARMUP_STEPS = 2
 CALIBRATION_FRACTION = 0.02
 MIN_TIMED_STEPS = 3
@@ -166,64 +172,103 @@ def _validation_seconds(run) -> float:
     return stamps[first - 1] - start + per_image * max(images - first, 0)
 
 
+# The run's length while it is not yet known: a schedule built over this many iterations holds
+# its start for any run (a run under an iteration cap uses the cap).
+UNKNOWN_LENGTH = 10**9
+
+
 @dataclass
 class Calibration:
-    iter_s: float
-    val_s: float
-    timed_steps: int
-    seconds: float  # spent calibrating (warm-up and timed steps, validation batches)
+    """The speed measurement on a budget run's first iterations (see the module's docstring).
+    ``last_iter``: the iteration it must end at, at the latest (the end of the config's warmup
+    or of the first epoch, or the run's cap); ``hold``: the schedule holds its start meanwhile;
+    ``rebuild``: the schedule depends on the run's length (not a plateau one), so it is built
+    again over the count once it is known."""
+
+    budget_s: float
+    last_iter: int | None
+    hold: bool
+    rebuild: bool
+    first_iter: int = 0  # where timing began (a resumed run measures again)
+    timed: int = 0
+    seconds: float = 0.0
+    mark: float | None = None
+
+    def restart(self) -> None:
+        """After a validation or other work that is not a training step."""
+        self.mark = time.perf_counter()
+
+    def iteration_done(self, run) -> bool:
+        """Time the iteration just finished; True when the measurement is complete (rank 0
+        decides for every rank: all must plan at the same iteration)."""
+        if run.device.type == "cuda":  # the steps run asynchronously: time what they took
+            torch.cuda.synchronize(run.device)
+        now = time.perf_counter()
+        done_here = run.state.iter - self.first_iter
+        span = None if self.last_iter is None else self.last_iter - self.first_iter
+        untimed = WARMUP_STEPS if span is None else min(WARMUP_STEPS, max(span - 1, 0))
+        if done_here > untimed and self.mark is not None:
+            self.timed += 1
+            self.seconds += now - self.mark
+        self.mark = now
+        enough = (self.timed >= MIN_TIMED_STEPS and self.seconds >= CALIBRATION_FRACTION * self.budget_s) \
+            or self.timed >= MAX_TIMED_STEPS
+        at_end = self.last_iter is not None and run.state.iter >= self.last_iter
+        return bool(distributed.broadcast_object(enough or at_end))
+
+    @property
+    def iter_s(self) -> float:
+        return self.seconds / max(self.timed, 1)
 
 
-def calibrate(run, budget_s: float, cap: int | None = None) -> Calibration:
-    """Time a few real training steps and validation batches, then restore the model, optimizer,
-    scaler and random state exactly: the run that follows is the one ``max_iters`` would give.
-    ``cap``: the run's iteration limit, if any (no point timing more steps than it allows)."""
-    from segexp.engine.trainer import optimizer_step, to_device, train_step
+def repeat_overrides(state, by_epoch: bool = False) -> str:
+    """The overrides that repeat a planned budget run exactly."""
+    line = f"trainer.max_time=null trainer.max_iters={state.total_iters}"
+    if by_epoch:
+        line += " trainer.max_epochs=null"
+    if state.hold_iters:
+        line += f" scheduler.warmup_steps={state.hold_iters} scheduler.warmup_start_factor=1"
+    return line
 
-    start = time.perf_counter()
-    saved = {"model": copy.deepcopy(run.model.state_dict()),
-             "optimizer": copy.deepcopy(run.optimizer.state_dict()),
-             "scaler": copy.deepcopy(run.scaler.state_dict()), "rng": rng_state()}
-    t = run.options
-    accumulate = t.accumulate_grad_batches
-    steps, timed, timed_s, step_start = 0, 0, 0.0, None
-    run.model.train()
-    run.optimizer.zero_grad(set_to_none=True)
-    done = False
-    epoch = 0
-    while not done:
-        run.sampler.set_epoch(epoch)
-        batches = 0
-        for images, masks in run.train_loader:
-            if step_start is None:
-                step_start = time.perf_counter()
-            images, masks = to_device(run, images, masks)
-            batches += 1
-            train_step(run, images, masks, sync_gradients=batches % accumulate == 0)
-            if batches % accumulate:
-                continue
-            optimizer_step(run)
-            if run.device.type == "cuda":
-                torch.cuda.synchronize(run.device)
-            now = time.perf_counter()
-            steps += 1
-            if steps > WARMUP_STEPS:
-                timed += 1
-                timed_s += now - step_start
-            step_start = now
-            enough = timed >= MIN_TIMED_STEPS and timed_s >= CALIBRATION_FRACTION * budget_s
-            # Every rank must run the same number of steps (DDP): rank 0 decides.
-            most = MAX_TIMED_STEPS if cap is None else max(1, min(MAX_TIMED_STEPS, cap))
-            done = bool(distributed.broadcast_object(enough or timed >= most))
-            if done:
-                break
-        epoch += 1
-    iter_s = timed_s / timed
+
+def plan_run(run, calibration: Calibration) -> None:
+    """Fix the run's length from ``calibration`` (at the iteration it ended): one validation's
+    time estimated, the count that fills the rest of the budget recorded, the schedule rebuilt
+    over it and brought to this iteration (the same learning rates so far), logged."""
+    s, t, p = run.state, run.options, run.plan
+    started = time.perf_counter()
     val_s = _validation_seconds(run)
-    run.model.load_state_dict(saved["model"])
-    run.optimizer.load_state_dict(saved["optimizer"])
-    run.scaler.load_state_dict(saved["scaler"])
-    run.optimizer.zero_grad(set_to_none=True)
-    set_rng_state(saved["rng"])
-    return Calibration(iter_s=iter_s, val_s=val_s, timed_steps=timed,
-                       seconds=time.perf_counter() - start)
+    run.model.train()
+    spent = time.perf_counter() - started
+    s.calibration_s += spent
+    s.budget_used_s += spent
+    val_every = None if t.val_interval is None else t.val_interval * (p.iters_per_epoch if t.by_epoch else 1)
+    if val_every is None:
+        s.validations = validations_for_budget(t.budget_s, val_s)
+    left = None if p.limit is None else p.limit - s.iter
+    count = s.iter
+    if left is None or left > 0:
+        count += fit_iterations(t.budget_s - s.budget_used_s, calibration.iter_s, val_s, val_every,
+                                cap=left, count=s.validations)
+    s.total_iters = int(distributed.broadcast_object(count))  # rank 0 decides for every rank
+    s.planned, s.calibration_iters = True, s.iter
+    # (a cap reached while measuring: the hold stops one short of the end, as it did meanwhile)
+    s.hold_iters = min(s.iter, s.total_iters - 1) if calibration.hold else 0
+    if calibration.rebuild:
+        steps = s.iter if run.scheduler.interval == "iter" else s.epoch
+        run.scheduler = run.scheduler_for(s.total_iters, s.hold_iters)
+        for _ in range(steps):  # closed-form factors: the learning rates the repeat run has
+            run.scheduler.step()
+    if s.total_iters == s.iter and p.limit != s.iter and t.budget_s - s.budget_used_s < calibration.iter_s:
+        log.warning(f"trainer.max_time={t.max_time} leaves no time for training after set-up and "
+                    f"speed measurement ({format_duration(s.budget_used_s)}); stopping after "
+                    f"{s.iter} iteration(s). Give a longer budget.")
+    images = s.total_iters * t.batch_size * t.accumulate_grad_batches * run.dist.world_size
+    log.info(f"Time budget {format_duration(t.budget_s)}: {calibration.iter_s:.3g} s per iteration "
+             f"(measured on iterations {calibration.first_iter + 1}-{s.iter}), about "
+             f"{format_duration(val_s)} per validation; training for {s.total_iters} iterations "
+             f"({images} images)"
+             + (f", {s.validations} validation(s) spread over them" if val_every is None else "")
+             + (", capped by trainer.max_iters / max_epochs" if p.limit == s.total_iters else "")
+             + (f"; the lr held at its start for the first {s.hold_iters}" if s.hold_iters else "")
+             + f". To repeat this run exactly: {repeat_overrides(s, t.by_epoch)}.")

@@ -4,6 +4,7 @@ asked, trains, and writes the run folder's summary. ``train.py`` is a thin wrapp
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -268,13 +269,16 @@ def build_run(cfg: DictConfig, run_dir: Path, launch: Launch, started: float,
     state = TrainState()
     if checkpoint is not None:
         state.load_state_dict(checkpoint["state"])  # the recorded length, before the schedule
-    settle_length(state, parts, resumed=checkpoint is not None,
-                  elapsed_s=time.perf_counter() - started)
+    calibration = settle_length(state, options, run_plan, cfg.scheduler, resumed=checkpoint is not None,
+                                elapsed_s=time.perf_counter() - started)
     # Other ranks log nothing: rank 0 reports the reduced figures of all. The run folder's log is
     # always kept; the `logger` group adds none, one or several (logger=[csv,tensorboard]).
     loggers = [JsonlLogger()] + build_loggers(cfg.get("logger")) if dist.is_main else []
-    run = Run(**parts, scheduler=build_scheduler(cfg, optimizer, run_plan, state.total_iters),
-              loggers=loggers, state=state)
+    scheduler_for = functools.partial(build_scheduler, cfg, optimizer, run_plan)
+    # While a budget run measures its speed, a schedule that depends on the length holds its start.
+    hold = state.total_iters - 1 if calibration is not None and calibration.hold else state.hold_iters
+    run = Run(**parts, scheduler=scheduler_for(state.total_iters, hold), loggers=loggers,
+              state=state, calibration=calibration, scheduler_for=scheduler_for)
     if checkpoint is not None:  # after the scheduler, whose construction resets the lr
         resume_run(run, checkpoint, checkpoint_path)
     return run
@@ -300,56 +304,46 @@ def build_loaders(options: TrainerOptions, train_set, val_set, sampler: Resumabl
 
 
 def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, run_plan: Plan,
-                    total_iters: int):
-    """The lr schedule over ``total_iters`` (in epochs for ``interval: epoch``)."""
+                    total_iters: int, hold_iters: int = 0):
+    """The lr schedule over ``total_iters`` (in epochs for ``interval: epoch``); ``hold_iters``:
+    a budget run's first iterations, at the full lr (a warmup starting at factor 1)."""
     interval = cfg.scheduler.get("interval", "iter")
     total_steps = total_iters if interval == "iter" else -(-total_iters // run_plan.iters_per_epoch)
-    return instantiate(cfg.scheduler)(optimizer, total_steps=total_steps)
+    hold = {"warmup_steps": hold_iters, "warmup_start_factor": 1.0} if hold_iters else {}
+    return instantiate(cfg.scheduler)(optimizer, total_steps=total_steps, **hold)
 
 
-def settle_length(state: TrainState, parts: dict[str, Any], resumed: bool, elapsed_s: float) -> None:
-    """Fix ``state.total_iters`` once: the config's limit, or for ``trainer.max_time`` the count
-    that fills what is left of the budget, measured by :func:`budget.calibrate` on a throw-away
-    run of the same parts (which it puts back as they were). A resumed budget run keeps the count
-    it recorded, so its schedule continues unchanged."""
-    t, run_plan = parts["options"], parts["plan"]
+def settle_length(state: TrainState, options: TrainerOptions, run_plan: Plan, scheduler: DictConfig,
+                  resumed: bool, elapsed_s: float) -> budget.Calibration | None:
+    """The run's length: the config's limit; a resumed budget run's recorded count (its schedule
+    continues unchanged); or, for a new budget run, not known yet: the returned
+    :class:`budget.Calibration` measures the speed on the first iterations and
+    :func:`budget.plan_run` fixes the count (``state.total_iters`` meanwhile: the cap, or
+    :data:`budget.UNKNOWN_LENGTH`). Time spent so far counts against the budget."""
+    t = options
     if t.budget_s is None:
         state.total_iters = run_plan.limit
-        return
-    if resumed and state.total_iters:
-        state.budget_used_s += elapsed_s
+        return None
+    state.budget_used_s += elapsed_s
+    if resumed and state.planned:
         log.info(f"Time budget {budget.format_duration(t.budget_s)}: "
                  f"{budget.format_duration(state.budget_used_s)} used so far; continuing the "
                  f"recorded {state.total_iters} iterations.")
-        return
-    calibration = budget.calibrate(Run(**parts, scheduler=None, loggers=[]), t.budget_s,
-                                   cap=run_plan.limit)
-    state.calibration_s += calibration.seconds
-    state.budget_used_s += elapsed_s + calibration.seconds
-    val_every = None if t.val_interval is None else \
-        t.val_interval * (run_plan.iters_per_epoch if t.by_epoch else 1)
-    if val_every is None:
-        state.validations = budget.validations_for_budget(t.budget_s, calibration.val_s)
-    count = budget.fit_iterations(t.budget_s - state.budget_used_s, calibration.iter_s,
-                                  calibration.val_s, val_every, cap=run_plan.limit,
-                                  count=state.validations)
-    state.total_iters = int(distributed.broadcast_object(count))  # rank 0 decides for every rank
-    if state.total_iters == 1 and t.budget_s - state.budget_used_s < calibration.iter_s:
-        log.warning(f"trainer.max_time={t.max_time} leaves no time for training after set-up and "
-                    f"speed measurement ({budget.format_duration(state.budget_used_s)}); training "
-                    "for one iteration. Give a longer budget.")
-    images = state.total_iters * t.batch_size * t.accumulate_grad_batches * parts["dist"].world_size
-    log.info(f"Time budget {budget.format_duration(t.budget_s)}: "
-             f"{calibration.iter_s:.3g} s per iteration, about "
-             f"{budget.format_duration(calibration.val_s)} per validation (measured in "
-             f"{budget.format_duration(calibration.seconds)}); training for {state.total_iters} "
-             f"iterations ({images} images)"
-             + (f", {state.validations} validation(s) spread over them" if val_every is None else "")
-             + (", capped by trainer.max_iters / max_epochs"
-                if run_plan.limit == state.total_iters else "")
-             + f". To repeat this run exactly: trainer.max_time=null "
-             f"trainer.max_iters={state.total_iters}"
-             + (" trainer.max_epochs=null" if t.by_epoch else "") + ".")
+        return None
+    state.planned = False
+    state.total_iters = run_plan.limit or budget.UNKNOWN_LENGTH
+    name, interval = str(scheduler.get("name")), str(scheduler.get("interval", "iter"))
+    warmup = int(scheduler.get("warmup_steps") or 0)
+    hold = name != "plateau" and interval == "iter" and warmup == 0
+    last = run_plan.iters_per_epoch if interval == "epoch" else warmup if warmup and name != "plateau" \
+        else None
+    if run_plan.limit is not None:
+        last = run_plan.limit if last is None else min(last, run_plan.limit)
+    log.info(f"Time budget {budget.format_duration(t.budget_s)}"
+             + (f": {budget.format_duration(state.budget_used_s)} used so far" if resumed else "")
+             + "; measuring the speed on the first training iterations"
+             + (" (the lr held at its start meanwhile)" if hold else "") + ".")
+    return budget.Calibration(t.budget_s, last_iter=last, hold=hold, rebuild=name != "plateau")
 
 
 def config_for_resume(cfg: DictConfig, checkpoint: dict[str, Any], path: Path,
@@ -510,7 +504,7 @@ def write_summary(run: Run, status: str, wall_time_s: float, error: str | None =
         "train_time_s": round(s.train_time_s, 2),
         "val_time_s": round(s.val_time_s, 2),
         "iters": s.iter,
-        "planned_iters": s.total_iters,
+        "planned_iters": s.total_iters if s.planned else None,  # None: stopped before planning
         "epochs": s.epoch,
         "images_seen": s.iter * run.options.batch_size * run.options.accumulate_grad_batches
         * run.dist.world_size,
@@ -518,7 +512,10 @@ def write_summary(run: Run, status: str, wall_time_s: float, error: str | None =
     if run.options.budget_s is not None:
         summary["budget"] = {"max_time": run.options.max_time, "seconds": run.options.budget_s,
                              "used_s": round(s.budget_used_s, 2),
+                             "calibration_iters": s.calibration_iters,
                              "calibration_s": round(s.calibration_s, 2)}
+        if s.planned:
+            summary["budget"]["repeat"] = budget.repeat_overrides(s, run.options.by_epoch)
     if error:
         summary["error"] = error
     if run.dist.enabled:

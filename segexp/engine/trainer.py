@@ -18,6 +18,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,11 +53,14 @@ class TrainState:
     best_metric: float = -math.inf
     best_iter: int = -1
     validations_since_best: int = 0
-    total_iters: int = 0  # the run's length, fixed before training (from the budget or the config)
+    total_iters: int = 0  # the run's length: the config's, or fixed early in a budget run
+    planned: bool = True  # False while a budget run is still measuring its speed (total unknown)
+    calibration_iters: int = 0  # a budget run's first iterations, timed to fix its length
+    hold_iters: int = 0  # of which the schedule held the lr at its start (repeat: warmup_steps)
     validations: int = budget.VALIDATIONS_PER_RUN  # spread over the run when val_interval is null
     train_time_s: float = 0.0  # in training steps (data loading included), validations excluded
     val_time_s: float = 0.0
-    calibration_s: float = 0.0  # measuring the speed for trainer.max_time
+    calibration_s: float = 0.0  # estimating a validation's time for trainer.max_time
     budget_used_s: float = 0.0  # wall-clock counted against trainer.max_time (kept on resume)
     stopped_by: str = ""  # why training ended before total_iters: early_stopping | time_limit
     last_results: dict[str, Any] = field(default_factory=dict)
@@ -114,7 +118,7 @@ class Run:
     train_model: nn.Module  # what training calls: DDP and/or torch.compile wrappers of `model`
     criterion: nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: Any  # None only in the throw-away run that measures the speed for a budget
+    scheduler: Any  # None only in the benchmarks' runs, which have no schedule
     scaler: torch.amp.GradScaler
     train_loader: DataLoader
     sampler: ResumableSampler
@@ -133,6 +137,10 @@ class Run:
     state: TrainState = field(default_factory=TrainState)
     stop_signal: str | None = None  # set by a signal handler: stop at the next iteration boundary
     saved_weights_norm: tuple[int, float] | None = None  # (iteration, norm) of the last checkpoint
+    # A budget run still measuring its speed: the measurement, and (total, hold) -> the schedule
+    # over the length it fixes (segexp.engine.budget.plan_run).
+    calibration: budget.Calibration | None = None
+    scheduler_for: Callable[[int, int], Any] | None = None
 
 
 # -- one step -----------------------------------------------------------------------------------
@@ -356,7 +364,8 @@ class LogWindow:
             bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['train/lr']:.2e}",
                             img_s=f"{metrics['train/images_per_s']:.1f}")
         elif run.dist.is_main:  # plain lines for log files and clusters
-            log.info(f"[iter {s.iter}/{s.total_iters}] loss {metrics['train/loss']:.4f} "
+            total = s.total_iters if s.planned else "?"
+            log.info(f"[iter {s.iter}/{total}] loss {metrics['train/loss']:.4f} "
                      f"lr {metrics['train/lr']:.2e} {metrics['train/images_per_s']:.1f} img/s")
         s.train_time_s += elapsed
         self.restart()
@@ -398,16 +407,18 @@ def fit(run: Run) -> TrainState:
     """Train for ``run.state.total_iters`` iterations, unless early stopping triggers or the
     time budget is overrun (see :mod:`segexp.engine.budget`)."""
     t, s, p = run.options, run.state, run.plan
-    val_every = budget.validation_every(
-        t.val_interval, -(-s.total_iters // p.iters_per_epoch) if t.by_epoch else s.total_iters,
-        s.validations)
+    val_every = validation_period(run)
+    calibration = None if s.planned else run.calibration
+    if calibration is not None:
+        calibration.first_iter = s.iter
+        calibration.restart()
     clock = BudgetClock(s)
     run.model.train()
     run.optimizer.zero_grad(set_to_none=True)
     # A device-side record of the first non-finite loss: no host sync on every step.
     bad_step = torch.full((), -1, dtype=torch.long, device=run.device)
     window = LogWindow(run.device)
-    bar = tqdm(total=s.total_iters, initial=s.iter, desc="train", dynamic_ncols=True,
+    bar = tqdm(total=s.total_iters if s.planned else None, initial=s.iter, desc="train", dynamic_ncols=True,
                disable=not (t.progress_bar and run.dist.is_main))
     stop = s.iter >= s.total_iters
     while not stop:
@@ -435,6 +446,13 @@ def fit(run: Run) -> TrainState:
                 s.epoch, s.batch_in_epoch = s.epoch + 1, 0
                 if run.scheduler.interval == "epoch":
                     run.scheduler.step()
+            if calibration is not None and calibration.iteration_done(run):
+                clock.charge()
+                budget.plan_run(run, calibration)  # the run's length is known from here
+                clock.restart()
+                calibration, val_every = None, validation_period(run)
+                bar.total = s.total_iters
+                bar.refresh()
             last_iter = s.iter >= s.total_iters
             at_log_step = s.iter % t.log_interval == 0
             if not last_iter and stop_requested(run, at_log_step):
@@ -457,11 +475,21 @@ def fit(run: Run) -> TrainState:
                     s.stopped_by = "early_stopping"
                 window.resume()
                 clock.restart()
+                if calibration is not None:  # a validation is not a training step
+                    calibration.restart()
             if stop or last_iter or epoch_done:
                 stop = stop or last_iter
                 break
     bar.close()
     return s
+
+
+def validation_period(run: Run) -> int:
+    """Validate every this many iterations (epochs with max_epochs): ``trainer.val_interval``, or
+    ``state.validations`` spread over the run (none before a budget run's length is known)."""
+    t, s, p = run.options, run.state, run.plan
+    units = -(-s.total_iters // p.iters_per_epoch) if t.by_epoch else s.total_iters
+    return budget.validation_every(t.val_interval, units, s.validations)
 
 
 def stop_requested(run: Run, at_log_step: bool) -> bool:

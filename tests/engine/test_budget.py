@@ -69,28 +69,55 @@ def _summary(run_dir: Path) -> dict:
 
 def test_timed_run_records_its_count_and_ends_at_the_schedule_floor(tmp_path):
     timed = tmp_path / "timed"
-    run_training(tiny_config(*TIMED), timed)
+    run_training(tiny_config(*TIMED, "trainer.log_interval=1"), timed)
     summary = _summary(timed)
-    n = summary["planned_iters"]
+    n, w = summary["planned_iters"], summary["budget"]["calibration_iters"]
     assert summary["status"] == "completed" and summary["iters"] == n >= 1
     assert summary["images_seen"] == 2 * n  # batch 2
-    assert summary["budget"]["seconds"] == 4 and summary["budget"]["calibration_s"] > 0
+    # The speed was measured on the run's own first iterations (no throw-away steps): they fill
+    # 2 % of the budget, after 2 untimed ones; only a validation's time was estimated apart.
+    assert budget.WARMUP_STEPS + budget.MIN_TIMED_STEPS <= w < n
+    assert summary["budget"]["seconds"] == 4 and 0 < summary["budget"]["calibration_s"] < 2
     assert summary["budget"]["used_s"] >= summary["budget"]["calibration_s"]
     assert summary["val_time_s"] > 0
     lines = [json.loads(line) for line in (timed / "metrics.jsonl").read_text().splitlines()]
-    lrs = [line["train/lr"] for line in lines if "train/lr" in line]
-    # poly down to its floor (min_lr_ratio of the lr) exactly at the last iteration
+    lrs = {line["step"]: line["train/lr"] for line in lines if "train/lr" in line}
     cfg = tiny_config(*TIMED)
-    assert lrs[-1] == pytest.approx(cfg.optimizer.lr * cfg.scheduler.min_lr_ratio)
+    # The lr is held at its start while the speed is measured (it could not depend on a count
+    # not yet known), then poly decays to its floor (min_lr_ratio) exactly at the last iteration.
+    assert [lrs[i] for i in range(1, w)] == [cfg.optimizer.lr] * (w - 1)
+    assert lrs[w + 1] < cfg.optimizer.lr
+    assert lrs[n] == pytest.approx(cfg.optimizer.lr * cfg.scheduler.min_lr_ratio)
     assert lines[-1]["step"] == n
 
-    # The recorded count repeats the run exactly: calibration left no trace.
+    # The recorded overrides repeat the run exactly.
+    repeat_line = summary["budget"]["repeat"]
+    assert repeat_line == (f"trainer.max_time=null trainer.max_iters={n} "
+                           f"scheduler.warmup_steps={w} scheduler.warmup_start_factor=1")
     repeat = tmp_path / "repeat"
-    run_training(tiny_config(*TIMED, "trainer.max_time=null", f"trainer.max_iters={n}"), repeat)
+    run_training(tiny_config(*TIMED, "trainer.log_interval=1", *repeat_line.split()), repeat)
     a, b = last_weights(timed), last_weights(repeat)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
     assert _summary(repeat)["final"]["mIoU"] == pytest.approx(summary["final"]["mIoU"], abs=1e-3)
+    repeated = {json.loads(line)["step"]: json.loads(line)["train/lr"]
+                for line in (repeat / "metrics.jsonl").read_text().splitlines() if "train/lr" in line}
+    assert repeated == pytest.approx(lrs, rel=1e-12)
+
+
+def test_a_configured_warmup_is_where_the_speed_is_measured(tmp_path):
+    """With a warmup of its own, the schedule is not changed: the measurement ends inside it,
+    and the count alone repeats the run."""
+    overrides = [*TIMED, "trainer.max_time=60s", "trainer.max_iters=12", "scheduler.warmup_steps=6"]
+    run_training(tiny_config(*overrides), tmp_path / "timed")
+    summary = _summary(tmp_path / "timed")
+    assert summary["budget"]["calibration_iters"] == 6  # 2 % of 60 s takes more than 6 tiny steps
+    assert summary["planned_iters"] == 12  # the cap
+    assert summary["budget"]["repeat"] == "trainer.max_time=null trainer.max_iters=12"
+    run_training(tiny_config(*overrides, *summary["budget"]["repeat"].split()), tmp_path / "repeat")
+    a, b = last_weights(tmp_path / "timed"), last_weights(tmp_path / "repeat")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_resumed_timed_run_keeps_its_count_and_the_time_spent(tmp_path, monkeypatch):
@@ -102,8 +129,9 @@ def test_resumed_timed_run_keeps_its_count_and_the_time_spent(tmp_path, monkeypa
 
     real_step = trainer_module.optimizer_step
 
-    def crashing_step(run):  # calibration steps run at iteration 0; crash in iteration 6,
-        if run.state.iter == 5:  # after iteration 5 was logged but not checkpointed
+    def crashing_step(run):  # the whole capped run measures its speed (2 % of 60 s is more
+        if run.state.iter == 5:  # than 6 tiny steps); crash after iteration 5 was logged but
+            # not checkpointed: the resumed run measures again from iteration 4 and plans at 6
             raise KeyboardInterrupt("simulated crash")
         real_step(run)
 
@@ -126,13 +154,44 @@ def test_resumed_timed_run_keeps_its_count_and_the_time_spent(tmp_path, monkeypa
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_an_overrun_budget_stops_training_and_says_so(tmp_path, monkeypatch):
-    # The machine "slows down" after calibration: every step then takes longer than planned.
+def test_a_run_resumed_after_planning_continues_its_schedule_exactly(tmp_path, monkeypatch):
+    overrides = [*TIMED, "trainer.val_interval=2", "trainer.log_interval=1"]
+    real_step = trainer_module.optimizer_step
+    crash_at = []
+
+    def crashing_step(run):  # crash 3 iterations after the count was fixed
+        s = run.state
+        if s.planned and not crash_at and s.iter >= s.calibration_iters + 3 and s.iter % 2 == 1:
+            crash_at.append(s.iter)
+            raise KeyboardInterrupt("simulated crash")
+        real_step(run)
+
+    monkeypatch.setattr(trainer_module, "optimizer_step", crashing_step)
+    broken = tmp_path / "broken"
+    with pytest.raises(KeyboardInterrupt):
+        run_training(tiny_config(*overrides), broken)
+    saved = read_weights_file(broken / "checkpoints" / "last.pt")["state"]
+    assert saved["planned"] and saved["iter"] == crash_at[0] - 1 and saved["total_iters"] > saved["iter"]
+    run_training(tiny_config(*overrides, "resume=true"), broken)
+    summary = _summary(broken)
+    assert summary["iters"] == summary["planned_iters"] == saved["total_iters"]
+    assert summary["budget"]["used_s"] > saved["budget_used_s"]
+    # The resumed run ends with the weights of one run of the recorded overrides.
+    repeat = tmp_path / "repeat"
+    run_training(tiny_config(*overrides, *summary["budget"]["repeat"].split()), repeat)
+    a, b = last_weights(repeat), last_weights(broken)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("when", ["after planning", "while measuring"])
+def test_an_overrun_budget_stops_training_and_says_so(tmp_path, monkeypatch, when):
+    # The machine "slows down": every step then takes far longer than the budget allows.
     real_step = trainer_module.optimizer_step
 
     def slow_step(run):
         real_step(run)
-        if run.state.iter > 0:
+        if run.state.iter > 0 and (run.state.planned or when == "while measuring"):
             run.state.budget_used_s += 10.0
 
     monkeypatch.setattr(trainer_module, "optimizer_step", slow_step)
@@ -140,7 +199,10 @@ def test_an_overrun_budget_stops_training_and_says_so(tmp_path, monkeypatch):
     run_training(tiny_config(*TIMED, "trainer.max_time=30s", "trainer.log_interval=1"), run_dir)
     summary = _summary(run_dir)
     assert summary["status"] == "time_limit"
-    assert summary["iters"] < summary["planned_iters"]
+    if when == "after planning":
+        assert summary["iters"] < summary["planned_iters"]
+    else:  # stopped before its length was known
+        assert summary["planned_iters"] is None and "repeat" not in summary["budget"]
     assert summary["final"]["mIoU"] is not None  # the final validation still happened
 
 

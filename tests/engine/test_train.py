@@ -320,7 +320,7 @@ def test_compiled_training_step_matches_the_plain_one(tmp_path):
     """trainer.compile wraps what the step calls; the eager backend traces the model with
     TorchDynamo without generating kernels, so the weights must come out the same."""
     overrides = ["trainer.max_iters=2", "trainer.val_interval=2", "head.dropout=0"]
-    run_training(tiny_config(*overrides, "trainer.channels_last=false"), tmp_path / "plain")
+    run_training(tiny_config(*overrides), tmp_path / "plain")
     run_training(tiny_config(*overrides, "trainer.compile=true", "trainer.compile_backend=eager"),
                  tmp_path / "compiled")
     plain, compiled = last_weights(tmp_path / "plain"), last_weights(tmp_path / "compiled")
