@@ -266,3 +266,38 @@ def test_validation_time_estimate_is_the_start_up_plus_the_steady_time_per_image
     options.max_val_batches = 2  # a capped validation: two batches' worth
     model.calls = 0
     assert 0.3 + 0.04 <= budget._validation_seconds(run) < 0.3 + 0.04 + 0.25
+
+
+def _measure(durations, budget_s, monkeypatch, last_iter=None):
+    """Feed a Calibration iterations of the given durations (seconds); returns it and the
+    iteration at which it said the measurement is complete."""
+    from types import SimpleNamespace
+
+    clock = [0.0]
+    monkeypatch.setattr(budget.time, "perf_counter", lambda: clock[0])
+    calibration = budget.Calibration(budget_s, last_iter=last_iter, hold=True, rebuild=True)
+    run = SimpleNamespace(device=torch.device("cpu"), state=SimpleNamespace(iter=0))
+    calibration.restart()
+    for i, seconds in enumerate(durations, start=1):
+        clock[0] += seconds
+        run.state.iter = i
+        if calibration.iteration_done(run):
+            return calibration, i
+    raise AssertionError("the measurement never ended")
+
+
+def test_the_speed_is_measured_on_steady_iterations(monkeypatch):
+    # Steady 1 s iterations: 2 untimed, then 8 timed fill 2 % of a 400 s budget.
+    calibration, ended = _measure([5.0, 3.0] + [1.0] * 100, 400, monkeypatch)
+    assert ended == budget.WARMUP_STEPS + 8 and calibration.iter_s == pytest.approx(1.0)
+    # A machine still warming up (2 s iterations easing to 1 s over 20 of them): measured on until
+    # it is steady, and the estimate is the steady speed, not the warm-up's.
+    ramp = [2.0 - i / 20 for i in range(20)] + [1.0] * 200
+    calibration, ended = _measure(ramp, 400, monkeypatch)
+    assert ended > budget.WARMUP_STEPS + 8
+    assert calibration.iter_s == pytest.approx(1.0, rel=0.1)
+    # ... but not beyond a tenth of the budget, nor past the iteration it must end at.
+    calibration, ended = _measure([2.0 * 0.98 ** i for i in range(400)], 400, monkeypatch)
+    assert 0.1 * 400 <= sum(calibration.durations) <= 0.1 * 400 + 2.0
+    _, ended = _measure(ramp, 400, monkeypatch, last_iter=9)
+    assert ended == 9
