@@ -26,7 +26,7 @@ class UpBlock(nn.Module):
     def __init__(self, in_channels: int, skip_channels: int, out_channels: int, factor: int,
                  upsample: str, align_corners: bool) -> None:
         super().__init__()
-        self.align_corners = align_corners
+        self.align_corners, self.factor = align_corners, factor
         if upsample == "transpose":
             # kernel = stride = factor (2 in the paper; 1 when a dilated backbone keeps the size).
             self.up = nn.ConvTranspose2d(in_channels, in_channels // 2, factor, stride=factor)
@@ -36,11 +36,14 @@ class UpBlock(nn.Module):
             up_channels = in_channels
         self.convs = DoubleConv(up_channels + skip_channels, out_channels)
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        """``skip=None``: a stage without a skip (``full_resolution``), ``factor`` x the size."""
+        size = skip.shape[-2:] if skip is not None else (x.shape[-2] * self.factor,
+                                                           x.shape[-1] * self.factor)
         if self.up is not None:
             x = self.up(x)
-        x = resize(x, skip.shape[-2:], self.align_corners)  # bilinear mode; no-op after up-conv
-        return self.convs(torch.cat([skip, x], dim=1))
+        x = resize(x, size, self.align_corners)  # bilinear mode; no-op after up-conv
+        return self.convs(x if skip is None else torch.cat([skip, x], dim=1))
 
 
 class UNetHead(nn.Module):
@@ -48,12 +51,14 @@ class UNetHead(nn.Module):
     decoder stage's width, halved at each shallower stage (256 -> 256, 128, 64, 32 over ResNet's
     four skips, as segmentation-models-pytorch's U-Net); ``None`` mirrors the skips' channels
     (the paper: 512, 256, 128, 64 for an encoder of 64..1024); or one width per skip map, deepest
-    first."""
+    first. ``full_resolution``: one more stage, without a skip, up to the input's resolution
+    (logits at full size instead of the finest map's, as segmentation-models-pytorch's U-Net)."""
 
     def __init__(self, in_channels: Sequence[int], in_reductions: Sequence[int], num_classes: int,
                  *, in_index: Sequence[int] | None = None,
                  decoder_channels: int | Sequence[int] | None = None, upsample: str = "transpose",
-                 dropout: float = 0.1, align_corners: bool = False) -> None:
+                 dropout: float = 0.1, align_corners: bool = False,
+                 full_resolution: bool = False) -> None:
         super().__init__()
         name = "UNetHead"
         self.num_inputs = len(in_channels)
@@ -96,12 +101,18 @@ class UNetHead(nn.Module):
             factor = reds[s + 1] // reds[s]
             blocks.append(UpBlock(c, chans[s], out_c, factor, upsample, align_corners))
             c = out_c
+        if full_resolution and self.reduction > 1:
+            # One more stage, without a skip, up to the input's resolution at half the last width
+            # (segmentation-models-pytorch's U-Net: 16 channels after 32 on ResNet).
+            blocks.append(UpBlock(c, 0, max(c // 2, 1), self.reduction, upsample, align_corners))
+            c, self.reduction = max(c // 2, 1), 1
         self.blocks = nn.ModuleList(blocks)
         self.classifier = nn.Conv2d(c, num_classes, 1)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         xs = select_features(features, self.in_index, self.num_inputs)
         x = self.dropout(xs[-1])
-        for block, skip in zip(self.blocks, reversed(xs[:-1]), strict=True):
-            x = block(x, skip)
+        skips = list(reversed(xs[:-1]))
+        for i, block in enumerate(self.blocks):
+            x = block(x, skips[i] if i < len(skips) else None)
         return self.classifier(x)

@@ -70,6 +70,10 @@ CASES = [
     ("unet_resnet", UNetHead, {"decoder_channels": [16, 16, 8, 8]}, resnet_like, 2),
     ("unet_resnet_d8", UNetHead, {"decoder_channels": [16, 16, 8, 8]}, resnet_d8_like, 2),
     ("unet_convnext_bilinear", UNetHead, {"upsample": "bilinear"}, convnext_like, 4),
+    ("unet_resnet_full_resolution", UNetHead,
+     {"decoder_channels": [16, 16, 8, 8], "full_resolution": True}, resnet_like, 1),
+    ("unet_convnext_bilinear_full_resolution", UNetHead,
+     {"upsample": "bilinear", "full_resolution": True}, convnext_like, 1),
 ]
 
 
@@ -252,6 +256,9 @@ def test_unet_decoder_width_halves_from_the_deepest_stage_and_the_paper_recipe_m
     three = UNetHead([96, 192, 384, 768], [4, 8, 16, 32], NUM_CLASSES, decoder_channels=256)
     assert three.classifier.in_channels == 64  # 256, 128, 64 over three skips
     assert UNetHead(*resnet, NUM_CLASSES).classifier.in_channels == 64  # None: mirrored
+    # full_resolution: one more stage of half the last width, at the input's size (smp's 16)
+    full = UNetHead(*resnet, NUM_CLASSES, decoder_channels=256, full_resolution=True)
+    assert len(full.blocks) == 5 and full.classifier.in_channels == 16 and full.reduction == 1
     assert compose_config().head.decoder_channels == 256  # the default run
     paper = compose_config("experiment=unet_paper")
     assert paper.head.decoder_channels is None and paper.backbone._target_.endswith("UNetEncoder")
