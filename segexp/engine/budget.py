@@ -232,10 +232,6 @@ class Calibration:
         return sum(d[half:]) / (len(d) - half) < (1 - SPEEDUP_TOLERANCE) * sum(d[:half]) / half
 
     @property
-    def timed(self) -> int:
-        return len(self.durations)
-
-    @property
     def iter_s(self) -> float:
         """Seconds per iteration: the later half's mean once there are enough (a warm-up that
         lasted into the timed iterations does not count), else all of them."""

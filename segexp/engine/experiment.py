@@ -334,9 +334,22 @@ def settle_length(state: TrainState, options: TrainerOptions, run_plan: Plan, sc
     state.total_iters = run_plan.limit or budget.UNKNOWN_LENGTH
     name, interval = str(scheduler.get("name")), str(scheduler.get("interval", "iter"))
     warmup = int(scheduler.get("warmup_steps") or 0)
-    hold = name != "plateau" and interval == "iter" and warmup == 0
-    last = run_plan.iters_per_epoch if interval == "epoch" else warmup if warmup and name != "plateau" \
-        else None
+    # Where the lr cannot depend on the count yet: a plateau schedule never does; one stepped per
+    # epoch does not in the first epoch; a warmup does not until it ends; else the lr is held.
+    last, hold = None, False
+    if name != "plateau":
+        if interval == "epoch":
+            last = run_plan.iters_per_epoch
+        elif warmup:
+            last = warmup
+        elif int(scheduler.get("backbone_warmup_steps") or 0):
+            raise ConfigError(
+                "trainer.max_time with scheduler.backbone_warmup_steps needs scheduler.warmup_steps "
+                "> 0: the budget measures the speed during that first warmup (holding the lr "
+                "instead would keep the backbone at lr 0 meanwhile). Set e.g. "
+                "scheduler.warmup_steps=100.")
+        else:
+            hold = True
     if run_plan.limit is not None:
         last = run_plan.limit if last is None else min(last, run_plan.limit)
     log.info(f"Time budget {budget.format_duration(t.budget_s)}"

@@ -184,6 +184,11 @@ def test_a_run_resumed_after_planning_continues_its_schedule_exactly(tmp_path, m
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+def test_a_two_stage_warmup_without_a_first_stage_is_refused_under_a_budget(tmp_path):
+    with pytest.raises(ConfigError, match="scheduler.backbone_warmup_steps needs scheduler.warmup_steps"):
+        run_training(tiny_config(*TIMED, "scheduler.backbone_warmup_steps=5"), tmp_path)
+
+
 @pytest.mark.parametrize("when", ["after planning", "while measuring"])
 def test_an_overrun_budget_stops_training_and_says_so(tmp_path, monkeypatch, when):
     # The machine "slows down": every step then takes far longer than the budget allows.

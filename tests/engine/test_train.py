@@ -273,14 +273,26 @@ def test_auto_precision_is_bf16_only_where_the_device_computes_it_natively(tmp_p
     assert json.loads((tmp_path / "plain" / "metrics.json").read_text())["precision"] == "32"
 
 
-def test_auto_channels_last_is_nhwc_on_cpus_and_with_mixed_precision_on_gpus(tmp_path, caplog):
+def test_auto_channels_last_is_nhwc_on_avx512_cpus_and_with_mixed_precision_on_gpus(
+        tmp_path, monkeypatch, caplog):
+    from segexp import runtime
     from segexp.runtime import resolve_channels_last
 
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)  # the suite may run under a cap
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert resolve_channels_last("auto", cpu, "32") and resolve_channels_last("auto", cpu, "bf16")
     assert resolve_channels_last("auto", gpu, "bf16") and resolve_channels_last("auto", gpu, "16")
     assert not resolve_channels_last("auto", gpu, "32")
     assert not resolve_channels_last(False, cpu, "bf16") and resolve_channels_last(True, gpu, "32")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # oneDNN capped below AVX-512: NCHW
+    assert not resolve_channels_last("auto", cpu, "32")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")
+    assert resolve_channels_last("auto", cpu, "32")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx2"}))  # an AVX2-only CPU
+    assert not resolve_channels_last("auto", cpu, "32")
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
     with caplog.at_level("INFO"):
         run_training(tiny_config("trainer.max_iters=1", "trainer.val_interval=1",
                                  "trainer.channels_last=auto"), tmp_path)
