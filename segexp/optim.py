@@ -312,6 +312,42 @@ def _main_lambdas(optimizer, name: str, total_steps: int, warmup_steps: int, opt
         * len(optimizer.param_groups)
 
 
+def _check_replan(name: str, at, planned, total_steps: int, warmup_steps: int,
+                  backbone_warmup_steps: int) -> tuple[int, int] | None:
+    """``(replanned_at, replanned_from)`` as integers, or None; a clear error where they do not
+    describe a re-planned run of this schedule."""
+    if at is None and planned is None:
+        return None
+    if at is None or planned is None:
+        raise ConfigError(f"scheduler.replanned_at={at} and scheduler.replanned_from={planned} "
+                          "go together (a time-budget run's re-plan: copy both from its "
+                          "budget.repeat), or both null.")
+    if name == "plateau" or backbone_warmup_steps:
+        raise ConfigError(f"scheduler.replanned_at / replanned_from apply to the poly, cosine and "
+                          f"step schedules without backbone_warmup_steps, not to this {name} "
+                          "schedule; set both to null.")
+    at, planned = int(at), int(planned)
+    if not warmup_steps <= at < min(planned, total_steps):
+        raise ConfigError(f"scheduler.replanned_at={at} must lie at or after the warmup "
+                          f"({warmup_steps} steps) and before both scheduler.replanned_from="
+                          f"{planned} and the run's length ({total_steps} steps).")
+    return at, planned
+
+
+def _replanned_lambdas(optimizer, name: str, total_steps: int, warmup_steps: int, at: int,
+                       planned: int, opts: dict):
+    """The factors over ``planned`` steps, whose steps after ``at`` are spread evenly over the
+    ``total_steps - at`` the run has instead (see :func:`build_scheduler`)."""
+    planned_lambdas = _main_lambdas(optimizer, name, planned, warmup_steps, opts)
+    done = at - warmup_steps  # decay steps before the re-plan
+    ratio = (planned - at) / (total_steps - at)
+
+    def planned_step(t: float) -> float:
+        return t if t <= done else done + (t - done) * ratio
+
+    return [lambda t, factor=factor: factor(planned_step(t)) for factor in planned_lambdas]
+
+
 def _two_stage_lambdas(optimizer, name: str, total_steps: int, head_warmup: int,
                        backbone_warmup: int, start_factor: float, opts: dict):
     """Per-group factors of the whole run (warmups included) for ``backbone_warmup_steps``."""
@@ -340,7 +376,9 @@ def _two_stage_lambdas(optimizer, name: str, total_steps: int, head_warmup: int,
 
 def build_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int,
                     interval: str = "iter", warmup_steps: int = 0,
-                    warmup_start_factor: float = 1e-3, backbone_warmup_steps: int = 0, **options):
+                    warmup_start_factor: float = 1e-3, backbone_warmup_steps: int = 0,
+                    replanned_at: int | None = None, replanned_from: int | None = None,
+                    **options):
     """A torch lr scheduler for ``optimizer``, with attributes ``interval`` and ``monitor``.
 
     ``name``, with its ``options`` (defaults in brackets):
@@ -360,6 +398,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: in
     exactly at ``total_steps``. With ``warmup_steps > 0`` the lr first rises linearly from
     ``warmup_start_factor * lr0`` to ``lr0`` (``LinearLR``, chained with ``SequentialLR``; for
     plateau the first ``warmup_steps`` calls of ``step(metric)`` do the warmup).
+
+    ``replanned_at=R, replanned_from=N``: a time-budget run that re-planned its length at step
+    ``R`` (:mod:`segexp.engine.budget`): the schedule is the one over ``N`` steps up to ``R``, and
+    its rest is stretched (or compressed) evenly to end at ``total_steps``; the lr stays
+    continuous and reaches the floor at the end. The run records both, so
+    ``trainer.max_iters=<total>`` with them repeats it exactly.
 
     ``backbone_warmup_steps > 0`` is EoMT's two-stage warmup: the backbone's parameter groups
     stay at lr 0 (the pretrained encoder frozen) while the others warm up over ``warmup_steps``,
@@ -411,6 +455,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: in
         warmup_steps = (total_steps - 1) * warmup_steps // both
         backbone_warmup_steps = max(total_steps - 1 - warmup_steps, 0)
 
+    replan = _check_replan(name, replanned_at, replanned_from, total_steps, warmup_steps,
+                           backbone_warmup_steps)
+
     if name == "plateau":
         if opts["mode"] not in ("min", "max"):
             raise ConfigError(f"scheduler.mode={opts['mode']} must be 'max' (metrics such as "
@@ -429,7 +476,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: in
             float(warmup_start_factor), opts))
         scheduler.monitor = None
     else:
-        lambdas = _main_lambdas(optimizer, name, total_steps, warmup_steps, opts)
+        if replan is None:
+            lambdas = _main_lambdas(optimizer, name, total_steps, warmup_steps, opts)
+        else:
+            lambdas = _replanned_lambdas(optimizer, name, total_steps, warmup_steps, *replan, opts)
         if warmup_steps:
             warmup = LinearLR(optimizer, start_factor=float(warmup_start_factor), end_factor=1.0,
                               total_iters=warmup_steps)

@@ -201,6 +201,42 @@ def test_plateau_reduces_after_patience_with_a_flat_metric():
     assert sched.get_last_lr()[2] == pytest.approx(10 * lrs[-1])
 
 
+@pytest.mark.parametrize("name,opts", [("poly", {"min_lr_ratio": 0.01}), ("cosine", {}),
+                                       ("step", {"milestones": [0.5, 0.9]})])
+@pytest.mark.parametrize("total", [60, 140], ids=["compressed", "stretched"])
+def test_a_replanned_schedule_keeps_its_start_and_stretches_its_rest(name, opts, total):
+    """A budget run planned over 100 iterations (lr held for the first 10) re-plans at 40: the lr
+    up to 40 is the planned schedule's, the rest is the planned rest spread over the new length,
+    reaching the same end (the floor) at the run's end."""
+    planned, at, hold = 100, 40, 10
+    opt = sgd(TinySegmentor())
+    before = run(build_scheduler(opt, name, total_steps=planned, warmup_steps=hold,
+                                 warmup_start_factor=1.0, **opts), opt, planned + 1)
+    opt = sgd(TinySegmentor())
+    after = run(build_scheduler(opt, name, total_steps=total, warmup_steps=hold,
+                                warmup_start_factor=1.0, replanned_at=at, replanned_from=planned,
+                                **opts), opt, total + 1)
+    assert after[:at + 1] == pytest.approx(before[:at + 1], rel=1e-12)
+    assert after[total] == pytest.approx(before[planned], rel=1e-12)  # the same end
+    # Each later step stands where the planned schedule stood at the matching fraction of its rest.
+    for step in (at + 1, (at + total) // 2, total - 1):
+        t = at + (step - at) * (planned - at) / (total - at)
+        assert before[math.ceil(t)] - 1e-12 <= after[step] <= before[math.floor(t)] + 1e-12
+    assert after == sorted(after, reverse=True)  # never rises: no jump at the re-plan
+
+
+def test_a_replan_that_does_not_describe_a_run_is_refused():
+    opt = sgd(TinySegmentor())
+    with pytest.raises(ConfigError, match="go together"):
+        build_scheduler(opt, "poly", total_steps=50, replanned_at=20)
+    with pytest.raises(ConfigError, match="not to this plateau"):
+        build_scheduler(opt, "plateau", total_steps=50, replanned_at=20, replanned_from=40)
+    with pytest.raises(ConfigError, match="scheduler.replanned_at=60 must lie"):
+        build_scheduler(opt, "poly", total_steps=50, replanned_at=60, replanned_from=100)
+    with pytest.raises(ConfigError, match="scheduler.replanned_at=5 must lie at or after the warmup"):
+        build_scheduler(opt, "poly", total_steps=50, warmup_steps=10, replanned_at=5, replanned_from=100)
+
+
 def test_bad_scheduler_options_are_config_errors():
     opt = sgd(TinySegmentor())
     with pytest.raises(ConfigError, match="scheduler.name=linear"):

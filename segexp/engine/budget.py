@@ -17,6 +17,14 @@ trainer.max_iters=1119 scheduler.warmup_steps=23 scheduler.warmup_start_factor=1
 keeps the recorded count and the time already spent (a run stopped before its count was fixed
 measures again where it resumed).
 
+The speed can change after it was measured (another job starts beside the run): once
+:data:`REPLAN_AT` of the budget is used, it is measured again on the iterations since the plan
+and, where the count that fills the budget has moved by more than :data:`REPLAN_TOLERANCE`, the
+run takes the new count once (:func:`replan_run`): the lr schedule so far is unchanged and its rest
+is stretched or compressed evenly to end there (``scheduler.replanned_at`` /
+``replanned_from``, which ``budget.repeat`` then names too). Iteration-stepped poly, cosine and
+step schedules re-plan; others keep the first plan.
+
 What counts against the budget: everything from the start of the run's set-up to the end of the
 last validation, validations included (a user who says ``20m`` expects the run to be done after
 20 minutes; validations are part of that). So that they take little of it, a budget run with
@@ -64,6 +72,14 @@ MAX_TIMED_STEPS = 200
 SPEEDUP_TOLERANCE = 0.03
 MAX_CALIBRATION_FRACTION = 0.10
 VAL_CALIBRATION_BATCHES = 2
+# The machine's speed can change after it was measured (another job started beside the run): once
+# REPLAN_AT of the budget is used, the speed since the plan is measured again and, where the
+# count that fills the budget differs by more than REPLAN_TOLERANCE of the iterations left, the
+# run takes it (measured: a run started beside another averaged 3.0 s per iteration where its
+# first ones took 2.84, and used 1253 s of a 1200 s budget without a re-plan).
+REPLAN_AT = 0.4
+REPLAN_TOLERANCE = 0.02
+REPLAN_MIN_STEPS = 2 * MIN_TIMED_STEPS
 # trainer.val_interval=null: this many validations spread over the run (the last at its end);
 # under a time budget, only as many as fit in VALIDATION_SHARE of it (at least the final one):
 # a validation is time not spent training, and on a slow machine or a short budget four of them
@@ -126,20 +142,22 @@ def validation_every(val_interval: int | None, units: int, count: int = VALIDATI
     return max(1, math.ceil(units / max(1, count)))
 
 
-def validations_in(iters: int, val_every: int | None, count: int = VALIDATIONS_PER_RUN) -> int:
-    """Validations a run of ``iters`` iterations does: every ``val_every`` (None: ``count``
-    spread as :func:`validation_every`) and always at the end."""
+def validations_in(iters: int, val_every: int | None, count: int = VALIDATIONS_PER_RUN,
+                   start: int = 0) -> int:
+    """Validations a run of ``iters`` iterations does after iteration ``start``: every
+    ``val_every`` (None: ``count`` spread as :func:`validation_every`) and always at the end."""
     val_every = validation_every(val_every, iters, count)
-    return iters // val_every + (1 if iters % val_every else 0)
+    return iters // val_every - start // val_every + (1 if iters % val_every else 0)
 
 
 def fit_iterations(remaining_s: float, iter_s: float, val_s: float, val_every: int | None,
-                   cap: int | None = None, count: int = VALIDATIONS_PER_RUN) -> int:
-    """The largest iteration count whose training and validations fit in ``remaining_s``
-    (at least 1, at most ``cap``); ``val_every=None``: ``count`` of them, spread."""
+                   cap: int | None = None, count: int = VALIDATIONS_PER_RUN, start: int = 0) -> int:
+    """The largest number of iterations after ``start`` whose training and validations fit in
+    ``remaining_s`` (at least 1, at most ``cap``); ``val_every=None``: ``count`` of them, spread
+    over the whole run."""
 
     def cost(n: int) -> float:
-        return n * iter_s + validations_in(n, val_every, count) * val_s
+        return n * iter_s + validations_in(start + n, val_every, count, start) * val_s
 
     per_iter = iter_s + (val_s / val_every if val_every else 0.0)
     spread = count * val_s if val_every is None else 0.0
@@ -248,7 +266,79 @@ def repeat_overrides(state, by_epoch: bool = False) -> str:
         line += " trainer.max_epochs=null"
     if state.hold_iters:
         line += f" scheduler.warmup_steps={state.hold_iters} scheduler.warmup_start_factor=1"
+    if state.replanned_at:
+        line += (f" scheduler.replanned_at={state.replanned_at} "
+                 f"scheduler.replanned_from={state.replanned_from}")
     return line
+
+
+def can_replan(scheduler_cfg) -> bool:
+    """Whether a budget run with this schedule re-plans (:class:`Recheck`): one stepped per
+    iteration whose rest can be stretched (poly, cosine, step; not EoMT's two-stage warmup). A
+    plateau schedule, or one stepped per epoch, keeps its first plan (the overrun stop guards)."""
+    return (str(scheduler_cfg.get("name")) in ("poly", "cosine", "step")
+            and str(scheduler_cfg.get("interval", "iter")) == "iter"
+            and not int(scheduler_cfg.get("backbone_warmup_steps") or 0))
+
+
+@dataclass
+class Recheck:
+    """The one re-plan of a budget run: once :data:`REPLAN_AT` of the budget is used, the speed is
+    measured again on the iterations since the plan (or since a resume) and the count refitted
+    to the time left (:func:`replan_run`)."""
+
+    iter: int = 0  # where this measurement began
+    used_s: float = 0.0  # budget used then
+    val_time_s: float = 0.0  # validation time then
+    validations: int = 0  # done since
+
+    def mark(self, state) -> None:
+        self.iter, self.used_s, self.val_time_s = state.iter, state.budget_used_s, state.val_time_s
+        self.validations = 0
+
+    def due(self, state, budget_s: float) -> bool:
+        """Rank 0 decides for every rank (all must re-plan at the same iteration)."""
+        ready = (state.budget_used_s >= REPLAN_AT * budget_s
+                 and state.iter - self.iter >= REPLAN_MIN_STEPS)
+        return bool(distributed.broadcast_object(ready))
+
+    def speeds(self, state) -> tuple[float, float]:
+        """Seconds per training iteration and per validation, measured since :meth:`mark` (a
+        validation's: the plan's estimate until one has run)."""
+        val_s = state.val_time_s - self.val_time_s
+        iter_s = (state.budget_used_s - self.used_s - val_s) / max(state.iter - self.iter, 1)
+        return iter_s, (val_s / self.validations if self.validations else state.validation_s)
+
+
+def replan_run(run, recheck: Recheck) -> bool:
+    """Refit the run's length to the time left, at the speed measured since ``recheck``'s mark;
+    where it differs from the plan by more than :data:`REPLAN_TOLERANCE` of the iterations
+    left, the schedule's rest is stretched (or compressed) to end there and the re-plan
+    recorded for the repeat. True when the length changed."""
+    s, t, p = run.state, run.options, run.plan
+    s.rechecked = True
+    iter_s, val_s = recheck.speeds(s)
+    val_every = None if t.val_interval is None else t.val_interval * (p.iters_per_epoch if t.by_epoch else 1)
+    left = None if p.limit is None else p.limit - s.iter
+    count = s.iter + fit_iterations(t.budget_s - s.budget_used_s, iter_s, val_s, val_every,
+                                    cap=left, count=s.validations, start=s.iter)
+    count = int(distributed.broadcast_object(count))
+    planned_left = s.total_iters - s.iter
+    if abs(count - s.total_iters) <= REPLAN_TOLERANCE * planned_left:
+        log.info(f"[iter {s.iter}/{s.total_iters}] time budget: {iter_s:.3g} s per iteration since "
+                 f"iteration {recheck.iter}, as planned; keeping the count.")
+        return False
+    s.replanned_at, s.replanned_from, s.total_iters = s.iter, s.total_iters, count
+    run.scheduler = run.scheduler_for(s.total_iters, s.hold_iters, (s.replanned_at, s.replanned_from))
+    for _ in range(s.iter):  # closed-form factors: the learning rates so far, unchanged
+        run.scheduler.step()
+    how = "compressed" if count < s.replanned_from else "stretched"
+    log.info(f"[iter {s.iter}] time budget re-planned: {iter_s:.3g} s per iteration since iteration "
+             f"{recheck.iter} ({format_duration(s.budget_used_s)} of "
+             f"{format_duration(t.budget_s)} used), so {s.total_iters} iterations instead of "
+             f"{s.replanned_from}; the rest of the lr schedule {how} to end there. To repeat "
+             f"this run exactly: {repeat_overrides(s, t.by_epoch)}.")
+    return True
 
 
 def plan_run(run, calibration: Calibration) -> None:
@@ -269,7 +359,8 @@ def plan_run(run, calibration: Calibration) -> None:
     count = s.iter
     if left is None or left > 0:
         count += fit_iterations(t.budget_s - s.budget_used_s, calibration.iter_s, val_s, val_every,
-                                cap=left, count=s.validations)
+                                cap=left, count=s.validations, start=s.iter)
+    s.validation_s = val_s
     s.total_iters = int(distributed.broadcast_object(count))  # rank 0 decides for every rank
     s.planned, s.calibration_iters = True, s.iter
     # (a cap reached while measuring: the hold stops one short of the end, as it did meanwhile)

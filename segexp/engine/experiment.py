@@ -277,8 +277,11 @@ def build_run(cfg: DictConfig, run_dir: Path, launch: Launch, started: float,
     scheduler_for = functools.partial(build_scheduler, cfg, optimizer, run_plan)
     # While a budget run measures its speed, a schedule that depends on the length holds its start.
     hold = state.total_iters - 1 if calibration is not None and calibration.hold else state.hold_iters
-    run = Run(**parts, scheduler=scheduler_for(state.total_iters, hold), loggers=loggers,
-              state=state, calibration=calibration, scheduler_for=scheduler_for)
+    replan = (state.replanned_at, state.replanned_from) if state.replanned_at else None
+    run = Run(**parts, scheduler=scheduler_for(state.total_iters, hold, replan), loggers=loggers,
+              state=state, calibration=calibration, scheduler_for=scheduler_for,
+              recheck=budget.Recheck() if options.budget_s is not None and not state.rechecked
+              and budget.can_replan(cfg.scheduler) else None)
     if checkpoint is not None:  # after the scheduler, whose construction resets the lr
         resume_run(run, checkpoint, checkpoint_path)
     return run
@@ -304,13 +307,16 @@ def build_loaders(options: TrainerOptions, train_set, val_set, sampler: Resumabl
 
 
 def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, run_plan: Plan,
-                    total_iters: int, hold_iters: int = 0):
+                    total_iters: int, hold_iters: int = 0, replan: tuple[int, int] | None = None):
     """The lr schedule over ``total_iters`` (in epochs for ``interval: epoch``); ``hold_iters``:
-    a budget run's first iterations, at the full lr (a warmup starting at factor 1)."""
+    a budget run's first iterations, at the full lr (a warmup starting at factor 1); ``replan``:
+    ``(at, planned)``, a budget run's re-plan (iteration schedules only)."""
     interval = cfg.scheduler.get("interval", "iter")
     total_steps = total_iters if interval == "iter" else -(-total_iters // run_plan.iters_per_epoch)
-    hold = {"warmup_steps": hold_iters, "warmup_start_factor": 1.0} if hold_iters else {}
-    return instantiate(cfg.scheduler)(optimizer, total_steps=total_steps, **hold)
+    extra = {"warmup_steps": hold_iters, "warmup_start_factor": 1.0} if hold_iters else {}
+    if replan is not None:
+        extra |= {"replanned_at": replan[0], "replanned_from": replan[1]}
+    return instantiate(cfg.scheduler)(optimizer, total_steps=total_steps, **extra)
 
 
 def settle_length(state: TrainState, options: TrainerOptions, run_plan: Plan, scheduler: DictConfig,
@@ -527,6 +533,8 @@ def write_summary(run: Run, status: str, wall_time_s: float, error: str | None =
                              "used_s": round(s.budget_used_s, 2),
                              "calibration_iters": s.calibration_iters,
                              "calibration_s": round(s.calibration_s, 2)}
+        if s.replanned_at:
+            summary["budget"] |= {"replanned_at": s.replanned_at, "replanned_from": s.replanned_from}
         if s.planned:
             summary["budget"]["repeat"] = budget.repeat_overrides(s, run.options.by_epoch)
     if error:

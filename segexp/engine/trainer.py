@@ -57,6 +57,10 @@ class TrainState:
     planned: bool = True  # False while a budget run is still measuring its speed (total unknown)
     calibration_iters: int = 0  # a budget run's first iterations, timed to fix its length
     hold_iters: int = 0  # of which the schedule held the lr at its start (repeat: warmup_steps)
+    rechecked: bool = False  # a budget run's speed measured again, once (budget.replan_run)
+    replanned_at: int = 0  # a budget run re-planned its length at this iteration (0: never) ...
+    replanned_from: int = 0  # ... from this count (the schedule: see segexp.engine.budget)
+    validation_s: float = 0.0  # a budget run's estimate of one validation's time
     validations: int = budget.VALIDATIONS_PER_RUN  # spread over the run when val_interval is null
     train_time_s: float = 0.0  # in training steps (data loading included), validations excluded
     val_time_s: float = 0.0
@@ -140,7 +144,9 @@ class Run:
     # A budget run still measuring its speed: the measurement, and (total, hold) -> the schedule
     # over the length it fixes (segexp.engine.budget.plan_run).
     calibration: budget.Calibration | None = None
-    scheduler_for: Callable[[int, int], Any] | None = None
+    # A budget run that may still re-plan its length once (segexp.engine.budget.replan_run).
+    recheck: budget.Recheck | None = None
+    scheduler_for: Callable[..., Any] | None = None
 
 
 # -- one step -----------------------------------------------------------------------------------
@@ -412,6 +418,9 @@ def fit(run: Run) -> TrainState:
     if calibration is not None:
         calibration.first_iter = s.iter
         calibration.restart()
+    recheck = run.recheck
+    if recheck is not None and s.planned:
+        recheck.mark(s)
     clock = BudgetClock(s)
     run.model.train()
     run.optimizer.zero_grad(set_to_none=True)
@@ -450,6 +459,8 @@ def fit(run: Run) -> TrainState:
                 clock.charge()
                 budget.plan_run(run, calibration)  # the run's length is known from here
                 clock.restart()
+                if recheck is not None:
+                    recheck.mark(s)
                 calibration, val_every = None, validation_period(run)
                 bar.total = s.total_iters
                 bar.refresh()
@@ -459,6 +470,15 @@ def fit(run: Run) -> TrainState:
                 check_finite(run, bad_step)
                 clock.charge()
                 save_interrupted(run)
+            if at_log_step and recheck is not None and s.planned and not last_iter:
+                clock.charge()
+                if recheck.due(s, t.budget_s):
+                    if budget.replan_run(run, recheck):
+                        val_every = validation_period(run)
+                        bar.total = s.total_iters
+                        bar.refresh()
+                        last_iter = s.iter >= s.total_iters
+                    recheck = run.recheck = None
             if at_log_step and t.budget_s is not None and not last_iter:
                 last_iter = budget_overrun(run, clock)
             if at_log_step or last_iter or epoch_done:
@@ -475,6 +495,8 @@ def fit(run: Run) -> TrainState:
                     s.stopped_by = "early_stopping"
                 window.resume()
                 clock.restart()
+                if recheck is not None:
+                    recheck.validations += 1
                 if calibration is not None:  # a validation is not a training step
                     calibration.restart()
             if stop or last_iter or epoch_done:

@@ -19,6 +19,15 @@ from segexp.weights_io import read_weights_file
 from tests.conftest import ROOT, compose_config, free_port, last_weights, launcher_free_env, tiny_config
 
 TIMED = ["trainer.max_time=4s", "trainer.log_interval=5", "trainer.measure_speed=false"]
+REPLAN_AT = budget.REPLAN_AT
+
+
+@pytest.fixture(autouse=True)
+def first_plan_only(monkeypatch):
+    """These runs' tiny steps on the real clock vary in speed by more than the re-plan's
+    tolerance: they keep their first plan, so each test takes one path. The re-plan's tests
+    set the real threshold back and drive the clock themselves."""
+    monkeypatch.setattr(budget, "REPLAN_AT", float("inf"))
 
 
 @pytest.mark.parametrize("text, seconds", [
@@ -308,3 +317,51 @@ def test_the_speed_is_measured_on_steady_iterations(monkeypatch):
     assert 0.1 * 400 <= sum(calibration.durations) <= 0.1 * 400 + 2.0
     _, ended = _measure(ramp, 400, monkeypatch, last_iter=9)
     assert ended == 9
+
+
+@pytest.mark.parametrize("speed", [1.5, 0.6, 1.0], ids=["slower", "faster", "steady"])
+def test_a_run_whose_speed_changes_replans_once_and_ends_on_its_budget(tmp_path, monkeypatch, speed):
+    """Each step takes 5 s on the run's clock while the speed is measured, then ``speed`` times
+    that (another job started beside it, or ended): at 40 % of the budget the run measures again,
+    takes the count that fills the budget, and the lr schedule's rest ends there at its floor.
+    The recorded overrides repeat the run exactly; a steady run keeps its plan."""
+    monkeypatch.setattr(budget, "REPLAN_AT", REPLAN_AT)
+    real_clock, offset = budget.time.perf_counter, [0.0]
+    monkeypatch.setattr(budget.time, "perf_counter", lambda: real_clock() + offset[0])
+    real_step = trainer_module.optimizer_step
+
+    def timed_step(run):
+        real_step(run)
+        offset[0] += 5.0 * (speed if run.state.planned else 1.0)
+
+    monkeypatch.setattr(trainer_module, "optimizer_step", timed_step)
+    overrides = [*TIMED, "trainer.max_time=10m", "trainer.log_interval=1"]
+    timed = tmp_path / "timed"
+    run_training(tiny_config(*overrides), timed)
+    summary = _summary(timed)
+    n, used = summary["planned_iters"], summary["budget"]["used_s"]
+    assert summary["status"] == "completed" and summary["iters"] == n
+    assert 0.95 * 600 <= used <= 600 + 5.0  # within a step of the budget
+    replanned = "replanned_at" in summary["budget"]
+    assert replanned == (speed != 1.0)
+    lines = [json.loads(line) for line in (timed / "metrics.jsonl").read_text().splitlines()]
+    lrs = {line["step"]: line["train/lr"] for line in lines if "train/lr" in line}
+    cfg = tiny_config(*overrides)
+    assert lrs[n] == pytest.approx(cfg.optimizer.lr * cfg.scheduler.min_lr_ratio)  # the floor
+    if replanned:
+        at, first = summary["budget"]["replanned_at"], summary["budget"]["replanned_from"]
+        assert summary["budget"]["calibration_iters"] + budget.REPLAN_MIN_STEPS <= at < n
+        assert (n < first) == (speed > 1)
+        steps = [lrs[i] for i in sorted(lrs)]
+        assert steps == sorted(steps, reverse=True)  # no jump where it re-planned
+        assert summary["budget"]["repeat"].endswith(
+            f"scheduler.replanned_at={at} scheduler.replanned_from={first}")
+    monkeypatch.undo()
+    repeat = tmp_path / "repeat"
+    run_training(tiny_config(*overrides, *summary["budget"]["repeat"].split()), repeat)
+    repeated = {json.loads(line)["step"]: json.loads(line)["train/lr"]
+                for line in (repeat / "metrics.jsonl").read_text().splitlines() if "train/lr" in line}
+    assert repeated == pytest.approx(lrs, rel=1e-12)
+    a, b = last_weights(timed), last_weights(repeat)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
