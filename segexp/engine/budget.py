@@ -287,6 +287,7 @@ class Recheck:
     measured again on the iterations since the plan (or since a resume) and the count refitted
     to the time left (:func:`replan_run`)."""
 
+    after: int = 0  # the config's warmup: the schedule's rest begins there, so no re-plan before
     iter: int = 0  # where this measurement began
     used_s: float = 0.0  # budget used then
     val_time_s: float = 0.0  # validation time then
@@ -298,7 +299,7 @@ class Recheck:
 
     def due(self, state, budget_s: float) -> bool:
         """Rank 0 decides for every rank (all must re-plan at the same iteration)."""
-        ready = (state.budget_used_s >= REPLAN_AT * budget_s
+        ready = (state.budget_used_s >= REPLAN_AT * budget_s and state.iter >= self.after
                  and state.iter - self.iter >= REPLAN_MIN_STEPS)
         return bool(distributed.broadcast_object(ready))
 

@@ -280,7 +280,8 @@ def build_run(cfg: DictConfig, run_dir: Path, launch: Launch, started: float,
     replan = (state.replanned_at, state.replanned_from) if state.replanned_at else None
     run = Run(**parts, scheduler=scheduler_for(state.total_iters, hold, replan), loggers=loggers,
               state=state, calibration=calibration, scheduler_for=scheduler_for,
-              recheck=budget.Recheck() if options.budget_s is not None and not state.rechecked
+              recheck=budget.Recheck(after=int(cfg.scheduler.get("warmup_steps") or 0))
+              if options.budget_s is not None and not state.rechecked
               and budget.can_replan(cfg.scheduler) else None)
     if checkpoint is not None:  # after the scheduler, whose construction resets the lr
         resume_run(run, checkpoint, checkpoint_path)

@@ -365,3 +365,19 @@ def test_a_run_whose_speed_changes_replans_once_and_ends_on_its_budget(tmp_path,
     a, b = last_weights(timed), last_weights(repeat)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_no_replan_inside_the_configured_warmup(monkeypatch):
+    """A long warmup of the config's own may outlast 40 % of a short budget: the re-plan waits
+    until it ends (the stretched rest of a schedule begins after the warmup)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(budget, "REPLAN_AT", REPLAN_AT)
+    recheck = budget.Recheck(after=100)
+    recheck.mark(SimpleNamespace(iter=10, budget_used_s=5.0, val_time_s=0.0))
+    state = SimpleNamespace(iter=60, budget_used_s=0.5 * 100, val_time_s=0.0)
+    assert not recheck.due(state, budget_s=100.0)  # half the budget used, still warming up
+    state.iter = 100
+    assert recheck.due(state, budget_s=100.0)
+    state.budget_used_s = 0.3 * 100
+    assert not recheck.due(state, budget_s=100.0)  # not yet 40 % of the budget
