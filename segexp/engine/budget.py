@@ -23,7 +23,7 @@ and, where the count that fills the budget has moved by more than :data:`REPLAN_
 run takes the new count once (:func:`replan_run`): the lr schedule so far is unchanged and its rest
 is stretched or compressed evenly to end there (``scheduler.replanned_at`` /
 ``replanned_from``, which ``budget.repeat`` then names too). Iteration-stepped poly, cosine and
-step schedules re-plan; others keep the first plan.
+step schedules re-plan; others, and EoMT (:func:`can_replan`), keep the first plan.
 
 What counts against the budget: everything from the start of the run's set-up to the end of the
 last validation, validations included (a user who says ``20m`` expects the run to be done after
@@ -272,13 +272,24 @@ def repeat_overrides(state, by_epoch: bool = False) -> str:
     return line
 
 
-def can_replan(scheduler_cfg) -> bool:
-    """Whether a budget run with this schedule re-plans (:class:`Recheck`): one stepped per
-    iteration whose rest can be stretched (poly, cosine, step; not EoMT's two-stage warmup). A
-    plateau schedule, or one stepped per epoch, keeps its first plan (the overrun stop guards)."""
+def can_replan(scheduler_cfg, model) -> bool:
+    """Whether a budget run with this schedule and model re-plans (:class:`Recheck`): a schedule
+    stepped per iteration whose rest can be stretched (poly, cosine, step; not EoMT's two-stage
+    warmup), and a model whose training does not follow the run's length itself (EoMT's mask
+    annealing would jump, and its repeat would differ). Others keep their first plan (the
+    overrun stop guards)."""
     return (str(scheduler_cfg.get("name")) in ("poly", "cosine", "step")
             and str(scheduler_cfg.get("interval", "iter")) == "iter"
-            and not int(scheduler_cfg.get("backbone_warmup_steps") or 0))
+            and not int(scheduler_cfg.get("backbone_warmup_steps") or 0)
+            and not hasattr(model, "set_progress"))
+
+
+def _validation_every_iters(run) -> int | None:
+    """``trainer.val_interval`` in iterations (None: validations spread over the run)."""
+    t = run.options
+    if t.val_interval is None:
+        return None
+    return t.val_interval * (run.plan.iters_per_epoch if t.by_epoch else 1)
 
 
 @dataclass
@@ -319,7 +330,7 @@ def replan_run(run, recheck: Recheck) -> bool:
     s, t, p = run.state, run.options, run.plan
     s.rechecked = True
     iter_s, val_s = recheck.speeds(s)
-    val_every = None if t.val_interval is None else t.val_interval * (p.iters_per_epoch if t.by_epoch else 1)
+    val_every = _validation_every_iters(run)
     left = None if p.limit is None else p.limit - s.iter
     count = s.iter + fit_iterations(t.budget_s - s.budget_used_s, iter_s, val_s, val_every,
                                     cap=left, count=s.validations, start=s.iter)
@@ -353,7 +364,7 @@ def plan_run(run, calibration: Calibration) -> None:
     spent = time.perf_counter() - started
     s.calibration_s += spent
     s.budget_used_s += spent
-    val_every = None if t.val_interval is None else t.val_interval * (p.iters_per_epoch if t.by_epoch else 1)
+    val_every = _validation_every_iters(run)
     if val_every is None:
         s.validations = validations_for_budget(t.budget_s, val_s)
     left = None if p.limit is None else p.limit - s.iter

@@ -282,7 +282,7 @@ def build_run(cfg: DictConfig, run_dir: Path, launch: Launch, started: float,
               state=state, calibration=calibration, scheduler_for=scheduler_for,
               recheck=budget.Recheck(after=int(cfg.scheduler.get("warmup_steps") or 0))
               if options.budget_s is not None and not state.rechecked
-              and budget.can_replan(cfg.scheduler) else None)
+              and budget.can_replan(cfg.scheduler, model) else None)
     if checkpoint is not None:  # after the scheduler, whose construction resets the lr
         resume_run(run, checkpoint, checkpoint_path)
     return run

@@ -381,3 +381,20 @@ def test_no_replan_inside_the_configured_warmup(monkeypatch):
     assert recheck.due(state, budget_s=100.0)
     state.budget_used_s = 0.3 * 100
     assert not recheck.due(state, budget_s=100.0)  # not yet 40 % of the budget
+
+
+def test_which_runs_replan():
+    from omegaconf import OmegaConf
+
+    plain, eomt = torch.nn.Identity(), torch.nn.Identity()
+    eomt.set_progress = lambda iteration, total: None  # training that follows the run's length
+
+    def schedule(**kw):
+        return OmegaConf.create({"name": "poly", "interval": "iter", "backbone_warmup_steps": 0, **kw})
+
+    assert budget.can_replan(schedule(), plain)
+    assert budget.can_replan(schedule(name="step"), plain)
+    assert not budget.can_replan(schedule(), eomt)
+    assert not budget.can_replan(schedule(name="plateau"), plain)
+    assert not budget.can_replan(schedule(interval="epoch"), plain)
+    assert not budget.can_replan(schedule(backbone_warmup_steps=5), plain)
