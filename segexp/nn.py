@@ -26,6 +26,9 @@ class ConvBNReLU(nn.Sequential):
             nn.BatchNorm2d(out_channels),
             nn.ReLU(inplace=True),
         )
+        # MMCV's ConvModule init (every MMSegmentation head): He normal over fan-out for ReLU,
+        # not PyTorch's default (2.4x smaller for equal widths).
+        nn.init.kaiming_normal_(self[0].weight, mode="fan_out", nonlinearity="relu")
 
 
 class DepthwiseSeparableConvBNReLU(nn.Sequential):

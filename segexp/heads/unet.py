@@ -30,6 +30,12 @@ class UpBlock(nn.Module):
         if upsample == "transpose":
             # kernel = stride = factor (2 in the paper; 1 when a dilated backbone keeps the size).
             self.up = nn.ConvTranspose2d(in_channels, in_channels // 2, factor, stride=factor)
+            # kernel = stride: each output pixel takes one tap per input channel, so He normal
+            # over the input channels keeps the deep path's scale. PyTorch's default (its fan
+            # counted on the output side) shrinks it about 2.5x per stage: at init the logits
+            # then hang on the shallowest skip alone and the deep features are learnt late.
+            nn.init.normal_(self.up.weight, std=(2.0 / in_channels) ** 0.5)
+            nn.init.zeros_(self.up.bias)
             up_channels = in_channels // 2
         else:
             self.up = None
@@ -108,6 +114,11 @@ class UNetHead(nn.Module):
             c, self.reduction = max(c // 2, 1), 1
         self.blocks = nn.ModuleList(blocks)
         self.classifier = nn.Conv2d(c, num_classes, 1)
+        # The paper's init, std sqrt(2 / incoming nodes). Not MMSegmentation's std 0.01 for its
+        # 512-wide heads: over 32 channels AdamW's steps of about lr per weight would take a
+        # hundred iterations to grow logits that small (the loss stays near ln(classes)).
+        nn.init.normal_(self.classifier.weight, std=(2.0 / c) ** 0.5)
+        nn.init.zeros_(self.classifier.bias)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         xs = select_features(features, self.in_index, self.num_inputs)

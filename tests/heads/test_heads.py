@@ -221,6 +221,29 @@ def test_unet_mirrors_skip_channels_and_transposed_convs():
     assert logits.shape == (2, 2, 32, 32)
 
 
+def test_unet_head_starts_with_every_level_and_logits_adamw_can_move():
+    """At init the U-Net's logits depend on its deep maps as well as on the shallowest skip, and
+    are not near zero. With PyTorch's transposed-conv init each stage scaled the deep path by about
+    0.4 (the deepest map moved the logits by 5 %), and MMSegmentation's std-0.01 classifier over 32
+    channels left the logits at about 0.03, which AdamW's lr-sized steps take a hundred iterations
+    to grow: the loss sat near ln(classes) and the deep features were learnt late."""
+    torch.manual_seed(0)
+    channels, reductions = [64, 64, 128, 256, 512], [2, 4, 8, 16, 32]
+    head = UNetHead(channels, reductions, 8, decoder_channels=256).train()
+    # Post-ReLU features of unit scale, as BatchNorm + ReLU hand them over.
+    features = [torch.randn(4, c, 64 // r, 64 // r).relu() for c, r in zip(channels, reductions)]
+    with torch.no_grad():
+        logits = head(features)
+        assert 0.3 < logits.std().item() < 3.0
+        for level in range(len(features)):
+            cut = [torch.zeros_like(f) if i == level else f for i, f in enumerate(features)]
+            change = ((head(cut) - logits).norm() / logits.norm()).item()
+            assert change > 0.2, (level, change)
+    up = head.blocks[0].up
+    assert up.weight.std().item() == pytest.approx((2.0 / 512) ** 0.5, rel=0.1)
+    assert head.classifier.weight.std().item() == pytest.approx((2.0 / 32) ** 0.5, rel=0.25)
+
+
 def test_unet_encoder_contract():
     enc = UNetEncoder()
     assert enc.channels == [64, 128, 256, 512, 1024]
