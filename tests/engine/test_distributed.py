@@ -22,7 +22,7 @@ from torch import nn
 from segexp.data.sampler import ContiguousShardSampler, ResumableSampler
 from segexp.engine import distributed
 from segexp.weights_io import read_weights_file
-from tests.conftest import ROOT, free_port, launcher_free_env
+from tests.conftest import ROOT, free_port, last_weights, launcher_free_env
 
 
 def test_rank_shares_together_are_the_single_process_batches():
@@ -132,18 +132,30 @@ SAME_WORK = ["trainer=debug", "transforms=none", "dataset.image_size=32", "datas
              "optimizer=sgd", "optimizer.lr=1.0e-4"]
 
 
-@pytest.fixture(scope="module")
-def one_process_run(tmp_path_factory) -> Path:
-    """The reference: one process with the global batch of two processes of batch 1."""
-    run_dir = tmp_path_factory.mktemp("one_process")
+def _one_process(run_dir: Path, *overrides: str) -> Path:
     one = subprocess.run([sys.executable, str(ROOT / "train.py"), *SAME_WORK, "trainer.batch_size=2",
-                          f"hydra.run.dir={run_dir}"], cwd=run_dir, env=launcher_free_env(),
-                         capture_output=True, text=True, timeout=300)
+                          f"hydra.run.dir={run_dir}", *overrides], cwd=run_dir,
+                         env=launcher_free_env(), capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
     return run_dir
 
 
-def assert_same_training(one_dir: Path, two_dir: Path) -> None:
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory) -> tuple[Path, Path]:
+    """The reference: one process with the global batch of two processes of batch 1; and the
+    same at twice the lr, the weights a gradient summed over two ranks instead of averaged gives
+    (SGD is linear in it): the yardstick of how far a wrong reduction moves them."""
+    return (_one_process(tmp_path_factory.mktemp("one_process")),
+            _one_process(tmp_path_factory.mktemp("doubled_lr"), "optimizer.lr=2.0e-4"))
+
+
+def _largest_weight_gap(a_dir: Path, b_dir: Path) -> float:
+    a, b = last_weights(a_dir), last_weights(b_dir)
+    return max((a[k] - b[k]).abs().max().item() for k in a if a[k].is_floating_point())
+
+
+def assert_same_training(reference: tuple[Path, Path], two_dir: Path) -> None:
+    one_dir, doubled_dir = reference
     summaries = [json.loads((d / "metrics.json").read_text()) for d in (one_dir, two_dir)]
     assert summaries[1]["world_size"] == 2 and summaries[1]["iters"] == 3
     # Two SyncBN processes and one process sum in different orders, so on another CPU's kernels
@@ -154,6 +166,10 @@ def assert_same_training(one_dir: Path, two_dir: Path) -> None:
     assert np.abs(matrices[1] - matrices[0]).sum() <= 2 * 8  # at most 8 of 5120 pixels moved
     for key in ("mIoU", "aAcc", "mAcc"):
         assert summaries[1]["best"][key] == pytest.approx(summaries[0]["best"][key], abs=5e-3)
+    # The small lr keeps predictions from flipping, so the weights carry the check: the two runs
+    # differ by rounding, far less than a wrong reduction (the doubled lr) would move them.
+    rounding, wrong = _largest_weight_gap(one_dir, two_dir), _largest_weight_gap(one_dir, doubled_dir)
+    assert rounding < 0.1 * wrong, (rounding, wrong)
 
     # Validation covered the whole split once: 5 images of 32x32 pixels, split 2 + 3.
     for d in (one_dir, two_dir):
