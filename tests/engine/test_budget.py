@@ -164,7 +164,11 @@ def test_resumed_timed_run_keeps_its_count_and_the_time_spent(tmp_path, monkeypa
 
 
 def test_a_run_resumed_after_planning_continues_its_schedule_exactly(tmp_path, monkeypatch):
-    overrides = [*TIMED, "trainer.val_interval=2", "trainer.log_interval=1"]
+    """Each step takes 1 s on the run's clock (the real one plus an offset: a loaded machine's
+    speed must not decide how many iterations a tiny budget gets, nor skip the crash point)."""
+    overrides = [*TIMED, "trainer.max_time=30s", "trainer.val_interval=2", "trainer.log_interval=1"]
+    real_clock, offset = budget.time.perf_counter, [0.0]
+    monkeypatch.setattr(budget.time, "perf_counter", lambda: real_clock() + offset[0])
     real_step = trainer_module.optimizer_step
     crash_at = []
 
@@ -174,6 +178,7 @@ def test_a_run_resumed_after_planning_continues_its_schedule_exactly(tmp_path, m
             crash_at.append(s.iter)
             raise KeyboardInterrupt("simulated crash")
         real_step(run)
+        offset[0] += 1.0
 
     monkeypatch.setattr(trainer_module, "optimizer_step", crashing_step)
     broken = tmp_path / "broken"
