@@ -100,7 +100,7 @@ class UNetHead(nn.Module):
         # The paper places dropout at the end of the contracting path, i.e. on the deepest map
         # (experiment=unet_paper). Off by default: channel dropout there feeds BatchNorm layers
         # whose running statistics then differ from what the model sees in eval (Li et al.,
-        # CVPR 2019), and it cost segexp 1.3 points of mIoU in 20 minutes (docs/performance.md).
+        # CVPR 2019); 20-minute runs averaged 1.2 points of mIoU less with it (docs/performance.md).
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         blocks, c = [], chans[-1]
         for s, out_c in zip(skips, decoder_channels, strict=True):
