@@ -137,7 +137,7 @@ def measure(overrides: list[str], split: str, device: torch.device, iters: int, 
             peak_tflops: float | None) -> dict:
     cfg, dataset_name = compose_train_config(overrides)
     run = build(cfg, split, device, iters, warmup)
-    t = cfg.trainer
+    t = run.options  # 'auto' precision and layout as resolved for the device, not as written
     loader_rate = images_per_s(run.train_loader, run, iters, warmup, train=False)
     images, masks = to_device(run, *next(iter(run.train_loader)))
     flops = train_gflop_per_image(run, images, masks)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from segexp.config import compose_train_config
+from segexp.engine.options import TrainerOptions
 from segexp.models import build_model
 from segexp.profiling import count_gflops
 from tests.conftest import load_script
@@ -55,3 +56,13 @@ def test_runs_on_a_real_sample_split(tmp_path, shared_datasets):
                                "trainer.num_workers=1", "--split", "val", "--iters", "1",
                                "--warmup", "1", "--device", "cpu", "--out", str(tmp_path / "c.csv")])
     assert row["dataset"] == "cityscapes" and row["num_workers"] == 1 and row["loader_img_s"] > 0
+
+
+def test_the_record_says_what_auto_resolved_to(tmp_path):
+    """trainer.precision/channels_last=auto are recorded as run (e.g. '32', NCHW), not as written."""
+    row = bench_pipeline.main([*TINY, "--iters", "1", "--warmup", "1", "--device", "cpu",
+                               "--out", str(tmp_path / "p.csv")])
+    expected = TrainerOptions(precision="auto", channels_last="auto").resolved_for(
+        torch.device("cpu"))
+    assert row["precision"] == expected.precision != "auto"
+    assert row["channels_last"] is expected.channels_last
