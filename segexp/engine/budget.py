@@ -17,13 +17,16 @@ trainer.max_iters=1119 scheduler.warmup_steps=23 scheduler.warmup_start_factor=1
 keeps the recorded count and the time already spent (a run stopped before its count was fixed
 measures again where it resumed).
 
-The speed can change after it was measured (another job starts beside the run): once
-:data:`REPLAN_AT` of the budget is used, it is measured again on the iterations since the plan
-and, where the count that fills the budget has moved by more than :data:`REPLAN_TOLERANCE`, the
-run takes the new count once (:func:`replan_run`): the lr schedule so far is unchanged and its rest
-is stretched or compressed evenly to end there (``scheduler.replanned_at`` /
-``replanned_from``, which ``budget.repeat`` then names too). Iteration-stepped poly, cosine and
-step schedules re-plan; others, and EoMT (:func:`can_replan`), keep the first plan.
+The speed can change after it was measured (another job starts beside the run, or was starting
+while the speed was measured): once :data:`REPLAN_AT` of the budget is used, it is measured again
+on the iterations since the plan and, where the count that fills the budget has moved by more
+than :data:`REPLAN_TOLERANCE`, the run takes the new count once (:func:`replan_run`): the lr
+schedule so far is unchanged and its rest is stretched or compressed evenly to end there
+(``scheduler.replanned_at`` / ``replanned_from``, which ``budget.repeat`` then names too). A
+gross misjudgement (more than :data:`EARLY_REPLAN_TOLERANCE`) is corrected earlier, at
+:data:`EARLY_REPLAN_AT` of the budget, before the lr has decayed as for the wrong length; that is
+then the run's one re-plan. Iteration-stepped poly, cosine and step schedules re-plan; others, and
+EoMT (:func:`can_replan`), keep the first plan.
 
 What counts against the budget: everything from the start of the run's set-up to the end of the
 last validation, validations included (a user who says ``20m`` expects the run to be done after
@@ -79,6 +82,12 @@ VAL_CALIBRATION_BATCHES = 2
 # first ones took 2.84, and used 1253 s of a 1200 s budget without a re-plan).
 REPLAN_AT = 0.4
 REPLAN_TOLERANCE = 0.02
+# A count off by more than EARLY_REPLAN_TOLERANCE is corrected already at EARLY_REPLAN_AT of the
+# budget (measured: a run whose first 8 iterations shared its core with another run's start-up
+# took 4.65 s each, then 3.02: it planned 244 iterations, and by its re-plan to 354 at 40 % its lr
+# had decayed as for 244).
+EARLY_REPLAN_AT = 0.1
+EARLY_REPLAN_TOLERANCE = 0.1
 REPLAN_MIN_STEPS = 2 * MIN_TIMED_STEPS
 # trainer.val_interval=null: this many validations spread over the run (the last at its end);
 # under a time budget, only as many as fit in VALIDATION_SHARE of it (at least the final one):
@@ -294,15 +303,18 @@ def _validation_every_iters(run) -> int | None:
 
 @dataclass
 class Recheck:
-    """The one re-plan of a budget run: once :data:`REPLAN_AT` of the budget is used, the speed is
-    measured again on the iterations since the plan (or since a resume) and the count refitted
-    to the time left (:func:`replan_run`)."""
+    """The one re-plan of a budget run: once :data:`EARLY_REPLAN_AT` and again once
+    :data:`REPLAN_AT` of the budget is used, the speed is measured on the iterations since the
+    plan (or since a resume) and the count refitted to the time left (:func:`replan_run`), at
+    most once; ``done`` after the re-plan or the last check."""
 
     after: int = 0  # the config's warmup: the schedule's rest begins there, so no re-plan before
     iter: int = 0  # where this measurement began
     used_s: float = 0.0  # budget used then
     val_time_s: float = 0.0  # validation time then
     validations: int = 0  # done since
+    early_checked: bool = False
+    done: bool = False
 
     def mark(self, state) -> None:
         self.iter, self.used_s, self.val_time_s = state.iter, state.budget_used_s, state.val_time_s
@@ -310,9 +322,16 @@ class Recheck:
 
     def due(self, state, budget_s: float) -> bool:
         """Rank 0 decides for every rank (all must re-plan at the same iteration)."""
-        ready = (state.budget_used_s >= REPLAN_AT * budget_s and state.iter >= self.after
+        at = REPLAN_AT if self.early_checked else min(EARLY_REPLAN_AT, REPLAN_AT)
+        ready = (state.budget_used_s >= at * budget_s and state.iter >= self.after
                  and state.iter - self.iter >= REPLAN_MIN_STEPS)
         return bool(distributed.broadcast_object(ready))
+
+    def tolerance(self, state, budget_s: float) -> float:
+        """How far the count may move before this check re-plans (the early check: only a
+        gross misjudgement)."""
+        return REPLAN_TOLERANCE if state.budget_used_s >= REPLAN_AT * budget_s \
+            else EARLY_REPLAN_TOLERANCE
 
     def speeds(self, state) -> tuple[float, float]:
         """Seconds per training iteration and per validation, measured since :meth:`mark` (a
@@ -328,7 +347,8 @@ def replan_run(run, recheck: Recheck) -> bool:
     left, the schedule's rest is stretched (or compressed) to end there and the re-plan
     recorded for the repeat. True when the length changed."""
     s, t, p = run.state, run.options, run.plan
-    s.rechecked = True
+    tolerance = recheck.tolerance(s, t.budget_s)
+    final = tolerance == REPLAN_TOLERANCE
     iter_s, val_s = recheck.speeds(s)
     val_every = _validation_every_iters(run)
     left = None if p.limit is None else p.limit - s.iter
@@ -336,10 +356,14 @@ def replan_run(run, recheck: Recheck) -> bool:
                                     cap=left, count=s.validations, start=s.iter)
     count = int(distributed.broadcast_object(count))
     planned_left = s.total_iters - s.iter
-    if abs(count - s.total_iters) <= REPLAN_TOLERANCE * planned_left:
-        log.info(f"[iter {s.iter}/{s.total_iters}] time budget: {iter_s:.3g} s per iteration since "
-                 f"iteration {recheck.iter}, as planned; keeping the count.")
+    if abs(count - s.total_iters) <= tolerance * planned_left:
+        recheck.early_checked = True
+        recheck.done = s.rechecked = final
+        if final:
+            log.info(f"[iter {s.iter}/{s.total_iters}] time budget: {iter_s:.3g} s per iteration "
+                     f"since iteration {recheck.iter}, as planned; keeping the count.")
         return False
+    recheck.done = s.rechecked = True
     s.replanned_at, s.replanned_from, s.total_iters = s.iter, s.total_iters, count
     run.scheduler = run.scheduler_for(s.total_iters, s.hold_iters, (s.replanned_at, s.replanned_from))
     for _ in range(s.iter):  # closed-form factors: the learning rates so far, unchanged

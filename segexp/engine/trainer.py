@@ -478,7 +478,8 @@ def fit(run: Run) -> TrainState:
                         bar.total = s.total_iters
                         bar.refresh()
                         last_iter = s.iter >= s.total_iters
-                    recheck = run.recheck = None
+                    if recheck.done:
+                        recheck = run.recheck = None
             if at_log_step and t.budget_s is not None and not last_iter:
                 last_iter = budget_overrun(run, clock)
             if at_log_step or last_iter or epoch_done:

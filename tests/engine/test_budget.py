@@ -19,7 +19,7 @@ from segexp.weights_io import read_weights_file
 from tests.conftest import ROOT, compose_config, free_port, last_weights, launcher_free_env, tiny_config
 
 TIMED = ["trainer.max_time=4s", "trainer.log_interval=5", "trainer.measure_speed=false"]
-REPLAN_AT = budget.REPLAN_AT
+REPLAN_AT, EARLY_REPLAN_AT = budget.REPLAN_AT, budget.EARLY_REPLAN_AT
 
 
 @pytest.fixture(autouse=True)
@@ -28,6 +28,7 @@ def first_plan_only(monkeypatch):
     tolerance: they keep their first plan, so each test takes one path. The re-plan's tests
     set the real threshold back and drive the clock themselves."""
     monkeypatch.setattr(budget, "REPLAN_AT", float("inf"))
+    monkeypatch.setattr(budget, "EARLY_REPLAN_AT", float("inf"))
 
 
 @pytest.mark.parametrize("text, seconds", [
@@ -324,15 +325,27 @@ def test_the_speed_is_measured_on_steady_iterations(monkeypatch):
     assert ended == 9
 
 
-@pytest.mark.parametrize("speed", [1.5, 0.6, 1.0], ids=["slower", "faster", "steady"])
+@pytest.mark.parametrize("speed", [1.5, 0.6, 1.05, 1.0], ids=["slower", "faster", "a little slower",
+                                                             "steady"])
 def test_a_run_whose_speed_changes_replans_once_and_ends_on_its_budget(tmp_path, monkeypatch, speed):
     """Each step takes 5 s on the run's clock while the speed is measured, then ``speed`` times
-    that (another job started beside it, or ended): at 40 % of the budget the run measures again,
-    takes the count that fills the budget, and the lr schedule's rest ends there at its floor.
-    The recorded overrides repeat the run exactly; a steady run keeps its plan."""
+    that (another job started beside it, or ended, or was starting while the speed was measured):
+    the run measures again, takes the count that fills the budget, and the lr schedule's rest
+    ends there at its floor; a count off by a third at 10 % of the budget, one off by 5 % at
+    40 %. The recorded overrides repeat the run exactly; a steady run keeps its plan."""
     monkeypatch.setattr(budget, "REPLAN_AT", REPLAN_AT)
+    monkeypatch.setattr(budget, "EARLY_REPLAN_AT", EARLY_REPLAN_AT)
     real_clock, offset = budget.time.perf_counter, [0.0]
     monkeypatch.setattr(budget.time, "perf_counter", lambda: real_clock() + offset[0])
+    real_replan, replanned_when = budget.replan_run, []
+
+    def replan_run(run, recheck):
+        changed = real_replan(run, recheck)
+        if changed:
+            replanned_when.append(run.state.budget_used_s)
+        return changed
+
+    monkeypatch.setattr(budget, "replan_run", replan_run)
     real_step = trainer_module.optimizer_step
 
     def timed_step(run):
@@ -361,6 +374,11 @@ def test_a_run_whose_speed_changes_replans_once_and_ends_on_its_budget(tmp_path,
         assert steps == sorted(steps, reverse=True)  # no jump where it re-planned
         assert summary["budget"]["repeat"].endswith(
             f"scheduler.replanned_at={at} scheduler.replanned_from={first}")
+        (when,) = replanned_when  # once
+        if speed == 1.05:
+            assert REPLAN_AT * 600 <= when < (REPLAN_AT + 0.05) * 600
+        else:  # at the early check (its REPLAN_MIN_STEPS after the plan may take it past 10 %)
+            assert EARLY_REPLAN_AT * 600 <= when < REPLAN_AT * 600
     monkeypatch.undo()
     repeat = tmp_path / "repeat"
     run_training(tiny_config(*overrides, *summary["budget"]["repeat"].split()), repeat)
@@ -378,6 +396,7 @@ def test_no_replan_inside_the_configured_warmup(monkeypatch):
     from types import SimpleNamespace
 
     monkeypatch.setattr(budget, "REPLAN_AT", REPLAN_AT)
+    monkeypatch.setattr(budget, "EARLY_REPLAN_AT", EARLY_REPLAN_AT)
     recheck = budget.Recheck(after=100)
     recheck.mark(SimpleNamespace(iter=10, budget_used_s=5.0, val_time_s=0.0))
     state = SimpleNamespace(iter=60, budget_used_s=0.5 * 100, val_time_s=0.0)
@@ -385,7 +404,13 @@ def test_no_replan_inside_the_configured_warmup(monkeypatch):
     state.iter = 100
     assert recheck.due(state, budget_s=100.0)
     state.budget_used_s = 0.3 * 100
-    assert not recheck.due(state, budget_s=100.0)  # not yet 40 % of the budget
+    assert recheck.due(state, budget_s=100.0)  # the early check (a gross misjudgement only)
+    assert recheck.tolerance(state, budget_s=100.0) == budget.EARLY_REPLAN_TOLERANCE
+    recheck.early_checked = True
+    assert not recheck.due(state, budget_s=100.0)  # then not again before 40 % of the budget
+    state.budget_used_s = 0.4 * 100
+    assert recheck.due(state, budget_s=100.0)
+    assert recheck.tolerance(state, budget_s=100.0) == budget.REPLAN_TOLERANCE
 
 
 def test_which_runs_replan():
