@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from hydra.utils import instantiate
 from safetensors.torch import save_file
 
 from segexp.backbones import TimmBackbone
 from segexp.errors import ConfigError
+from tests.conftest import compose_config
 
 
 def test_channels_and_reductions_come_from_timm():
@@ -63,3 +65,28 @@ def test_pretrained_without_network_says_how_to_use_a_local_file(offline_hub):
         TimmBackbone("resnet18", pretrained=True, cache_dir=None)
     message = str(info.value)
     assert "backbone.checkpoint=" in message and "resnet18" in message
+
+
+RESNET_CONFIGS = ["resnet18", "resnet18_d8", "resnet50", "resnet50_d8", "resnet50_d16", "resnet101",
+                  "resnet101_d8", "resnet101_d16"]
+
+
+@pytest.mark.parametrize("name", RESNET_CONFIGS)
+def test_resnets_from_scratch_start_with_live_residual_branches(name):
+    """timm zero-initialises each residual block's last BatchNorm; the ResNet configs turn that
+    off (torchvision's init: from scratch, 20-minute runs learnt more without it,
+    docs/performance.md), so no block starts as an identity."""
+    cfg = compose_config(f"backbone={name}", "backbone.pretrained=false")
+    assert cfg.backbone.zero_init_last is False
+    if name not in ("resnet18", "resnet50_d8"):  # one BasicBlock and one Bottleneck network
+        return
+    backbone = instantiate(cfg.backbone)
+    last_norms = [block.bn3 if hasattr(block, "bn3") else block.bn2
+                  for layer in ("layer1", "layer2", "layer3", "layer4")
+                  for block in getattr(backbone.body, layer)]
+    assert last_norms and all(torch.all(norm.weight == 1) for norm in last_norms)
+    # timm's own default, kept on request: backbone.zero_init_last=true
+    zeroed = instantiate(compose_config(f"backbone={name}", "backbone.pretrained=false",
+                                        "backbone.zero_init_last=true").backbone)
+    assert torch.all(zeroed.body.layer1[0].bn3.weight == 0 if hasattr(zeroed.body.layer1[0], "bn3")
+                     else zeroed.body.layer1[0].bn2.weight == 0)
