@@ -306,7 +306,7 @@ class Recheck:
     """The one re-plan of a budget run: once :data:`EARLY_REPLAN_AT` and again once
     :data:`REPLAN_AT` of the budget is used, the speed is measured on the iterations since the
     plan (or since a resume) and the count refitted to the time left (:func:`replan_run`), at
-    most once; ``done`` after the re-plan or the last check."""
+    most once (``state.rechecked`` then)."""
 
     after: int = 0  # the config's warmup: the schedule's rest begins there, so no re-plan before
     iter: int = 0  # where this measurement began
@@ -314,7 +314,6 @@ class Recheck:
     val_time_s: float = 0.0  # validation time then
     validations: int = 0  # done since
     early_checked: bool = False
-    done: bool = False
 
     def mark(self, state) -> None:
         self.iter, self.used_s, self.val_time_s = state.iter, state.budget_used_s, state.val_time_s
@@ -322,7 +321,7 @@ class Recheck:
 
     def due(self, state, budget_s: float) -> bool:
         """Rank 0 decides for every rank (all must re-plan at the same iteration)."""
-        at = REPLAN_AT if self.early_checked else min(EARLY_REPLAN_AT, REPLAN_AT)
+        at = REPLAN_AT if self.early_checked else EARLY_REPLAN_AT
         ready = (state.budget_used_s >= at * budget_s and state.iter >= self.after
                  and state.iter - self.iter >= REPLAN_MIN_STEPS)
         return bool(distributed.broadcast_object(ready))
@@ -348,7 +347,6 @@ def replan_run(run, recheck: Recheck) -> bool:
     recorded for the repeat. True when the length changed."""
     s, t, p = run.state, run.options, run.plan
     tolerance = recheck.tolerance(s, t.budget_s)
-    final = tolerance == REPLAN_TOLERANCE
     iter_s, val_s = recheck.speeds(s)
     val_every = _validation_every_iters(run)
     left = None if p.limit is None else p.limit - s.iter
@@ -358,12 +356,12 @@ def replan_run(run, recheck: Recheck) -> bool:
     planned_left = s.total_iters - s.iter
     if abs(count - s.total_iters) <= tolerance * planned_left:
         recheck.early_checked = True
-        recheck.done = s.rechecked = final
-        if final:
+        s.rechecked = tolerance == REPLAN_TOLERANCE  # the last check: no more
+        if s.rechecked:
             log.info(f"[iter {s.iter}/{s.total_iters}] time budget: {iter_s:.3g} s per iteration "
                      f"since iteration {recheck.iter}, as planned; keeping the count.")
         return False
-    recheck.done = s.rechecked = True
+    s.rechecked = True
     s.replanned_at, s.replanned_from, s.total_iters = s.iter, s.total_iters, count
     run.scheduler = run.scheduler_for(s.total_iters, s.hold_iters, (s.replanned_at, s.replanned_from))
     for _ in range(s.iter):  # closed-form factors: the learning rates so far, unchanged

@@ -478,7 +478,7 @@ def fit(run: Run) -> TrainState:
                         bar.total = s.total_iters
                         bar.refresh()
                         last_iter = s.iter >= s.total_iters
-                    if recheck.done:
+                    if s.rechecked:
                         recheck = run.recheck = None
             if at_log_step and t.budget_s is not None and not last_iter:
                 last_iter = budget_overrun(run, clock)

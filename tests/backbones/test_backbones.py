@@ -80,13 +80,14 @@ def test_resnets_from_scratch_start_with_live_residual_branches(name):
     assert cfg.backbone.zero_init_last is False
     if name not in ("resnet18", "resnet50_d8"):  # one BasicBlock and one Bottleneck network
         return
+    def last_norm(block):  # Bottleneck's bn3, BasicBlock's bn2
+        return getattr(block, "bn3", None) or block.bn2
+
     backbone = instantiate(cfg.backbone)
-    last_norms = [block.bn3 if hasattr(block, "bn3") else block.bn2
-                  for layer in ("layer1", "layer2", "layer3", "layer4")
+    last_norms = [last_norm(block) for layer in ("layer1", "layer2", "layer3", "layer4")
                   for block in getattr(backbone.body, layer)]
     assert last_norms and all(torch.all(norm.weight == 1) for norm in last_norms)
     # timm's own default, kept on request: backbone.zero_init_last=true
     zeroed = instantiate(compose_config(f"backbone={name}", "backbone.pretrained=false",
                                         "backbone.zero_init_last=true").backbone)
-    assert torch.all(zeroed.body.layer1[0].bn3.weight == 0 if hasattr(zeroed.body.layer1[0], "bn3")
-                     else zeroed.body.layer1[0].bn2.weight == 0)
+    assert torch.all(last_norm(zeroed.body.layer1[0]).weight == 0)

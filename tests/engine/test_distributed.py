@@ -133,7 +133,7 @@ SAME_WORK = ["trainer=debug", "transforms=none", "dataset.image_size=32", "datas
              # timm's zero-initialised residual branches: SyncBN takes the variance as
              # E[x^2] - E[x]^2, and at stride 32 a 32x32 image is one pixel, so two samples; with
              # live branches (the ResNet configs' default) that cancellation moved running
-             # variances by up to a third and flipped 470 of the near-untrained model's pixels.
+             # variances by up to 35 % and flipped 470 of the near-untrained model's pixels.
              "backbone.zero_init_last=true"]
 
 
