@@ -81,7 +81,8 @@ def test_num_classes_disagreeing_with_the_dataset(tmp_path):
 
 
 def test_crop_size_the_backbone_cannot_take(tmp_path):
-    message = run_expecting(ConfigError, tiny_config("dataset.crop_size=[40,40]"), tmp_path)
+    cfg = tiny_config("model=fcn", "head.channels=16", "dataset.crop_size=[40,40]")  # ResNet-18: /32
+    message = run_expecting(ConfigError, cfg, tmp_path)
     assert "multiple of 32" in message and "dataset.crop_size=[32,32]" in message
 
 

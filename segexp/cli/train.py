@@ -26,9 +26,7 @@ from omegaconf import DictConfig
 from segexp.atomic import write_json, write_text
 from segexp.cli import explained_error, message_of, print_error
 from segexp.config import CONF_DIR, require_conf_dir
-from segexp.engine import distributed
-from segexp.engine.experiment import run_training
-from segexp.engine.launch import Launch
+from segexp.engine.launch import Launch, started_as_one_of_several
 from segexp.errors import SegexpError
 
 log = logging.getLogger("train")
@@ -39,6 +37,10 @@ log = logging.getLogger("train")
 # ("train": train.log in the run folder) whichever of them started it.
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float:
+    # The engine (torch, torchvision, timm: seconds to import) loads here, once Hydra has composed
+    # the config: --help, --cfg and a mistyped option answer without it.
+    from segexp.engine.experiment import run_training
+
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     keep_config_history(run_dir)
     try:
@@ -110,13 +112,18 @@ def cli() -> None:
     except SegexpError as err:
         print_error(str(err))
         sys.exit(1)
-    info = distributed.share_start_time(dist_backend_override(sys.argv[1:]))
-    if info.rank > 0:  # rank 0 writes .hydra/ and the log; the others only report problems
-        sys.argv += ["hydra.output_subdir=null", "hydra.job_logging.root.level=WARNING"]
+    distributed = None
+    if started_as_one_of_several():
+        from segexp.engine import distributed
+
+        info = distributed.share_start_time(dist_backend_override(sys.argv[1:]))
+        if info.rank > 0:  # rank 0 writes .hydra/ and the log; the others only report problems
+            sys.argv += ["hydra.output_subdir=null", "hydra.job_logging.root.level=WARNING"]
     try:
         main()
     finally:
-        distributed.cleanup()
+        if distributed is not None:
+            distributed.cleanup()
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from segexp.engine.launch import cluster_tasks, started_as_one_of_several
 from segexp.errors import ConfigError
 
 
@@ -55,16 +56,11 @@ def _slurm_first_host(nodelist: str) -> str:
         return head
 
 
-def _cluster_tasks() -> int:
-    return max(int(os.environ.get("SLURM_NTASKS", "1")),
-               int(os.environ.get("SUBMITIT_LOCAL_NTASKS", "1")))
-
-
 def export_cluster_environment() -> bool:
     """In a job of several tasks (the submitit launcher, local or SLURM; or ``srun``), set the
     variables ``env://`` initialisation reads (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
     MASTER_PORT). Returns whether it did; torchrun's variables win."""
-    if "RANK" in os.environ or _cluster_tasks() <= 1:
+    if "RANK" in os.environ or cluster_tasks() <= 1:
         return False
     if os.environ.get("SUBMITIT_EXECUTOR"):  # submitit knows its job, SLURM or local
         from submitit.helpers import TorchDistributedEnvironment
@@ -82,15 +78,11 @@ def export_cluster_environment() -> bool:
     return True
 
 
-def _wants_distributed() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or _cluster_tasks() > 1
-
-
 def init_distributed(backend: str = "auto", timeout_min: float = 30.0) -> DistInfo:
     """Join the process group if this process was started as one of several (idempotent)."""
     if dist.is_available() and dist.is_initialized():
         return current()
-    if not _wants_distributed():
+    if not started_as_one_of_several():
         return DistInfo()
     export_cluster_environment()
     if not dist.is_available():
@@ -145,7 +137,7 @@ def share_start_time(backend: str = "auto") -> DistInfo:
     """Before Hydra names the run folder: join the process group and give every rank rank 0's
     start time (``${run_time:...}`` in the config reads it), since processes started together
     can straddle a second and must still share one folder. A no-op in a single process."""
-    if not _wants_distributed():
+    if not started_as_one_of_several():
         return DistInfo()
     info = init_distributed(backend)
     os.environ["SEGEXP_RUN_TIME"] = broadcast_object(datetime.now().isoformat(timespec="seconds"))

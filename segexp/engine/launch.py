@@ -6,6 +6,7 @@ turns it into a :class:`Launch`, and a notebook or another launcher passes its o
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -26,3 +27,16 @@ class Launch:
 
     def choice(self, group: str) -> str | None:
         return self.choices.get(group) or None
+
+
+def cluster_tasks() -> int:
+    """The tasks of a SLURM job or of the submitit launcher (1 outside one)."""
+    return max(int(os.environ.get("SLURM_NTASKS", "1")),
+               int(os.environ.get("SUBMITIT_LOCAL_NTASKS", "1")))
+
+
+def started_as_one_of_several() -> bool:
+    """Whether torchrun, SLURM or submitit started this process as one rank of several: read
+    from the environment alone, so the command line answers ``--help`` and config errors
+    without loading torch."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or cluster_tasks() > 1

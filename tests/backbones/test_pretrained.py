@@ -257,7 +257,8 @@ def test_a_run_records_the_weights_it_started_from(tmp_path, monkeypatch, no_pro
     _cache_timm_weights(_hub_cache(tmp_path, monkeypatch), "resnet18")
     monkeypatch.setattr(experiment, "JsonlLogger", RecordingLogger)
     RecordingLogger.seen.clear()
-    run_training(tiny_config("trainer=debug", "trainer.measure_speed=false"), tmp_path / "run")
+    run_training(tiny_config("model=fcn", "head.channels=16", "trainer=debug", "trainer.measure_speed=false"),
+                 tmp_path / "run")
     summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
     source = "imagenet (timm: resnet18.a1_in1k, local cache)"
     assert (summary["pretrained"], summary["pretrained_source"]) == ("imagenet", source)

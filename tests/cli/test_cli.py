@@ -139,6 +139,25 @@ def test_a_script_wrapper_runs_in_a_fresh_interpreter(tmp_path):
     assert out.stderr.startswith("segexp: error: ") and "Traceback" not in out.stderr
 
 
+ENGINE_MODULES = ("torch", "torchvision", "timm", "segexp.engine.experiment")
+
+
+@pytest.mark.parametrize("args, status", [(["--help"], 0), (["model=nosuch"], 1)],
+                         ids=["help", "mistyped option"])
+def test_train_answers_help_and_a_mistyped_option_without_loading_the_engine(args, status):
+    """torch, torchvision and timm take seconds to import: Hydra's help and composition errors
+    come before they load."""
+    code = ("import sys\nfrom segexp.cli.train import cli\ntry:\n    cli()\nexcept SystemExit as e:\n"
+            "    print('exit', e.code)\n"
+            f"print('loaded', sorted(m for m in {ENGINE_MODULES!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert f"exit {status}" in out.stdout, out.stderr[-2000:]
+    assert "loaded []" in out.stdout, out.stdout[-2000:]
+    if status:
+        assert "nosuch" in out.stderr
+
+
 def installed_command(name: str) -> Path | None:
     """The console command pip installed beside this interpreter, else in the repository's
     .venv (the README's set-up)."""

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from segexp.weights_io import read_weights_file
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TINY_UNET
 
-RUN = ["trainer=debug", "model=fcn", "head.channels=16", "dataset.image_size=32",
+RUN = ["trainer=debug", *TINY_UNET, "dataset.image_size=32",
        "dataset.train_length=32", "trainer.max_iters=30", "trainer.val_interval=1000",
        "trainer.log_interval=2", "trainer.measure_speed=false", "trainer.num_vis_images=0"]
 

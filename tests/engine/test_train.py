@@ -294,8 +294,8 @@ def test_auto_channels_last_is_nhwc_on_avx512_cpus_and_with_mixed_precision_on_g
     assert not resolve_channels_last("auto", cpu, "32")
     monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
     with caplog.at_level("INFO"):
-        run_training(tiny_config("trainer.max_iters=1", "trainer.val_interval=1",
-                                 "trainer.channels_last=auto"), tmp_path)
+        run_training(tiny_config("model=fcn", "head.channels=16", "trainer.max_iters=1",
+                                 "trainer.val_interval=1", "trainer.channels_last=auto"), tmp_path)
     assert "trainer.channels_last=auto: NHWC" in caplog.text
     assert json.loads((tmp_path / "metrics.json").read_text())["channels_last"] is True
     weights = read_weights_file(tmp_path / "checkpoints" / "last.pt")["model"]
@@ -354,8 +354,8 @@ def test_channels_last_training_matches_the_default_layout(tmp_path):
     # of this tiny model, whose deepest BatchNorm sees two values, drift apart faster).
     # SGD: its step is linear in the gradient, so rounding differences stay rounding-sized (Adam
     # divides by the gradient's own scale and turns them into whole lr-sized steps).
-    overrides = ["trainer.max_iters=3", "trainer.val_interval=3", "trainer.log_interval=1",
-                 "head.dropout=0", "optimizer=sgd"]
+    overrides = ["model=fcn", "head.channels=16", "trainer.max_iters=3", "trainer.val_interval=3",
+                 "trainer.log_interval=1", "head.dropout=0", "optimizer=sgd"]
     run_training(tiny_config(*overrides, "trainer.channels_last=false"), tmp_path / "plain")
     run_training(tiny_config(*overrides, "trainer.channels_last=true"), tmp_path / "nhwc")
     losses = [[json.loads(line)["train/loss"] for line in (tmp_path / d / "metrics.jsonl").read_text()

@@ -17,7 +17,7 @@ from segexp.engine import trainer as trainer_module
 from segexp.engine.experiment import run_training
 from segexp.errors import ConfigError, TrainingInterrupted
 from segexp.loggers import CSVLogger, Logger, MLflowLogger, TensorBoardLogger, WandbLogger, build_loggers
-from tests.conftest import TINY_SYNTHETIC, compose_config, tiny_config, train_py
+from tests.conftest import TINY_SYNTHETIC, TINY_UNET, compose_config, tiny_config, train_py
 from tests.loggers.conftest import crash_after_iteration_3
 
 
@@ -80,7 +80,7 @@ def test_csv_tensorboard_and_mlflow_together_through_train_py(tmp_path, mlflow_s
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     run_dir = tmp_path / "run"
-    out = train_py("trainer=debug", "model=fcn", "head.channels=16", *TINY_SYNTHETIC,
+    out = train_py("trainer=debug", *TINY_UNET, *TINY_SYNTHETIC,
                    "logger=[csv,tensorboard,mlflow]", f"logger.mlflow.tracking_uri={mlflow_store}",
                    f"hydra.run.dir={run_dir}")
     assert out.returncode == 0, out.stderr[-3000:]
@@ -125,10 +125,10 @@ def test_csv_tensorboard_and_mlflow_together_through_train_py(tmp_path, mlflow_s
     # MLflow: params, metric history with steps, tags, artifacts, status.
     client, run = mlflow_run(mlflow_store, run_dir)
     assert run.info.status == "FINISHED" and run.data.tags["status"] == "completed"
-    assert run.info.run_name == "fcn_resnet18_synthetic"  # the run's name, as in its folder
+    assert run.info.run_name == "unet_unet_synthetic"  # the run's name, as in its folder
     assert run.data.params["trainer.max_iters"] == "2"
     assert run.data.params["model._target_"] == "segexp.models.Segmentor"
-    assert {("model", "fcn"), ("backbone", "resnet18"), ("dataset", "synthetic")} <= set(
+    assert {("model", "unet"), ("backbone", "unet"), ("dataset", "synthetic")} <= set(
         run.data.tags.items())
     history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}
     assert sorted(history) == [1, 2]
