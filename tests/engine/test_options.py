@@ -64,7 +64,7 @@ def test_the_engine_runs_without_hydras_runtime(tmp_path):
     """A notebook: compose the config, clear Hydra's runtime, train. The run name was resolved
     while composing; tags, messages and the resume rule need no Hydra state."""
     cfg, dataset = compose_train_config(["trainer=debug", "dataset.train_length=4",
-                                         "dataset.val_length=2", "head.decoder_channels=[8,8,8,8]"])
+                                         "dataset.val_length=2", "head.decoder_channels=[8,8,8]"])
     assert dataset == "synthetic" and cfg.name == "unet_resnet18_synthetic"
     HydraConfig.instance().cfg = None  # nothing left to read: the engine must not need it
     assert not HydraConfig.initialized()

@@ -16,6 +16,7 @@ from segexp.heads.fcn import FCNHead
 from segexp.heads.psp import PSPHead
 from segexp.heads.unet import UNetHead
 from segexp.heads.upernet import UPerHead
+from segexp.models import build_model
 from tests.conftest import CONF, compose_config
 
 HEAD_CONF = CONF / "head"
@@ -100,7 +101,7 @@ def test_head_forward_backward(name, head_cls, kwargs, make_backbone, reduction)
 @pytest.mark.parametrize("file,expected_cls,reduction", [
     ("fcn.yaml", FCNHead, 8), ("fcn_aux.yaml", FCNHead, 8), ("pspnet.yaml", PSPHead, 8),
     ("deeplabv3.yaml", ASPPHead, 8), ("deeplabv3plus.yaml", DeepLabV3PlusHead, 4),
-    ("upernet.yaml", UPerHead, 4), ("unet.yaml", UNetHead, 2),
+    ("upernet.yaml", UPerHead, 4), ("unet.yaml", UNetHead, 4),  # unet: the four deepest maps
 ])
 def test_head_yaml_instantiates(file, expected_cls, reduction):
     path = HEAD_CONF / file
@@ -280,9 +281,13 @@ def test_unet_decoder_width_halves_from_the_deepest_stage_and_the_paper_recipe_m
     # full_resolution: one more stage of half the last width, at the input's size (smp's 16)
     full = UNetHead(*resnet, NUM_CLASSES, decoder_channels=256, full_resolution=True)
     assert len(full.blocks) == 5 and full.classifier.in_channels == 16 and full.reduction == 1
-    assert compose_config().head.decoder_channels == 256  # the default run
+    # The default run: 128, 64, 32 over ResNet-18's maps at strides 4-32, logits at stride 4.
+    default = build_model(compose_config())
+    assert default.decode_head.in_index == [1, 2, 3, 4] and default.decode_head.reduction == 4
+    assert default.decode_head.classifier.in_channels == 32
     paper = compose_config("experiment=unet_paper")
-    assert paper.head.decoder_channels is None and paper.backbone._target_.endswith("UNetEncoder")
+    assert paper.head.decoder_channels is None and paper.head.in_index is None
+    assert paper.backbone._target_.endswith("UNetEncoder")
 
 
 def test_unet_dropout_only_in_the_paper_recipe():
