@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import load_script
 
 TINY = ["trainer=debug", "dataset.train_length=4", "dataset.val_length=2",
-        "head.decoder_channels=[8,8,8,8]", "trainer.measure_speed=false"]
+        "head.decoder_channels=[8,8,8]", "trainer.measure_speed=false"]
 
 
 def test_a_recorded_run_holds_its_figures_command_and_machine(tmp_path):
