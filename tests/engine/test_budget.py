@@ -16,15 +16,7 @@ from segexp.engine import trainer as trainer_module
 from segexp.engine.experiment import run_training
 from segexp.errors import ConfigError
 from segexp.weights_io import read_weights_file
-from tests.conftest import (
-    ROOT,
-    TINY_UNET,
-    compose_config,
-    free_port,
-    last_weights,
-    launcher_free_env,
-    tiny_config,
-)
+from tests.conftest import ROOT, compose_config, free_port, last_weights, launcher_free_env, tiny_config
 
 TIMED = ["trainer.max_time=4s", "trainer.log_interval=5", "trainer.measure_speed=false"]
 REPLAN_AT, EARLY_REPLAN_AT = budget.REPLAN_AT, budget.EARLY_REPLAN_AT
@@ -366,7 +358,7 @@ def test_a_run_whose_speed_changes_replans_once_and_ends_on_its_budget(tmp_path,
         offset[0] += STEP_S * (speed if run.state.planned else 1.0)
 
     monkeypatch.setattr(trainer_module, "optimizer_step", timed_step)
-    overrides = [*TINY_UNET, *TIMED, f"trainer.max_time={BUDGET_S}s", "trainer.log_interval=1"]
+    overrides = [*TIMED, f"trainer.max_time={BUDGET_S}s", "trainer.log_interval=1"]
     timed = tmp_path / "timed"
     run_training(tiny_config(*overrides), timed)
     summary = _summary(timed)
