@@ -234,10 +234,11 @@ PAIRS = [
          "same architecture, output stride 8 (checkpoint parity: tests/test_weights.py)"),
     Pair("unet_r50", "smp", "segmentation_models_pytorch", ("model=unet", "backbone=resnet50"),
          smp_unet_resnet50, "smp.Unet('resnet50')", 19,
-         "different decoders: segexp mirrors the skip widths (1024/512/256/64, 2x2 up-convs, "
-         "logits at 1/2 then bilinear); smp's is 256/128/64/32/16 with nearest upsampling and a "
-         "fifth block at full resolution (head.decoder_channels=[256,128,64,32] head.upsample=bilinear "
-         "comes close to its size)"),
+         "different decoders: segexp's is 128/64/32 wide over the maps at strides 32-4 (2x2 "
+         "up-convs, logits at 1/4 then bilinear); smp's is 256/128/64/32/16 over every map with "
+         "nearest upsampling and a fifth block at full resolution (head.in_index=null "
+         "head.decoder_channels=[256,128,64,32] head.upsample=bilinear head.full_resolution=true "
+         "matches its size)"),
     Pair("pspnet_r50", "smp", "segmentation_models_pytorch",
          ("model=pspnet", "backbone=resnet50_d8", NO_AUX), smp_pspnet_resnet50_d8,
          "smp.PSPNet('resnet50', encoder_depth=5, output_stride=8, upsampling=8)", 150,
