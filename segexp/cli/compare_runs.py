@@ -9,7 +9,9 @@ best validation metrics, per-class IoU, parameters, times, the time budget with 
 and images it gave, error) and ``metrics.jsonl`` (learning curves) are read (a sweep at one
 ``trainer.max_time`` compares models at equal wall-clock, and the table says how far each got);
 a folder is any one holding ``.hydra/config.yaml`` or ``metrics.json`` under the given paths.
-Rows are sorted by best mIoU; failed runs come last with their error.
+Rows are sorted by best mIoU; failed runs come last with their error; a run that validated on
+images it also trained on (``val_images_in_training``) says so in its status (highlighted in the
+page): its mIoU is not a held-out score.
 Writes to --out (default: <the one folder given>/comparison, else ./comparison):
 ``comparison.md``, ``comparison.csv``, ``miou_vs_cost.png`` (mIoU vs GFLOPs, bubble area =
 parameters; vs parameters when GFLOPs are unknown), ``learning_curves.png`` (validation mIoU
@@ -60,6 +62,7 @@ class RunRecord:
     iters: int | None = None
     images_seen: int | None = None
     budget: str = ""  # trainer.max_time of a run at a time budget
+    val_in_train: int = 0  # validation images the run also trained on: its scores are not held out
     best: dict[str, Any] = field(default_factory=dict)
     per_class_iou: dict[str, float | None] = field(default_factory=dict)
     val_curve: list[tuple[int, float]] = field(default_factory=list)
@@ -134,6 +137,7 @@ def read_run(path: Path) -> RunRecord:
         run.iters = summary.get("iters")
         run.images_seen = summary.get("images_seen")
         run.budget = str((summary.get("budget") or {}).get("max_time") or "")
+        run.val_in_train = int(summary.get("val_images_in_training") or 0)
         run.best = summary.get("best") or {}
         run.per_class_iou = {name: values.get("IoU")
                              for name, values in (summary.get("best_per_class") or {}).items()}
@@ -187,6 +191,14 @@ def _num(value: Any, digits: int) -> str:
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) else ""
 
 
+def status_cell(run: RunRecord) -> str:
+    """The run's status; a run that validated on images it trained on says so beside it, since
+    its mIoU is not comparable with held-out ones."""
+    if run.val_in_train:
+        return f"{run.status} (not held out: {run.val_in_train} validation images trained on)"
+    return run.status
+
+
 def table(runs: list[RunRecord]) -> tuple[list[str], list[list[str]]]:
     names = class_names(runs)
     header = (["run", "model", "backbone", "dataset", "params (M)", "GFLOPs", "FPS",
@@ -199,7 +211,7 @@ def table(runs: list[RunRecord]) -> tuple[list[str], list[list[str]]]:
                      _num(r.gflops, 2), _num(r.fps, 1), r.budget, _num(r.iters, 0),
                      _num(r.images_seen, 0), _num(r.train_time_s, 1), _pct(r.miou),
                      _pct(r.best.get("aAcc"))] + [_pct(r.per_class_iou.get(n)) for n in names]
-                    + [r.status, r.error.splitlines()[0] if r.error else ""])
+                    + [status_cell(r), r.error.splitlines()[0] if r.error else ""])
     return header, rows
 
 
@@ -268,11 +280,17 @@ def plot_per_class(runs: list[RunRecord], path: Path) -> None:
     plt.close(fig)
 
 
+def row_class(status: str) -> str:
+    """Failed runs red, runs whose validation was not held out (:func:`status_cell`) yellow."""
+    if status.split(" (")[0] not in ("completed", "early_stopped"):
+        return "failed"
+    return "not-held-out" if "not held out" in status else ""
+
+
 def html_page(header: list[str], rows: list[list[str]], pictures: list[Path], sources: list[Path]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr class='{}'>{}</tr>".format(
-        "failed" if row[-2] not in ("completed", "early_stopped") else "",
-        "".join(f"<td>{html.escape(c)}</td>" for c in row)) for row in rows)
+        row_class(row[-2]), "".join(f"<td>{html.escape(c)}</td>" for c in row)) for row in rows)
     images = "".join(
         f"<figure><img alt='{p.stem}' src='data:image/png;base64,"
         f"{base64.b64encode(p.read_bytes()).decode()}'><figcaption>{p.stem}</figcaption></figure>"
@@ -282,7 +300,8 @@ def html_page(header: list[str], rows: list[list[str]], pictures: list[Path], so
 <html><head><meta charset="utf-8"><title>segexp run comparison</title>
 <style>body{{font-family:sans-serif;margin:1.5em}} table{{border-collapse:collapse;font-size:13px}}
 td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}} th{{background:#eee}}
-tr.failed{{background:#fdd}} img{{max-width:100%}} figure{{margin:1em 0}}</style></head>
+tr.failed{{background:#fdd}} tr.not-held-out{{background:#ffd}}
+img{{max-width:100%}} figure{{margin:1em 0}}</style></head>
 <body><h1>Run comparison</h1><p>{len(rows)} runs, sorted by best validation mIoU.</p>
 <table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
 {images}<h2>Run folders</h2><ul>{listed}</ul></body></html>

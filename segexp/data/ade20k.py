@@ -19,6 +19,7 @@ from segexp.errors import ConfigError, DataError
 
 URL = "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip"
 SPLIT_FOLDERS = {"train": "training", "val": "validation"}
+SPLITS = ("train", "val", "trainval")  # trainval: training + validation
 
 # SceneParsing's objectInfo150 classes (annotation values 1..150) and colours, as MMSegmentation's
 # ADE20KDataset lists them (mmseg/datasets/ade.py; its stray trailing space in 'bed ' removed).
@@ -89,8 +90,10 @@ class ADE20KDataset(SegmentationDataset):
     ``root`` is the ``ADEChallengeData2016`` folder that ``ADEChallengeData2016.zip`` unpacks to
     (http://data.csail.mit.edu/places/ADEchallenge/), holding
     ``images/{training,validation}/<name>.jpg`` and ``annotations/{training,validation}/<name>.png``;
-    split ``train`` reads ``training``, ``val`` ``validation``. Annotations hold 0..150 with 0 =
-    "other": it is ignored and 1..150 become classes 0..149 (MMSegmentation's reduce-zero-label).
+    split ``train`` reads ``training``, ``val`` ``validation``, ``trainval`` both; ``train_split``
+    / ``val_split`` pick what the trainer's ``train`` / ``val`` read. Annotations hold 0..150 with
+    0 = "other": it is ignored and 1..150 become classes 0..149 (MMSegmentation's
+    reduce-zero-label).
     """
 
     class_names = CLASS_NAMES
@@ -99,19 +102,26 @@ class ADE20KDataset(SegmentationDataset):
     def __init__(self, split: str = "train", transforms=None, ignore_index: int = IGNORE_INDEX,
                  num_classes: int | None = 150, crop_size: Sequence[int] = (512, 512),
                  base_size: Sequence[int] | None = (512, 2048),
-                 root: str | Path = "data/ade20k/ADEChallengeData2016") -> None:
+                 root: str | Path = "data/ade20k/ADEChallengeData2016", train_split: str = "train",
+                 val_split: str = "val") -> None:
         super().__init__(split=split, transforms=transforms, ignore_index=ignore_index,
                          num_classes=num_classes)
-        if split not in SPLIT_FOLDERS:
-            raise ConfigError(f"unknown split {split!r} for ade20k: use train or val.")
+        for name, value in (("split", split), ("dataset.train_split", train_split),
+                            ("dataset.val_split", val_split)):
+            if value not in SPLITS:
+                raise ConfigError(f"unknown {name} {value!r} for ade20k: use train, val or "
+                                  "trainval.")
         self.root = Path(root)
+        self.train_split, self.val_split = train_split, val_split
+        self.list_name = {"train": train_split, "val": val_split}.get(split, split)
         self.crop_size = tuple(crop_size) if crop_size is not None else None
         self.base_size = tuple(base_size) if base_size is not None else None
-        self.samples = self._find_samples()
+        parts = ("train", "val") if self.list_name == "trainval" else (self.list_name,)
+        self.samples = [sample for part in parts for sample in self._find_samples(part)]
         self.check_num_classes()
 
-    def _find_samples(self) -> list[tuple[Path, Path]]:
-        folder = SPLIT_FOLDERS[self.split]
+    def _find_samples(self, split: str) -> list[tuple[Path, Path]]:
+        folder = SPLIT_FOLDERS[split]
         images, annotations = self.root / "images" / folder, self.root / "annotations" / folder
         if not images.is_dir() or not annotations.is_dir():
             nested = [p for p in (self.root / "ADEChallengeData2016",) if p.is_dir()]

@@ -20,7 +20,7 @@ from segexp.errors import ConfigError, DataError
 
 URL = "https://www.cityscapes-dataset.com/downloads/"
 ARCHIVES = "gtFine_trainvaltest.zip and leftImg8bit_trainvaltest.zip"
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "trainval")  # trainval: train + val (before a test submission)
 IMAGE_SUFFIX = "_leftImg8bit.png"
 TRAIN_ID_SUFFIX = "_gtFine_labelTrainIds.png"
 LABEL_ID_SUFFIX = "_gtFine_labelIds.png"
@@ -60,7 +60,9 @@ class CityscapesDataset(SegmentationDataset):
     ``gtFine/<split>/<city>/<name>_gtFine_labelTrainIds.png`` where cityscapesScripts'
     ``createTrainIdLabelImgs`` has written them, otherwise ``<name>_gtFine_labelIds.png``
     converted on the fly with the official id -> trainId table. The ``test`` split's labels
-    are withheld by the benchmark (its masks are all ignore).
+    are withheld by the benchmark (its masks are all ignore). ``train_split`` / ``val_split``
+    pick what the trainer's ``train`` / ``val`` read: ``trainval`` trains on train + val for a
+    final model before a test-server submission (its validation scores are then not held out).
     """
 
     class_names = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
@@ -74,19 +76,31 @@ class CityscapesDataset(SegmentationDataset):
     def __init__(self, split: str = "train", transforms=None, ignore_index: int = IGNORE_INDEX,
                  num_classes: int | None = 19, crop_size: Sequence[int] = (512, 1024),
                  base_size: Sequence[int] | None = (1024, 2048),
-                 root: str | Path = "data/cityscapes") -> None:
+                 root: str | Path = "data/cityscapes", train_split: str = "train",
+                 val_split: str = "val") -> None:
         super().__init__(split=split, transforms=transforms, ignore_index=ignore_index,
                          num_classes=num_classes)
-        if split not in SPLITS:
-            raise ConfigError(f"unknown split {split!r} for cityscapes: use train, val or test.")
+        for name, value in (("split", split), ("dataset.train_split", train_split),
+                            ("dataset.val_split", val_split)):
+            if value not in SPLITS:
+                raise ConfigError(f"unknown {name} {value!r} for cityscapes: use train, val, test "
+                                  "or trainval.")
+        if val_split == "test":
+            raise ConfigError(
+                "dataset.val_split=test for cityscapes: the benchmark withholds the test labels "
+                "(every pixel is ignore), so nothing could be scored. Validate on val, and predict "
+                "the test images with segexp-predict for the evaluation server.")
         self.root = Path(root)
+        self.train_split, self.val_split = train_split, val_split
+        self.list_name = {"train": train_split, "val": val_split}.get(split, split)
         self.crop_size = tuple(crop_size) if crop_size is not None else None
         self.base_size = tuple(base_size) if base_size is not None else None
+        parts = ("train", "val") if self.list_name == "trainval" else (self.list_name,)
         # (image path, label path, whether the label holds labelIds that need converting)
-        self.samples = self._find_samples()
+        self.samples = [sample for part in parts for sample in self._find_samples(part)]
         self.check_num_classes()
 
-    def _find_samples(self) -> list[tuple[Path, Path, bool]]:
+    def _find_samples(self, split: str) -> list[tuple[Path, Path, bool]]:
         images_root, labels_root = self.root / "leftImg8bit", self.root / "gtFine"
         if not images_root.is_dir() or not labels_root.is_dir():
             nested = [p for p in (self.root / "cityscapes",) if (p / "leftImg8bit").is_dir()]
@@ -100,12 +114,14 @@ class CityscapesDataset(SegmentationDataset):
                 f"Download {ARCHIVES} from {URL} (free login), extract both into one folder and "
                 "set dataset.root=<that folder> or SEGEXP_DATA=<dir> with <dir>/cityscapes.",
                 hint=hint)
-        split_images, split_labels = images_root / self.split, labels_root / self.split
+        split_images, split_labels = images_root / split, labels_root / split
         if not split_images.is_dir() or not split_labels.is_dir():
+            option = {"train": " (dataset.train_split)", "val": " (dataset.val_split)"}.get(self.split, "")
             raise DataError(
-                f"Cityscapes split {self.split!r} not found: expected {split_images} and "
+                f"Cityscapes split {split!r}{option} not found: expected {split_images} and "
                 f"{split_labels}; {images_root} holds {found_in(images_root)} and {labels_root} "
-                f"holds {found_in(labels_root)}. Re-extract {ARCHIVES} from {URL}.")
+                f"holds {found_in(labels_root)}. Re-extract {ARCHIVES} from {URL}, or name a "
+                "split that is there with dataset.train_split / dataset.val_split.")
         images = sorted(split_images.glob(f"*/*{IMAGE_SUFFIX}"))
         if not images:
             raise DataError(f"no <city>/<name>{IMAGE_SUFFIX} images in {split_images}. "

@@ -208,6 +208,46 @@ def check_data(train_set, val_set, run_dir: Path, progress: bool, skip_bad_files
                         "reported as undefined ('-') where no validation mask holds them either.")
 
 
+def validation_images_in_training(train_set, val_set) -> tuple[int, Path | None]:
+    """How many validation samples read a file that the training split reads too, and the first
+    such file: overlapping splits (``dataset.train_split=trainval`` beside ``val_split=val``, one
+    folder named for both, a list file holding the same names) make validation scores measure the
+    fit to the training images, which looks like a good model and is not. Generated data: 0."""
+    train, val = base_dataset(train_set), base_dataset(val_set)
+    train_files = {os.path.abspath(path) for path in train.files() or ()}
+    if not train_files:
+        return 0, None
+    samples = getattr(val, "samples", None)
+    if not isinstance(samples, list) or len(samples) != len(val):  # no per-sample files: count files
+        samples = [(path,) for path in val.files() or ()]
+
+    def first_shared(entry) -> Path | None:
+        for path in entry if isinstance(entry, (tuple, list)) else (entry,):
+            if isinstance(path, Path) and os.path.abspath(path) in train_files:
+                return path
+        return None
+
+    shared = [path for path in map(first_shared, samples) if path is not None]
+    return len(shared), (shared[0] if shared else None)
+
+
+def check_held_out(train_set, val_set) -> int:
+    """Warn, before training, when validation images are also training images (see
+    :func:`validation_images_in_training`); the count goes into ``metrics.json``. A warning, not
+    an error: training on everything for a final model (e.g. Cityscapes' train + val before a
+    test-server submission) is a real protocol, but its validation scores are not held out."""
+    shared, first = validation_images_in_training(train_set, val_set)
+    if shared:
+        log.warning(
+            f"{shared} of the {len(base_dataset(val_set))} validation images are also training "
+            f"images (the first: {first}): the training and validation splits overlap "
+            "(dataset.train_split / dataset.val_split, or the split lists), so the validation "
+            "scores measure how well the model fits images it trained on, not how it does on "
+            "unseen ones. Choose disjoint splits for a held-out score; metrics.json records the "
+            "count as val_images_in_training.")
+    return shared
+
+
 def run_info(cfg: DictConfig, run_dir: Path, launch: Launch) -> RunInfo:
     """Name, sweep group and tags for loggers."""
     choices = dict(launch.choices)
@@ -242,6 +282,7 @@ def build_run(cfg: DictConfig, run_dir: Path, launch: Launch, started: float,
     check_loss_fits_model(cfg, model, launch)
     check_data(train_set, val_set, run_dir, progress=dist.is_main and options.progress_bar,
                skip_bad_files=bool(cfg.get("skip_bad_files", False)))
+    val_in_train = check_held_out(train_set, val_set)
     if options.sync_bn and dist.enabled:  # BatchNorm statistics over the global batch
         model = distributed.convert_sync_batchnorm(model, device)
     model.to(device)
@@ -265,7 +306,8 @@ def build_run(cfg: DictConfig, run_dir: Path, launch: Launch, started: float,
                  options=options, plan=run_plan, run_dir=run_dir,
                  class_names=list(train_set.class_names), palette=list(train_set.colours),
                  metric=cfg.metric, ignore_index=train_set.ignore_index,
-                 config_yaml=OmegaConf.to_yaml(cfg, resolve=True), dist=dist)
+                 config_yaml=OmegaConf.to_yaml(cfg, resolve=True), dist=dist,
+                 val_in_train=val_in_train)
     state = TrainState()
     if checkpoint is not None:
         state.load_state_dict(checkpoint["state"])  # the recorded length, before the schedule
@@ -519,6 +561,7 @@ def write_summary(run: Run, status: str, wall_time_s: float, error: str | None =
         "precision": run.options.precision,  # as run: trainer.precision=auto resolved
         "channels_last": run.options.channels_last,  # as run: auto resolved
         **pretrained_record(run.model),
+        "val_images_in_training": run.val_in_train,  # > 0: the validation scores are not held out
         **(cost or {}),
         "wall_time_s": round(wall_time_s, 2),
         "train_time_s": round(s.train_time_s, 2),

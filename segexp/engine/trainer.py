@@ -138,6 +138,7 @@ class Run:
     ignore_index: int = 255
     config_yaml: str = ""
     dist: distributed.DistInfo = field(default_factory=distributed.DistInfo)
+    val_in_train: int = 0  # validation images the training split reads too (experiment.check_held_out)
     state: TrainState = field(default_factory=TrainState)
     stop_signal: str | None = None  # set by a signal handler: stop at the next iteration boundary
     saved_weights_norm: tuple[int, float] | None = None  # (iteration, norm) of the last checkpoint

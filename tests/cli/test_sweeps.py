@@ -72,7 +72,10 @@ def write_run_folders(root):
         "a": {"status": "completed", "best": {"mIoU": 0.5, "aAcc": 0.9}, "params": 2_000_000,
               "gflops": 4.0, "fps": 30.0, "best_per_class": {"x": {"IoU": 0.4}, "y": {"IoU": 0.6}}},
         "b": {"status": "completed", "best": {"mIoU": 0.7, "aAcc": 0.95}, "params": 1_000_000,
-              "gflops": 2.0, "best_per_class": {"x": {"IoU": 0.7}, "y": {"IoU": None}}},
+              "gflops": 2.0, "best_per_class": {"x": {"IoU": 0.7}, "y": {"IoU": None}},
+              "val_images_in_training": 0},
+        # validated on images it trained on: the table says so beside its (inflated) mIoU
+        "e": {"status": "completed", "best": {"mIoU": 0.9}, "val_images_in_training": 3},
         "c": {"status": "failed", "error": "ConfigError: no | way"},
         "d": None,
     }.items():
@@ -91,12 +94,14 @@ def test_compare_runs_reads_folders_without_training(tmp_path):
     write_run_folders(tmp_path)
     runs = compare([tmp_path], tmp_path / "out")
     assert [(r.path.name, r.status) for r in runs] == [
-        ("b", "completed"), ("a", "completed"), ("c", "failed"), ("d", "no metrics.json")]
-    assert runs[1].fps == 30.0 and runs[0].loss_curve == [(1, 1.0)] and runs[0].crop == [8, 8]
+        ("e", "completed"), ("b", "completed"), ("a", "completed"), ("c", "failed"),
+        ("d", "no metrics.json")]
+    assert runs[2].fps == 30.0 and runs[1].loss_curve == [(1, 1.0)] and runs[1].crop == [8, 8]
     table = (tmp_path / "out" / "comparison.md").read_text()
     assert ("| b | mb | r18 | toy | 1.00 | 2.00 |  |  |  |  |  | 70.00 | 95.00 | 70.00 |  | completed |"
             in table)
     assert "no \\| way" in table
+    assert "| 90.00 |  |  |  | completed (not held out: 3 validation images trained on) |" in table
 
 
 def _chromium() -> str | None:
@@ -128,7 +133,8 @@ def test_report_html_renders_in_headless_chromium(tmp_path):
     dom = chromium("--dump-dom", page.as_uri()).stdout
     assert "<title>segexp run comparison</title>" in dom
     body = dom.split("<tbody>", 1)[1].split("</tbody>", 1)[0]
-    assert body.count("<tr") == 4 and body.count("class=\"failed\"") == 2
+    assert body.count("<tr") == 5 and body.count("class=\"failed\"") == 2
+    assert body.count("class=\"not-held-out\"") == 1
     assert dom.count("<img") == 3 and "Run folders" in dom
     shots = {}
     for name, html_file in (("page", page), ("bare", bare)):

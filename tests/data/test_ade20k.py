@@ -112,8 +112,22 @@ def test_ade20k_wrong_root_names_expected_subfolders(tmp_path):
     # a tree with validation only has no training split
     with pytest.raises(DataError, match="found annotations/, images/, objectInfo150.txt"):
         ADE20KDataset(split="train", root=tmp_path / "ADEChallengeData2016")
-    with pytest.raises(ConfigError, match="train or val"):
+    with pytest.raises(ConfigError, match="train, val or trainval"):
         ADE20KDataset(split="validation", root=tmp_path / "ADEChallengeData2016")
+    with pytest.raises(ConfigError, match="dataset.val_split 'validation'"):
+        ADE20KDataset(root=tmp_path / "ADEChallengeData2016", val_split="validation")
+    # With validation only, training on it is a matter of naming the split.
+    assert len(ADE20KDataset(split="train", train_split="val",
+                             root=tmp_path / "ADEChallengeData2016")) == 1
+
+
+def test_ade20k_trainval_reads_training_then_validation(tmp_path):
+    write_ade20k(tmp_path, {"training": ["ADE_train_00000001", "ADE_train_00000002"],
+                            "validation": ["ADE_val_00000001"]})
+    both = ADE20KDataset(split="train", train_split="trainval", root=tmp_path)
+    assert [image.name for image, _ in both.samples] == [
+        "ADE_train_00000001.jpg", "ADE_train_00000002.jpg", "ADE_val_00000001.jpg"]
+    assert ADE20KDataset(split="val", val_split="train", root=tmp_path).samples == both.samples[:2]
 
 
 def test_ade20k_num_classes_disagreement(tmp_path):

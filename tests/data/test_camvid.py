@@ -186,3 +186,18 @@ def test_prepare_camvid_reports_bad_annotations(tmp_path, capsys):
 def test_debug_run_on_the_camvid_config(shared_datasets, tmp_path):
     root = shared_datasets / "samples" / "camvid" / "CamVid"
     assert_debug_run(debug_config("camvid", root), tmp_path / "run", num_classes=11)
+
+
+def test_camvid_trainval_beside_val_is_seen_as_overlapping_and_the_segnet_protocol_is_not(tmp_path):
+    from segexp.engine.experiment import validation_images_in_training
+
+    write_camvid(tmp_path, CAMVID_NAMES)
+
+    def shared(train_split: str, val_split: str) -> int:
+        sets = [CamVidDataset(split=split, root=tmp_path, train_split=train_split,
+                              val_split=val_split) for split in ("train", "val")]
+        return validation_images_in_training(*sets)[0]
+
+    assert shared("trainval", "val") == 2  # both val images are trained on
+    assert shared("trainval", "test") == 0  # the SegNet protocol: report on test
+    assert shared("train", "val") == 0

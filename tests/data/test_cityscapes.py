@@ -145,8 +145,27 @@ def test_cityscapes_missing_split_and_bad_split(tmp_path):
         CityscapesDataset(root=tmp_path, split="train")
     message = str(info.value)
     assert str(tmp_path / "leftImg8bit" / "train") in message and "holds val/" in message
-    with pytest.raises(ConfigError, match="train, val or test"):
+    assert "(dataset.train_split)" in message and "dataset.train_split / dataset.val_split" in message
+    with pytest.raises(ConfigError, match="train, val, test or trainval"):
         CityscapesDataset(root=tmp_path, split="validation")
+    with pytest.raises(ConfigError, match="dataset.train_split 'training'"):
+        CityscapesDataset(root=tmp_path, train_split="training")
+    # A download with val only (as the shared sample) still trains, by naming the split.
+    assert len(CityscapesDataset(root=tmp_path, split="train", train_split="val")) == \
+        len(CITY_FRAMES["val"])
+
+
+def test_cityscapes_trainval_reads_both_splits_and_test_labels_are_never_scored(tmp_path):
+    write_cityscapes(tmp_path, CITY_FRAMES)
+    train = CityscapesDataset(root=tmp_path, split="train")
+    val = CityscapesDataset(root=tmp_path, split="val")
+    both = CityscapesDataset(root=tmp_path, split="train", train_split="trainval")
+    assert [s[0] for s in both.samples] == [s[0] for s in train.samples + val.samples]
+    assert CityscapesDataset(root=tmp_path, split="trainval").samples == both.samples
+    swapped = CityscapesDataset(root=tmp_path, split="val", val_split="train")
+    assert swapped.samples == train.samples
+    with pytest.raises(ConfigError, match="withholds the test labels.*segexp-predict"):
+        CityscapesDataset(root=tmp_path, split="val", val_split="test")
 
 
 def test_cityscapes_num_classes_disagreement(tmp_path):

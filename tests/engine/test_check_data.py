@@ -96,3 +96,34 @@ def test_unreadable_files_stop_before_training_or_are_skipped_with_a_count(tmp_p
     run_training(compose_config(*FOLDER, f"dataset.root={root}", "dataset.img_suffix=.jpg",
                                 "skip_bad_files=true", "resume=true"), tmp_path / "skipped")
     assert f"2 of the {len(train_set)} train samples cannot be read" in caplog.text
+
+
+def test_validation_images_that_are_also_training_images_are_named_and_counted(tmp_path, caplog):
+    # Split lists a user wrote by hand: train.txt holds every image, val.txt three of them. The
+    # validation scores then measure the fit to training images, which looks like a good model.
+    _layout(tmp_path / "data", [_binary(1)] * 10)
+    (tmp_path / "data" / "splits").mkdir()
+    (tmp_path / "data" / "splits" / "train.txt").write_text("".join(f"{i:03d}\n" for i in range(10)))
+    (tmp_path / "data" / "splits" / "val.txt").write_text("002\n005\n009\n")
+    with caplog.at_level("WARNING", logger="segexp.engine.experiment"):
+        run_training(compose_config(*FOLDER, f"dataset.root={tmp_path / 'data'}"), tmp_path / "run")
+    (warning,) = [r.getMessage() for r in caplog.records if "also training images" in r.getMessage()]
+    assert warning.startswith("3 of the 3 validation images") and "002.png" in warning
+    assert "dataset.train_split / dataset.val_split" in warning
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["val_images_in_training"] == 3
+
+    # Disjoint lists: no warning, and the record says 0.
+    (tmp_path / "data" / "splits" / "train.txt").write_text(
+        "".join(f"{i:03d}\n" for i in range(10) if i not in (2, 5, 9)))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="segexp.engine.experiment"):
+        run_training(compose_config(*FOLDER, f"dataset.root={tmp_path / 'data'}"), tmp_path / "held_out")
+    assert not [r for r in caplog.records if "also training images" in r.getMessage()]
+    assert json.loads((tmp_path / "held_out" / "metrics.json").read_text())["val_images_in_training"] == 0
+
+
+def test_generated_data_has_no_files_to_share(tmp_path):
+    from segexp.engine.experiment import build_datasets, validation_images_in_training
+
+    train_set, val_set = build_datasets(compose_config("trainer=debug"))
+    assert validation_images_in_training(train_set, val_set) == (0, None)
