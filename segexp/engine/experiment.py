@@ -659,7 +659,7 @@ def finish_run(run: Run, cfg: DictConfig, wall_time_s: float) -> None:
         logger.log_summary({f"best/{k}": v for k, v in summary["best"].items()} |
                            {k: summary[k] for k in ("params", "precision", "channels_last", "wall_time_s",
                                                     "train_time_s", "val_time_s", "iters",
-                                                    "images_seen")}
+                                                    "images_seen", "val_images_in_training")}
                            | {f"budget/{k}": v for k, v in summary.get("budget", {}).items()}
                            | pretrained_record(run.model) | cost)
         if best.exists():

@@ -64,6 +64,7 @@ def test_multirun_jobs_log_metrics_overlays_group_and_tags(tmp_path, no_wandb_ac
         summary = read_summary(run_file)
         assert "best/mIoU" in summary and summary["params"] > 0
         assert summary["gflops"] > 0 and summary["fps"] > 0
+        assert summary["val_images_in_training"] == 0  # synthetic splits are disjoint
         run = _run_record(run_file)
         groups.add(run.run_group)
         tags = set(run.tags)
