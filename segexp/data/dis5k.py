@@ -24,8 +24,8 @@ URL = "https://github.com/xuebinqin/DIS"
 DRIVE_URL = "https://drive.google.com/file/d/1jOC2zK0GowBvEt03B7dGugCRDVAoeIqq/view"
 ARCHIVE = "DIS5K.zip"
 TEST_SUBSETS = ("DIS-TE1", "DIS-TE2", "DIS-TE3", "DIS-TE4")
-SUBSETS = {"train": ("DIS-TR",), "val": ("DIS-VD",), "test": TEST_SUBSETS,
-           **{f"test{i}": (f"DIS-TE{i}",) for i in range(1, 5)}}
+SUBSETS = {"train": ("DIS-TR",), "val": ("DIS-VD",), "trainval": ("DIS-TR", "DIS-VD"),
+           "test": TEST_SUBSETS, **{f"test{i}": (f"DIS-TE{i}",) for i in range(1, 5)}}
 # Published sizes, for the prepare script's check.
 SUBSET_SIZES = {"DIS-TR": 3000, "DIS-VD": 470, "DIS-TE1": 500, "DIS-TE2": 500, "DIS-TE3": 500,
                 "DIS-TE4": 500}
@@ -52,7 +52,9 @@ def read_gt(path: str | Path) -> np.ndarray:
 class DIS5KDataset(SegmentationDataset):
     """5,470 high-resolution images of 225 categories with one highly accurate binary mask each:
     ``DIS-TR`` (3000, ``train``), ``DIS-VD`` (470, ``val``) and ``DIS-TE1`` .. ``DIS-TE4`` (500
-    each, of increasing shape complexity: ``test1`` .. ``test4``; ``test`` is all four).
+    each, of increasing shape complexity: ``test1`` .. ``test4``; ``test`` is all four;
+    ``trainval`` is DIS-TR + DIS-VD). ``train_split`` / ``val_split`` pick what the trainer's
+    ``train`` / ``val`` read (e.g. ``val_split=test1`` validates on DIS-TE1).
 
     ``root`` is the ``DIS5K`` folder that ``DIS5K.zip`` (Google Drive link in
     https://github.com/xuebinqin/DIS) unpacks to, holding ``<subset>/im/<name>.jpg`` and
@@ -66,19 +68,25 @@ class DIS5KDataset(SegmentationDataset):
     def __init__(self, split: str = "train", transforms=None, ignore_index: int = IGNORE_INDEX,
                  num_classes: int | None = 2, crop_size: Sequence[int] = (1024, 1024),
                  base_size: Sequence[int] | None = (1024, 1024), root: str | Path = "data/DIS5K",
-                 threshold: int = THRESHOLD) -> None:
+                 threshold: int = THRESHOLD, train_split: str = "train",
+                 val_split: str = "val") -> None:
         super().__init__(split=split, transforms=transforms, ignore_index=ignore_index,
                          num_classes=num_classes)
-        if split not in SUBSETS:
-            raise ConfigError(f"unknown split {split!r} for dis5k: use train (DIS-TR), val "
-                              "(DIS-VD), test1..test4 (DIS-TE1..4) or test (all four).")
+        for name, value in (("split", split), ("dataset.train_split", train_split),
+                            ("dataset.val_split", val_split)):
+            if value not in SUBSETS:
+                raise ConfigError(f"unknown {name} {value!r} for dis5k: use train (DIS-TR), val "
+                                  "(DIS-VD), trainval (both), test1..test4 (DIS-TE1..4) or test "
+                                  "(all four).")
         if not 0 < int(threshold) <= 255:
             raise ConfigError(f"dataset.threshold={threshold} must be in 1..255.")
         self.root = Path(root)
         self.threshold = int(threshold)
         self.crop_size = tuple(crop_size) if crop_size is not None else None
         self.base_size = tuple(base_size) if base_size is not None else None
-        self.subsets = SUBSETS[split]
+        self.train_split, self.val_split = train_split, val_split
+        self.list_name = {"train": train_split, "val": val_split}.get(split, split)
+        self.subsets = SUBSETS[self.list_name]
         self.samples = self._find_samples()
         self.check_num_classes()
 
@@ -101,7 +109,7 @@ class DIS5KDataset(SegmentationDataset):
             images_dir, gts_dir = folder / "im", folder / "gt"
             if not images_dir.is_dir() or not gts_dir.is_dir():
                 raise DataError(
-                    f"DIS5K {self.split!r} needs {images_dir} and {gts_dir}; found in "
+                    f"DIS5K {self.list_name!r} needs {images_dir} and {gts_dir}; found in "
                     f"{folder}: {found_in(folder, 12)} (and in {self.root}: {found_in(self.root, 12)}). "
                     f"Re-extract {ARCHIVE} ({DRIVE_URL}).")
             images = {p.stem: p for p in sorted(images_dir.iterdir())

@@ -18,6 +18,13 @@ def test_dis5k_splits_pairing_and_threshold(tmp_path):
                for split in ("train", "val", "test", "test1", "test2", "test3", "test4")}
     assert lengths == {"train": 3, "val": 1, "test": 5, "test1": 1, "test2": 1, "test3": 2,
                        "test4": 1}
+    # train_split / val_split choose what the trainer's splits read
+    trainval = DIS5KDataset(split="train", train_split="trainval", root=tmp_path)
+    assert [image.parts[-3] for image, _ in trainval.samples] == ["DIS-TR"] * 3 + ["DIS-VD"]
+    on_te3 = DIS5KDataset(split="val", val_split="test3", root=tmp_path)
+    assert {image.parts[-3] for image, _ in on_te3.samples} == {"DIS-TE3"} and len(on_te3) == 2
+    with pytest.raises(ConfigError, match=r"dataset.val_split 'DIS-TE1'.*test1..test4"):
+        DIS5KDataset(split="val", val_split="DIS-TE1", root=tmp_path)
     for split in ("train", "test"):
         ds = DIS5KDataset(split=split, root=tmp_path)
         assert ds.class_names == ("background", "foreground") and ds.num_classes == 2
