@@ -17,10 +17,11 @@ the weights can be had):
 
 Both final models (segexp's ``last.pt``, not the best validation, since the validation split is
 the held-out split here) are then evaluated by the same function on Stanford Background's
-held-out split (segexp's fixed 143-image ``val``) at full resolution: each image as stored,
-ImageNet-normalised, padded to a multiple of 32, mIoU over the 8 classes. Prints both mIoU
-figures, per-class IoU, iterations and images seen, and the ratio segexp / loop; writes them as
-JSON to ``--out`` (with the exact command). The figures depend on the machine; recorded ones are
+held-out split (segexp's fixed 142-image ``val``; 143 before 2026-12-03, one of them a copy of
+a training image) at full resolution: each image as stored, ImageNet-normalised, padded to a
+multiple of 32, mIoU over the 8 classes. Prints both mIoU figures, per-class IoU, iterations
+and images seen, and the ratio segexp / loop; writes them as JSON to ``--out`` (with the exact
+command). The figures depend on the machine; recorded ones are
 in docs/performance.md.
 """
 

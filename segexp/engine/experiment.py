@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from segexp.atomic import write_json, write_text
 from segexp.config import instantiate, model_label
 from segexp.data.base import pad_collate
+from segexp.data.overlap import validation_images_in_training
 from segexp.data.sampler import ContiguousShardSampler, ResumableSampler
 from segexp.data.scan import base_dataset, scan_masks
 from segexp.engine import budget, distributed
@@ -208,44 +209,22 @@ def check_data(train_set, val_set, run_dir: Path, progress: bool, skip_bad_files
                         "reported as undefined ('-') where no validation mask holds them either.")
 
 
-def validation_images_in_training(train_set, val_set) -> tuple[int, Path | None]:
-    """How many validation samples read a file that the training split reads too, and the first
-    such file: overlapping splits (``dataset.train_split=trainval`` beside ``val_split=val``, one
-    folder named for both, a list file holding the same names) make validation scores measure the
-    fit to the training images, which looks like a good model and is not. Generated data: 0."""
-    train, val = base_dataset(train_set), base_dataset(val_set)
-    train_files = {os.path.abspath(path) for path in train.files() or ()}
-    if not train_files:
-        return 0, None
-    samples = getattr(val, "samples", None)
-    if not isinstance(samples, list) or len(samples) != len(val):  # no per-sample files: count files
-        samples = [(path,) for path in val.files() or ()]
-
-    def first_shared(entry) -> Path | None:
-        for path in entry if isinstance(entry, (tuple, list)) else (entry,):
-            if isinstance(path, Path) and os.path.abspath(path) in train_files:
-                return path
-        return None
-
-    shared = [path for path in map(first_shared, samples) if path is not None]
-    return len(shared), (shared[0] if shared else None)
-
-
 def check_held_out(train_set, val_set) -> int:
-    """Warn, before training, when validation images are also training images (see
-    :func:`validation_images_in_training`); the count goes into ``metrics.json``. A warning, not
+    """Warn, before training, when validation images are also training images
+    (:mod:`segexp.data.overlap`); the count goes into ``metrics.json``. A warning, not
     an error: training on everything for a final model (e.g. Cityscapes' train + val before a
     test-server submission) is a real protocol, but its validation scores are not held out."""
-    shared, first = validation_images_in_training(train_set, val_set)
+    shared = validation_images_in_training(train_set, val_set)
     if shared:
         log.warning(
-            f"{shared} of the {len(base_dataset(val_set))} validation images are also training "
-            f"images (the first: {first}): the training and validation splits overlap "
-            "(dataset.train_split / dataset.val_split, or the split lists), so the validation "
-            "scores measure how well the model fits images it trained on, not how it does on "
-            "unseen ones. Choose disjoint splits for a held-out score; metrics.json records the "
-            "count as val_images_in_training.")
-    return shared
+            f"{len(shared)} of the {len(base_dataset(val_set))} validation images are also "
+            f"training images, the same file or a copy of one (the first: {shared[0]}): the "
+            "training and validation splits overlap (dataset.train_split / dataset.val_split, the "
+            "split lists, or files copied into both), so the validation scores measure how well "
+            "the model fits images it trained on, not how it does on unseen ones. Choose disjoint "
+            "splits for a held-out score; metrics.json records the count as "
+            "val_images_in_training.")
+    return len(shared)
 
 
 def run_info(cfg: DictConfig, run_dir: Path, launch: Launch) -> RunInfo:

@@ -189,14 +189,19 @@ def test_debug_run_on_the_camvid_config(shared_datasets, tmp_path):
 
 
 def test_camvid_trainval_beside_val_is_seen_as_overlapping_and_the_segnet_protocol_is_not(tmp_path):
-    from segexp.engine.experiment import validation_images_in_training
+    from segexp.data.overlap import validation_images_in_training
 
     write_camvid(tmp_path, CAMVID_NAMES)
+    # The fixture colours images by their index in the split, so val/ and test/ would hold
+    # byte-for-byte copies of training images (and be found as such): give them their own.
+    for split, value in (("val", 100), ("test", 200)):
+        for k, stem in enumerate(CAMVID_NAMES[split]):
+            write_rgb(tmp_path / split / f"{stem}.png", value + k)
 
     def shared(train_split: str, val_split: str) -> int:
         sets = [CamVidDataset(split=split, root=tmp_path, train_split=train_split,
                               val_split=val_split) for split in ("train", "val")]
-        return validation_images_in_training(*sets)[0]
+        return len(validation_images_in_training(*sets))
 
     assert shared("trainval", "val") == 2  # both val images are trained on
     assert shared("trainval", "test") == 0  # the SegNet protocol: report on test

@@ -12,7 +12,8 @@ from PIL import Image
 
 from segexp.data.base import IGNORE_INDEX
 from segexp.data.folder import FolderDataset
-from segexp.data.stanford_background import StanfordBackgroundDataset, read_regions
+from segexp.data.overlap import validation_images_in_training
+from segexp.data.stanford_background import DUPLICATES, StanfordBackgroundDataset, read_regions
 from segexp.data.synthetic import ALL_CLASS_NAMES, SyntheticDataset
 from segexp.errors import ConfigError, DataError
 from tests.conftest import SHARED_DATASETS
@@ -381,10 +382,19 @@ def stanford_root() -> Path:
 def test_stanford_real_split(stanford_root):
     train = StanfordBackgroundDataset(root=stanford_root)
     val = StanfordBackgroundDataset(split="val", root=stanford_root)
-    assert len(train) == 572 and len(val) == 143
+    assert len(train) == 572 and len(val) == 142
     assert not set(stanford_ids(train)) & set(stanford_ids(val))
     all_ids = sorted(p.name[:-4] for p in (stanford_root / "images").glob("*.jpg"))
-    assert sorted(stanford_ids(train) + stanford_ids(val)) == all_ids
+    # every image but 6000257, whose byte-for-byte copy 6000348 is a training image
+    assert sorted(stanford_ids(train) + stanford_ids(val) + ["6000257"]) == all_ids
+    assert "6000348" in stanford_ids(train)
+    assert (stanford_root / "images" / "6000257.jpg").read_bytes() == \
+        (stanford_root / "images" / "6000348.jpg").read_bytes()
+    # and no other validation image is a copy of a training one
+    assert validation_images_in_training(train, val) == []
+    for a, b in DUPLICATES:  # what the dataset module says of the set holds
+        assert (stanford_root / "images" / f"{a}.jpg").read_bytes() == \
+            (stanford_root / "images" / f"{b}.jpg").read_bytes()
     assert stanford_ids(StanfordBackgroundDataset(root=stanford_root)) == stanford_ids(train)
 
 

@@ -11,7 +11,8 @@ import cv2
 import numpy as np
 import pytest
 
-from segexp.engine.experiment import run_training
+from segexp.data.overlap import validation_images_in_training
+from segexp.engine.experiment import build_datasets, run_training
 from segexp.errors import DataError
 from tests.conftest import compose_config
 
@@ -122,8 +123,28 @@ def test_validation_images_that_are_also_training_images_are_named_and_counted(t
     assert json.loads((tmp_path / "held_out" / "metrics.json").read_text())["val_images_in_training"] == 0
 
 
-def test_generated_data_has_no_files_to_share(tmp_path):
-    from segexp.engine.experiment import build_datasets, validation_images_in_training
+def test_copies_of_training_images_in_the_validation_folder_are_found_by_content(tmp_path):
+    # train/ and val/ split folders, val/ made partly by copying training files under new names.
+    # Every mask is the same (repeated masks are normal): only the images' bytes count.
+    rng = np.random.default_rng(1)
+    root = tmp_path / "data"
+    for split, count in (("train", 6), ("val", 3)):
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "masks").mkdir()
+        for i in range(count):
+            cv2.imwrite(str(root / split / "images" / f"{split}{i}.png"),
+                        rng.integers(0, 255, (32, 32, 3), np.uint8))
+            cv2.imwrite(str(root / split / "masks" / f"{split}{i}.png"), _binary(1))
+    for i, k in ((0, 4), (2, 1)):  # val0 and val2 are copies of train4 and train1
+        (root / "val" / "images" / f"val{i}.png").write_bytes(
+            (root / "train" / "images" / f"train{k}.png").read_bytes())
+    options = [*FOLDER, f"dataset.root={root}"]
+    train_set, val_set = build_datasets(compose_config(*options))
+    assert [p.name for p in validation_images_in_training(train_set, val_set)] == ["val0.png", "val2.png"]
+    run_training(compose_config(*options), tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["val_images_in_training"] == 2
 
+
+def test_generated_data_has_no_files_to_share(tmp_path):
     train_set, val_set = build_datasets(compose_config("trainer=debug"))
-    assert validation_images_in_training(train_set, val_set) == (0, None)
+    assert validation_images_in_training(train_set, val_set) == []
