@@ -46,7 +46,7 @@ class KITTIDataset(SegmentationDataset):
     KITTI has no validation split; segexp's is fixed: the 200 names sorted, shuffled with
     ``numpy.random.default_rng(0).permutation``, the first 160 ``train`` and the last 40 ``val``;
     ``trainval`` is all 200. ``train_split`` picks what the trainer's ``train`` reads
-    (``train`` or ``trainval``).
+    (``train`` or ``trainval``), ``val_split`` what its ``val`` reads (``val``, the default).
     """
 
     class_names = CityscapesDataset.class_names
@@ -55,7 +55,8 @@ class KITTIDataset(SegmentationDataset):
     def __init__(self, split: str = "train", transforms=None, ignore_index: int = IGNORE_INDEX,
                  num_classes: int | None = 19, crop_size: Sequence[int] = (352, 704),
                  base_size: Sequence[int] | None = (375, 1242),
-                 root: str | Path = "data/kitti/data_semantics", train_split: str = "train") -> None:
+                 root: str | Path = "data/kitti/data_semantics", train_split: str = "train",
+                 val_split: str = "val") -> None:
         super().__init__(split=split, transforms=transforms, ignore_index=ignore_index,
                          num_classes=num_classes)
         if split not in SPLITS:
@@ -64,8 +65,11 @@ class KITTIDataset(SegmentationDataset):
             raise ConfigError(f"dataset.train_split={train_split!r} for kitti: use train or "
                               "trainval (the list that split 'train' reads).")
         self.root = Path(root)
-        self.train_split = train_split
-        self.list_name = train_split if split == "train" else split
+        if val_split not in SPLITS:
+            raise ConfigError(f"dataset.val_split={val_split!r} for kitti: use train, val or trainval (the "
+                              "list that split 'val' reads).")
+        self.train_split, self.val_split = train_split, val_split
+        self.list_name = {"train": train_split, "val": val_split}.get(split, split)
         self.crop_size = tuple(crop_size) if crop_size is not None else None
         self.base_size = tuple(base_size) if base_size is not None else None
         self.samples = [(self.images / name, self.labels / name)

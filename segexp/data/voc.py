@@ -70,7 +70,8 @@ class VOCDataset(SegmentationDataset):
     minus VOC val, listed in ``ImageSets/Segmentation/train_aug.txt`` with labels in
     ``SegmentationClassAug/<id>.png``; ``scripts/prepare/voc.py`` writes both from SBD's
     ``benchmark.tgz``. ``train_split`` picks the list that ``split="train"`` reads (the trainer
-    asks for ``train`` and ``val``): ``train`` (default), ``trainval`` or ``train_aug``.
+    asks for ``train`` and ``val``): ``train`` (default), ``trainval`` or ``train_aug``;
+    ``val_split`` the list that ``split="val"`` reads (``val``, the default).
     """
 
     class_names = CLASS_NAMES
@@ -79,7 +80,8 @@ class VOCDataset(SegmentationDataset):
     def __init__(self, split: str = "train", transforms=None, ignore_index: int = IGNORE_INDEX,
                  num_classes: int | None = 21, crop_size: Sequence[int] = (512, 512),
                  base_size: Sequence[int] | None = (512, 2048),
-                 root: str | Path = "data/voc/VOCdevkit/VOC2012", train_split: str = "train") -> None:
+                 root: str | Path = "data/voc/VOCdevkit/VOC2012", train_split: str = "train",
+                 val_split: str = "val") -> None:
         super().__init__(split=split, transforms=transforms, ignore_index=ignore_index,
                          num_classes=num_classes)
         if split not in SPLITS:
@@ -89,8 +91,11 @@ class VOCDataset(SegmentationDataset):
             raise ConfigError(f"dataset.train_split={train_split!r} for voc: use train, trainval or "
                               "train_aug (the list that split 'train' reads).")
         self.root = Path(root)
-        self.train_split = train_split
-        self.list_name = train_split if split == "train" else split
+        if val_split not in SPLITS:
+            raise ConfigError(f"dataset.val_split={val_split!r} for voc: use train, val, trainval "
+                              "or train_aug (the list that split 'val' reads).")
+        self.train_split, self.val_split = train_split, val_split
+        self.list_name = {"train": train_split, "val": val_split}.get(split, split)
         self.crop_size = tuple(crop_size) if crop_size is not None else None
         self.base_size = tuple(base_size) if base_size is not None else None
         self.samples = self._find_samples()

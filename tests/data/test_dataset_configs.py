@@ -68,3 +68,22 @@ def test_debug_training_on_the_real_samples(tmp_path, shared_datasets):
         summary = json.loads((run_dir / "metrics.json").read_text())
         assert summary["status"] == "completed", name
         assert len(summary["best_per_class"]) == {"cityscapes": 19, "ade20k": 150}[name]
+
+
+def test_a_dataset_that_chooses_its_training_split_chooses_its_validation_split_alike():
+    """One way to pick splits: every dataset config with dataset.train_split has
+    dataset.val_split, and the dataset class takes both."""
+    import inspect
+
+    from hydra.utils import get_class
+
+    names = sorted(p.stem for p in (Path(__file__).parents[2] / "conf" / "dataset").glob("*.yaml"))
+    with_splits = []
+    for name in names:
+        dataset = compose_config(f"dataset={name}").dataset
+        if "train_split" in dataset:
+            with_splits.append(name)
+            assert "val_split" in dataset, name
+            parameters = inspect.signature(get_class(dataset._target_)).parameters
+            assert {"train_split", "val_split"} <= set(parameters), name
+    assert {"ade20k", "camvid", "cityscapes", "dis5k", "folder", "kitti", "voc"} <= set(with_splits)

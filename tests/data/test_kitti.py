@@ -56,6 +56,10 @@ def test_kitti_fixture_converts_label_ids_and_splits(tmp_path):
         KITTIDataset(split="test", root=tmp_path)
     with pytest.raises(ConfigError, match="train_split"):
         KITTIDataset(root=tmp_path, train_split="val")
+    assert kitti_names(KITTIDataset(split="val", root=tmp_path, val_split="trainval")) == \
+        kitti_names(trainval)
+    with pytest.raises(ConfigError, match="dataset.val_split='test'"):
+        KITTIDataset(split="val", root=tmp_path, val_split="test")
 
 
 def test_kitti_split_is_fixed_160_40():

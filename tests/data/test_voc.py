@@ -148,6 +148,10 @@ def test_voc_fixture_splits(tmp_path):
         VOCDataset(split="test", root=root)
     with pytest.raises(ConfigError, match="train_split"):
         VOCDataset(root=root, train_split="val")
+    # val_split: the list split "val" reads
+    assert VOCDataset(split="val", root=root, val_split="train").samples == train.samples
+    with pytest.raises(ConfigError, match="dataset.val_split='test'"):
+        VOCDataset(split="val", root=root, val_split="test")
     with pytest.raises(DataError, match="num_classes=20") as info:
         VOCDataset(root=root, num_classes=20)
     assert "dataset.num_classes=21" in str(info.value)
