@@ -29,7 +29,8 @@ if it names another): pairs found per split and the folders they come from; for
 ``dataset=folder`` the unpaired files on either side (the first few named, with counts, and the
 suffix options that would pair them); the mask value histogram (values as loaded, after
 ``mask_map`` / the palette: pixels and images per value); image sizes; every unreadable file,
-size mismatch or out-of-range value. It writes nothing and exits 1 when the layout is broken:
+size mismatch or out-of-range value; and, as a warning, validation images that are also training
+images (the same file or a copy). It writes nothing and exits 1 when the layout is broken:
 
     python scripts/dataset_stats.py dataset=folder dataset.root=data/DRIVE ... --check
 """
@@ -51,6 +52,7 @@ from tqdm import tqdm
 from segexp.cli import command
 from segexp.config import compose_train_config, instantiate
 from segexp.data.folder import FolderLayout
+from segexp.data.overlap import validation_images_in_training
 from segexp.data.scan import MaskScan, class_weights, scan_masks
 from segexp.errors import SegexpError, first_few
 
@@ -252,14 +254,22 @@ def check_split(cfg, split: str, max_images: int | None, progress: bool) -> tupl
 def check_layout(cfg, splits: list[str], max_images: int | None = None,
                  progress: bool = True) -> dict:
     """``--check``: every split's report; ``ok`` is False when any split has a problem."""
-    lines, problems = [], []
+    lines, problems, datasets = [], [], {}
     for split in splits:
         split_lines, split_problems, dataset = check_split(cfg, split, max_images, progress)
         lines += split_lines
         problems += split_problems
+        datasets[split] = dataset
         if split == "train" and dataset is not None and cfg.dataset.get("num_classes", 0) is None:
             with open_dict(cfg):  # as in training: val takes the count the train split inferred
                 cfg.dataset.num_classes = dataset.num_classes
+    if datasets.get("train") is not None and datasets.get("val") is not None:
+        # What training warns about (not a broken layout, so not a problem: exit 0).
+        shared = validation_images_in_training(datasets["train"], datasets["val"])
+        if shared:
+            lines.append(f"warning: {len(shared)} of the {len(datasets['val'])} validation images "
+                         f"are also training images, the same file or a copy (the first: "
+                         f"{shared[0]}): validation scores on them are not held out.")
     if not problems:
         lines.append("check: OK, the " + ", ".join(splits) + " splits are readable and paired.")
     return {"ok": not problems, "report": "\n".join(lines), "problems": problems}

@@ -650,6 +650,20 @@ def test_dataset_stats_check_reports_a_good_and_a_broken_layout(tmp_path, capsys
     assert re.search(r"^\s+0 background\s+\d+ px in 4 image\(s\)", out, re.M)
     assert re.search(r"^\s+1 vessel\s+\d+ px in 4 image\(s\)", out, re.M)
     assert "image sizes (w x h: images): 64x64: 4" in out and "check: OK" in out
+    assert "also training images" not in out
+
+    # a training image copied into the test split: still a readable layout, but said
+    copies = [(root / "training" / "images" / "21_training.tif", root / "test" / "images" / "05_test.tif"),
+              (root / "training" / "1st_manual" / "21_manual1.gif",
+               root / "test" / "1st_manual" / "05_manual1.gif")]
+    for source, copy in copies:
+        copy.write_bytes(source.read_bytes())
+    copied = script.main([*overrides, "--check", "--no-progress"])
+    out = capsys.readouterr().out
+    assert copied["ok"] and "warning: 1 of the 3 validation images are also training images" in out
+    assert "05_test.tif" in out
+    for _, copy in copies:
+        copy.unlink()
 
     # broken: the suffixes left out, one mask deleted, one stray image
     (root / "training" / "1st_manual" / "22_manual1.gif").unlink()
