@@ -24,12 +24,13 @@ def _paths(entry) -> list[Path]:
     return [item for item in items if isinstance(item, Path)]
 
 
-def _sample_files(dataset) -> list[list[Path]]:
-    """Each sample's files (image first); without per-sample entries, each file alone."""
+def _sample_files(dataset) -> tuple[list[list[Path]], bool]:
+    """Each sample's files, image first, and True; for a dataset without per-sample entries
+    (``samples``), each of its files alone and False: which of them are images is unknown."""
     samples = getattr(dataset, "samples", None)
     if isinstance(samples, list) and len(samples) == len(dataset):
-        return [_paths(entry) for entry in samples]
-    return [[path] for path in dataset.files() or ()]
+        return [_paths(entry) for entry in samples], True
+    return [[path] for path in dataset.files() or ()], False
 
 
 def _size(path: Path) -> int | None:
@@ -89,13 +90,16 @@ class _TrainingImages:
 def validation_images_in_training(train_set, val_set) -> list[Path]:
     """Per validation sample that is also training data, its first such file (in validation
     order). Generated data (no files): none."""
-    train_samples = _sample_files(base_dataset(train_set))
+    train_samples, train_images_known = _sample_files(base_dataset(train_set))
     train_files = {os.path.abspath(path) for files in train_samples for path in files}
     if not train_files:
         return []
-    training_images = _TrainingImages([files[0] for files in train_samples if files])
+    val_samples, val_images_known = _sample_files(base_dataset(val_set))
+    # Copies only among images: masks (and files of unknown role) repeat legitimately.
+    training_images = _TrainingImages([files[0] for files in train_samples if files]
+                                      if train_images_known and val_images_known else [])
     shared = []
-    for files in _sample_files(base_dataset(val_set)):
+    for files in val_samples:
         same = next((path for path in files if os.path.abspath(path) in train_files), None)
         if same is None and files and training_images.holds_a_copy_of(files[0]):
             same = files[0]

@@ -148,3 +148,29 @@ def test_copies_of_training_images_in_the_validation_folder_are_found_by_content
 def test_generated_data_has_no_files_to_share(tmp_path):
     train_set, val_set = build_datasets(compose_config("trainer=debug"))
     assert validation_images_in_training(train_set, val_set) == []
+
+
+def test_without_per_sample_entries_only_the_same_files_count(tmp_path):
+    """A dataset that lists its files (``files()``) but not its samples: which file is an image is
+    unknown, so identical files (e.g. two empty masks) are not taken for copied images; a file
+    read by both splits still counts."""
+    from segexp.data.base import SegmentationDataset
+
+    empty = np.zeros((4, 4), np.uint8).tobytes()
+    for name in ("a_mask", "b_mask", "c_mask"):
+        (tmp_path / name).write_bytes(empty)
+
+    class Listed(SegmentationDataset):
+        def __init__(self, names):
+            super().__init__(num_classes=2)
+            self.paths = [tmp_path / n for n in names]
+
+        def __len__(self):
+            return len(self.paths)
+
+        def files(self):
+            return self.paths
+
+    assert validation_images_in_training(Listed(["a_mask"]), Listed(["b_mask"])) == []
+    assert validation_images_in_training(Listed(["a_mask", "c_mask"]), Listed(["c_mask"])) == \
+        [tmp_path / "c_mask"]
