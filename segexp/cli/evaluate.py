@@ -10,22 +10,26 @@ Inference modes and test-time augmentation follow MMSegmentation (see segexp/inf
 ``--scales``/``--flip`` average the softmax of the resized / mirrored views.
 
 Prints the per-class table and writes ``eval_<split>_<checkpoint>.json`` and a PNG of
-predictions into the run folder.
+predictions into the run folder. When images of the evaluated split are also training images
+(the same file or a copy, :mod:`segexp.data.overlap`), it says so and the JSON records the count
+(``images_also_in_training``): such a score is not a held-out one.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
+from segexp.atomic import write_json
 from segexp.cli import command
 from segexp.config import instantiate
 from segexp.data.base import pad_collate
+from segexp.data.overlap import validation_images_in_training
+from segexp.errors import SegexpError
 from segexp.inference import (
     InferenceOptions,
     evaluate_loader,
@@ -38,6 +42,25 @@ from segexp.metrics import format_table
 from segexp.reports import save_confusion_matrix
 from segexp.runtime import resolve_device
 from segexp.visualize import colourise, denormalise, prediction_grid, save_png
+
+
+def images_also_in_training(cfg, split: str, dataset) -> int | None:
+    """How many images of the evaluated split the run's training split also holds, said when
+    any; None when the training split cannot be read here (e.g. only the val data is present)."""
+    if split == "train":
+        return len(dataset)
+    try:
+        train_set = instantiate(cfg.dataset, split="train", transforms=None)
+    except SegexpError as err:
+        print(f"(not checked whether the {split} images are also training images: the training "
+              f"split cannot be read here: {str(err).splitlines()[0]})")
+        return None
+    shared = validation_images_in_training(train_set, dataset)
+    if shared:
+        print(f"warning: {len(shared)} of the {len(dataset)} {split} images are also training "
+              f"images, the same file or a copy (the first: {shared[0]}): this score is not a "
+              "held-out one.")
+    return len(shared)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -68,6 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = resolve_device(args.device, option="--device")
 
     dataset = instantiate(cfg.dataset, split=args.split, transforms=instantiate(cfg.transforms.val))
+    also_trained_on = images_also_in_training(cfg, args.split, dataset)
     model, _ = load_trained_model(checkpoint_path, cfg)
     model.to(device)
     crop = args.crop
@@ -107,9 +131,9 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.run_dir / f"eval_{tag}.json"
     inference = {"mode": options.mode, "crop": options.crop, "stride": options.stride,
                  "scales": list(options.scales), "flip": options.flip}
-    out.write_text(json.dumps(json_safe({"checkpoint": str(checkpoint_path), "split": args.split,
-                                         "num_images": len(dataset), "inference": inference,
-                                         **results}), indent=2))
+    write_json(out, json_safe({"checkpoint": str(checkpoint_path), "split": args.split,
+                               "num_images": len(dataset), "inference": inference,
+                               "images_also_in_training": also_trained_on, **results}), indent=2)
     if samples:
         save_png(prediction_grid(samples, dataset.colours, list(dataset.class_names)),
                  args.run_dir / f"eval_{tag}.png")

@@ -99,7 +99,8 @@ def test_unreadable_files_stop_before_training_or_are_skipped_with_a_count(tmp_p
     assert f"2 of the {len(train_set)} train samples cannot be read" in caplog.text
 
 
-def test_validation_images_that_are_also_training_images_are_named_and_counted(tmp_path, caplog):
+def test_validation_images_that_are_also_training_images_are_named_and_counted(tmp_path, caplog,
+                                                                              capsys):
     # Split lists a user wrote by hand: train.txt holds every image, val.txt three of them. The
     # validation scores then measure the fit to training images, which looks like a good model.
     _layout(tmp_path / "data", [_binary(1)] * 10)
@@ -112,6 +113,19 @@ def test_validation_images_that_are_also_training_images_are_named_and_counted(t
     assert warning.startswith("3 of the 3 validation images") and "002.png" in warning
     assert "dataset.train_split / dataset.val_split" in warning
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["val_images_in_training"] == 3
+
+    # segexp-eval on that run says it too, and records the count beside the scores.
+    from omegaconf import OmegaConf
+
+    from segexp.cli.evaluate import main as evaluate
+
+    (tmp_path / "run" / ".hydra").mkdir(exist_ok=True)
+    OmegaConf.save(compose_config(*FOLDER, f"dataset.root={tmp_path / 'data'}"),
+                   tmp_path / "run" / ".hydra" / "config.yaml")
+    evaluate([str(tmp_path / "run"), "--device", "cpu"])
+    assert "3 of the 3 val images are also training images" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "eval_val_best.json").read_text())[
+        "images_also_in_training"] == 3
 
     # Disjoint lists: no warning, and the record says 0.
     (tmp_path / "data" / "splits" / "train.txt").write_text(

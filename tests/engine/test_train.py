@@ -158,6 +158,7 @@ def test_evaluate_script_reproduces_the_best_validation(tmp_path):
     evaluated = json.loads((tmp_path / "eval_val_best.json").read_text())
     best = json.loads((tmp_path / "metrics.json").read_text())["best"]
     assert evaluated["mIoU"] == pytest.approx(best["mIoU"], abs=1e-6)
+    assert evaluated["images_also_in_training"] == 0  # synthetic: disjoint splits
     assert (tmp_path / "eval_val_best.png").is_file()
 
 
