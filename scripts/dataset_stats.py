@@ -49,6 +49,7 @@ import numpy as np
 from omegaconf import open_dict
 from tqdm import tqdm
 
+from segexp.atomic import write_text
 from segexp.cli import command
 from segexp.config import compose_train_config, instantiate
 from segexp.data.folder import FolderLayout
@@ -329,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
     yaml_path = args.out_dir / f"{stem}.yaml"
     yaml_path.parent.mkdir(parents=True, exist_ok=True)
     text = weights_yaml(stats, dataset_name, args.split, args.weights, argv)
-    yaml_path.write_text(text)
+    write_text(yaml_path, text)
     chosen = stats["median_frequency_weights" if args.weights == "median"
                    else "inverse_frequency_weights"]
     print(f"\nclass weights ({args.weights} frequency), for train.py:\n"

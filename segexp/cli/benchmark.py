@@ -44,6 +44,7 @@ import torch
 from hydra.errors import HydraException
 from tqdm import tqdm
 
+from segexp.atomic import write_text, write_with
 from segexp.cli import command
 from segexp.config import CONF_DIR, compose_train_config, instantiate
 from segexp.engine.experiment import check_loss_fits_model
@@ -155,16 +156,19 @@ def format_table(rows: list[dict]) -> str:
 def write(rows: list[dict], out: Path, meta: dict, columns: list[str] = COLUMNS) -> tuple[Path, Path]:
     """``columns`` of the rows as CSV at ``out``; all of them, with ``meta``, as JSON beside it."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: r.get(k, "") for k in columns})
+    def write_csv(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            for r in rows:
+                writer.writerow({k: r.get(k, "") for k in columns})
+
+    write_with(out, write_csv)
     json_path = out.with_suffix(".json")
     # NaN is not JSON: a missing figure is null.
     clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
              for r in rows]
-    json_path.write_text(json.dumps({"meta": meta, "rows": clean}, indent=2) + "\n")
+    write_text(json_path, json.dumps({"meta": meta, "rows": clean}, indent=2) + "\n")
     return out, json_path
 
 

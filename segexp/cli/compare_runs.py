@@ -37,6 +37,7 @@ from typing import Any
 import matplotlib.pyplot as plt
 import yaml
 
+from segexp.atomic import write_text, write_with
 from segexp.cli import command
 from segexp.errors import DataError
 from segexp.models.cost import model_cost
@@ -317,14 +318,18 @@ def compare(paths: list[Path], out: Path, flops: bool = False) -> list[RunRecord
     runs = sort_runs(runs)
     out.mkdir(parents=True, exist_ok=True)
     header, rows = table(runs)
-    (out / "comparison.md").write_text(markdown(header, rows))
-    with open(out / "comparison.csv", "w", newline="") as f:
-        csv.writer(f).writerows([header] + rows)
+    write_text(out / "comparison.md", markdown(header, rows))
+
+    def write_csv(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows([header] + rows)
+
+    write_with(out / "comparison.csv", write_csv)
     pictures = [out / "miou_vs_cost.png", out / "learning_curves.png", out / "per_class_iou.png"]
     plot_cost(runs, pictures[0])
     plot_curves(runs, pictures[1])
     plot_per_class(runs, pictures[2])
-    (out / "report.html").write_text(html_page(header, rows, pictures, [r.path for r in runs]))
+    write_text(out / "report.html", html_page(header, rows, pictures, [r.path for r in runs]))
     return runs
 
 

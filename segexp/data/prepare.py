@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from segexp.atomic import write_json
 from segexp.errors import DataError
 
 CHUNK = 1 << 20
@@ -212,7 +213,7 @@ def extract(archive: Path, dst: Path, *, force: bool = False) -> bool:
     else:
         raise PrepareError(f"{archive} is neither a zip nor a tar archive (an interrupted or failed "
                            "download?). Delete it and run again.")
-    marker.write_text(json.dumps({"archive": str(archive), "time": time.strftime("%Y-%m-%d %H:%M:%S")}))
+    write_json(marker, {"archive": str(archive), "time": time.strftime("%Y-%m-%d %H:%M:%S")})
     return True
 
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from segexp.atomic import write_with
+
 
 @dataclass
 class RunInfo:
@@ -138,10 +140,13 @@ class CSVLogger(Logger):
         new_columns = [key for key in row if key not in self.columns]
         if new_columns:
             self.columns += new_columns
-            with open(self.path, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=self.columns)
-                writer.writeheader()
-                writer.writerows(self.rows)
+            def rewrite(tmp: Path) -> None:  # atomically: a crash keeps the old rows
+                with open(tmp, "w", newline="") as f:
+                    writer = csv.DictWriter(f, fieldnames=self.columns)
+                    writer.writeheader()
+                    writer.writerows(self.rows)
+
+            write_with(self.path, rewrite)
         else:
             with open(self.path, "a", newline="") as f:
                 csv.DictWriter(f, fieldnames=self.columns).writerow(row)

@@ -203,3 +203,27 @@ def test_a_resumed_run_continues_its_mlflow_run_and_tensorboard_hides_the_repeat
     # TensorBoard shows each step once: the crashed session's step 3 is purged.
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5]
     assert [e.step for e in events.Scalars("val/mIoU")] == [2, 4, 5]
+
+
+def test_metrics_csv_keeps_its_rows_when_a_rewrite_for_a_new_column_fails(tmp_path, monkeypatch):
+    """A new key rewrites metrics.csv with the wider header: atomically, so a failure (a full disk,
+    a signal) in the middle leaves the rows written so far, not a truncated file."""
+    import csv
+
+    from segexp.loggers.base import RunInfo
+
+    logger = CSVLogger()
+    logger.start(RunInfo(run_dir=tmp_path, name="run", config={}))
+    for step in (1, 2):
+        logger.log_metrics({"train/loss": 1.0 / step}, step)
+    before = (tmp_path / "metrics.csv").read_text()
+    assert before.splitlines() == ["step,train/loss", "1,1.0", "2,0.5"]
+
+    def full_disk(self, rows):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", full_disk)
+    with pytest.raises(OSError):
+        logger.log_metrics({"train/loss": 0.25, "train/lr": 1e-3}, 3)
+    assert (tmp_path / "metrics.csv").read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]  # no temporary file left
