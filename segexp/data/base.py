@@ -334,6 +334,18 @@ class SegmentationDataset(Dataset):
                 if isinstance(item, Path)]
 
     # -- shared behaviour ---------------------------------------------------------------------
+    def choose_split(self, dataset: str, choices: str, allowed: Collection[str],
+                     train_split: str = "train", val_split: str = "val") -> str:
+        """What this split reads: the trainer's ``train`` reads ``dataset.train_split``, its
+        ``val`` ``dataset.val_split``, any other split itself. Each must be in ``allowed``
+        (``choices`` says them to the user); ``train_split`` / ``val_split`` are kept."""
+        for name, value in (("split", self.split), ("dataset.train_split", train_split),
+                            ("dataset.val_split", val_split)):
+            if value not in allowed:
+                raise ConfigError(f"unknown {name} {value!r} for {dataset}: use {choices}.")
+        self.train_split, self.val_split = train_split, val_split
+        return {"train": train_split, "val": val_split}.get(self.split, self.split)
+
     def drop_samples(self, indices) -> None:
         """Leave out the samples at ``indices`` (``skip_bad_files=true``: files that cannot be
         read). Works on ``self.samples``, the list the dataset indexes its samples by."""

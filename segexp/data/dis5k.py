@@ -72,20 +72,15 @@ class DIS5KDataset(SegmentationDataset):
                  val_split: str = "val") -> None:
         super().__init__(split=split, transforms=transforms, ignore_index=ignore_index,
                          num_classes=num_classes)
-        for name, value in (("split", split), ("dataset.train_split", train_split),
-                            ("dataset.val_split", val_split)):
-            if value not in SUBSETS:
-                raise ConfigError(f"unknown {name} {value!r} for dis5k: use train (DIS-TR), val "
-                                  "(DIS-VD), trainval (both), test1..test4 (DIS-TE1..4) or test "
-                                  "(all four).")
+        self.list_name = self.choose_split(
+            "dis5k", "train (DIS-TR), val (DIS-VD), trainval (both), test1..test4 (DIS-TE1..4) or "
+            "test (all four)", SUBSETS, train_split, val_split)
         if not 0 < int(threshold) <= 255:
             raise ConfigError(f"dataset.threshold={threshold} must be in 1..255.")
         self.root = Path(root)
         self.threshold = int(threshold)
         self.crop_size = tuple(crop_size) if crop_size is not None else None
         self.base_size = tuple(base_size) if base_size is not None else None
-        self.train_split, self.val_split = train_split, val_split
-        self.list_name = {"train": train_split, "val": val_split}.get(split, split)
         self.subsets = SUBSETS[self.list_name]
         self.samples = self._find_samples()
         self.check_num_classes()

@@ -59,17 +59,12 @@ class KITTIDataset(SegmentationDataset):
                  val_split: str = "val") -> None:
         super().__init__(split=split, transforms=transforms, ignore_index=ignore_index,
                          num_classes=num_classes)
-        if split not in SPLITS:
-            raise ConfigError(f"unknown split {split!r} for kitti: use train, val or trainval.")
         if train_split not in TRAIN_SPLITS:
             raise ConfigError(f"dataset.train_split={train_split!r} for kitti: use train or "
                               "trainval (the list that split 'train' reads).")
+        self.list_name = self.choose_split("kitti", "train, val or trainval", SPLITS, train_split,
+                                           val_split)
         self.root = Path(root)
-        if val_split not in SPLITS:
-            raise ConfigError(f"dataset.val_split={val_split!r} for kitti: use train, val or trainval (the "
-                              "list that split 'val' reads).")
-        self.train_split, self.val_split = train_split, val_split
-        self.list_name = {"train": train_split, "val": val_split}.get(split, split)
         self.crop_size = tuple(crop_size) if crop_size is not None else None
         self.base_size = tuple(base_size) if base_size is not None else None
         self.samples = [(self.images / name, self.labels / name)

@@ -58,7 +58,8 @@ def test_kitti_fixture_converts_label_ids_and_splits(tmp_path):
         KITTIDataset(root=tmp_path, train_split="val")
     assert kitti_names(KITTIDataset(split="val", root=tmp_path, val_split="trainval")) == \
         kitti_names(trainval)
-    with pytest.raises(ConfigError, match="dataset.val_split='test'"):
+    with pytest.raises(ConfigError,
+                       match="unknown dataset.val_split 'test' for kitti: use train, val or trainval"):
         KITTIDataset(split="val", root=tmp_path, val_split="test")
 
 

@@ -150,7 +150,9 @@ def test_voc_fixture_splits(tmp_path):
         VOCDataset(root=root, train_split="val")
     # val_split: the list split "val" reads
     assert VOCDataset(split="val", root=root, val_split="train").samples == train.samples
-    with pytest.raises(ConfigError, match="dataset.val_split='test'"):
+    with pytest.raises(ConfigError,
+                       match="unknown dataset.val_split 'test' for voc: use train, val, "
+                             "trainval or train_aug"):
         VOCDataset(split="val", root=root, val_split="test")
     with pytest.raises(DataError, match="num_classes=20") as info:
         VOCDataset(root=root, num_classes=20)
